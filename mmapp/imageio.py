@@ -103,6 +103,8 @@ def load_image(
             n_frames = _count_frames(im, fmt, data)
             try:
                 im.load()  # first frame only, for animated GIF / WebP / PNG / multi-page TIFF
+            except MemoryError:  # the server's problem, not a corrupt file
+                raise
             except Exception as exc:  # corrupt data may raise anything; the upload is at fault
                 raise ImageDecodeError(
                     f"{where}: cannot decode {width}x{height} {fmt} image, "
@@ -117,7 +119,7 @@ def load_image(
         raise ImageDecodeError(f"{where}: {_bomb_message(exc, limits)}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(_unidentified_message(sniffed, limits, where)) from exc
-    except ImageDecodeError:
+    except (ImageDecodeError, MemoryError):
         raise
     except Exception as exc:  # header parsing of hostile files fails in many ways
         raise ImageDecodeError(
@@ -244,7 +246,8 @@ def describe_content(data: bytes) -> str:
 
 
 def _as_text(head: bytes) -> str | None:
-    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    for bom, codec in boms:
         if head.startswith(bom):
             head, encoding = head[len(bom):], codec
             break

@@ -92,7 +92,7 @@ def _zlib_of_zeros(n_bytes: int, chunk: int) -> bytes:
     )
 
 
-def _black_bilevel_png(width: int, height: int, rows_per_chunk: int) -> bytes:
+def black_bilevel_png(width: int, height: int, rows_per_chunk: int) -> bytes:
     """A valid 1-bit grayscale PNG of any size, all black, tiny on disk."""
     row_bytes = 1 + (width + 7) // 8  # filter byte (0 = None) + packed pixels
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # depth 1, grayscale
@@ -107,12 +107,12 @@ def _black_bilevel_png(width: int, height: int, rows_per_chunk: int) -> bytes:
 
 def _bomb_png() -> bytes:
     # 30000x30000 = 900 MP declared, ~110 KB on disk; beyond even Pillow's own 179 MP guard.
-    return _black_bilevel_png(30000, 30000, rows_per_chunk=1000)
+    return black_bilevel_png(30000, 30000, rows_per_chunk=1000)
 
 
 def _over_limit_png() -> bytes:
     # 8000x6000 = 48 MP: above our 40 MP limit but below Pillow's guard, so our check must act.
-    return _black_bilevel_png(8000, 6000, rows_per_chunk=1000)
+    return black_bilevel_png(8000, 6000, rows_per_chunk=1000)
 
 
 def _svg_with_script() -> bytes:
@@ -206,7 +206,11 @@ _CASES: list[tuple[str, _Builder, str, tuple[int, int] | None, str]] = [
     ("over_limit_48mp.png", _over_limit_png, "error", None, "8000x6000, under Pillow's guard"),
     ("huge_bytes.png", lambda: None, "error", None, "20 MiB + 1 byte"),
     ("svg_with_script.svg", _svg_with_script, "error", None, "SVG is not a raster format"),
-    ("document.pdf", lambda: b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n", "error", None, "PDF"),
+    (
+        "document.pdf",
+        lambda: b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n",
+        "error", None, "PDF",
+    ),
     ("icon.ico", _ico, "error", None, "ICO decodes in Pillow but is not allowed"),
     ("one_by_one.png", lambda: _save(Image.new("RGB", (1, 1), RED), "PNG"), "ok", (1, 1), "1x1"),
     (

@@ -1,0 +1,858 @@
+"""Read and write feedback rows, the model registry, cross-process locks and scheduler state.
+
+Every function takes a ``Session`` and neither commits nor rolls back: the caller owns the
+transaction (``with Session(engine) as s, s.begin(): ...``). Inserts keyed by a client
+``request_id`` are idempotent: a repeated request returns the row stored the first time.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Optional, TypeVar
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
+
+from feedback_db.models import (
+    ABLATIONS,
+    CORRECTION_FIELDS,
+    CORRECTION_STATUSES,
+    PREDICTION_KINDS,
+    RUN_STATUSES,
+    RUN_TRIGGERS,
+    Base,
+    Correction,
+    Lock,
+    ModelVersion,
+    Prediction,
+    Rating,
+    RejectedItem,
+    RetrainRun,
+    SchedulerState,
+    Upload,
+    utcnow,
+)
+
+M = TypeVar("M", bound=Base)
+
+RATING_SCORES = ("coherence", "relevance", "detail")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_KEY_CHARS = 128  # request_id column width
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _check_one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_key(name: str, value: Any, max_chars: int = _MAX_KEY_CHARS) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} must be at most {max_chars} characters, got {len(value)}: {value[:40]!r}...")
+    return value
+
+
+def _check_session_id(session_id: Any) -> str:
+    _check_key("session_id", session_id, 64)
+    try:
+        ipaddress.ip_address(session_id)
+    except ValueError:
+        return session_id
+    raise ValueError(f"session_id must be an anonymous id, not a client IP address, got {session_id!r}")
+
+
+def _check_sha256(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"{name} must be 64 lowercase hex characters, got {value!r}")
+    return value
+
+
+def _check_aware(name: str, value: Optional[datetime]) -> Optional[datetime]:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value!r}")
+    return value
+
+
+def _check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    return limit
+
+
+def _require_prediction(s: Session, prediction_id: Any) -> Prediction:
+    if isinstance(prediction_id, bool) or not isinstance(prediction_id, int):
+        raise ValueError(f"prediction_id must be an int, got {prediction_id!r}")
+    prediction = s.get(Prediction, prediction_id)
+    if prediction is None:
+        raise ValueError(f"unknown prediction id {prediction_id!r}")
+    return prediction
+
+
+# --- idempotent insert ------------------------------------------------------------------------
+
+
+def _find(s: Session, model: type[M], key_col: InstrumentedAttribute[Any], key: Any) -> Optional[M]:
+    return s.scalars(select(model).where(key_col == key)).one_or_none()
+
+
+def _get_or_insert(
+    s: Session, model: type[M], key_col: InstrumentedAttribute[Any], key: Any, build: Callable[[], M]
+) -> tuple[M, bool]:
+    """Return ``(row, created)``. A concurrent insert of the same key (unique violation inside our
+    savepoint) is resolved by fetching the winner's row, so neither caller sees an error."""
+    existing = _find(s, model, key_col, key)
+    if existing is not None:
+        return existing, False
+    row = build()
+    try:
+        with s.begin_nested():
+            s.add(row)
+    except IntegrityError:
+        existing = _find(s, model, key_col, key)
+        if existing is None:
+            raise  # some other constraint failed, not our key
+        return existing, False
+    return row, True
+
+
+def _same_request(row: Any, request_id: str, **expected: Any) -> None:
+    # A request_id reused for a different target is a client bug; silently returning the old row would hide it.
+    for name, value in expected.items():
+        if getattr(row, name) != value:
+            raise ValueError(
+                f"request_id {request_id!r} was already used with {name}={getattr(row, name)!r}, got {value!r}"
+            )
+
+
+# --- writes from the app ----------------------------------------------------------------------
+
+
+def record_upload(
+    s: Session, *, sha256: str, relpath: str, format: str, width: int, height: int, n_bytes: int
+) -> Upload:
+    """Get or create the upload row for an image already written to the blob store."""
+    _check_sha256("sha256", sha256)
+    _check_key("relpath", relpath, 255)
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
+        raise ValueError(f"n_bytes must be a non-negative int, got {n_bytes!r}")
+    upload, _ = _get_or_insert(
+        s,
+        Upload,
+        Upload.sha256,
+        sha256,
+        lambda: Upload(
+            sha256=sha256, relpath=relpath, format=format.lower().lstrip("."), width=width, height=height, n_bytes=n_bytes
+        ),
+    )
+    return upload
+
+
+def record_prediction(
+    s: Session,
+    *,
+    request_id: str,
+    kind: str,
+    image_sha256: str,
+    model_version: str,
+    outputs: dict[str, Any],
+    latency_ms: float,
+    session_id: str,
+    input_text: Optional[str] = None,
+    ablation: Optional[str] = None,
+    stage_ms: Optional[dict[str, float]] = None,
+    embedding_ref: str = "",
+    user: Optional[str] = None,
+    created_at: Optional[datetime] = None,
+) -> Prediction:
+    """Store one model output. Meme predictions keep their predicted label in ``outputs["label"]``,
+    captions in ``outputs["caption"]`` (the tables and exports read those keys)."""
+    _check_key("request_id", request_id)
+    _check_one_of("kind", kind, PREDICTION_KINDS)
+    _check_one_of("ablation", ablation, (None, *ABLATIONS))
+    _check_sha256("image_sha256", image_sha256)
+    _check_key("model_version", model_version, 64)
+    _check_session_id(session_id)
+    _check_aware("created_at", created_at)
+    if not isinstance(outputs, dict):
+        raise ValueError(f"outputs must be a dict, got {type(outputs).__name__}")
+    if not isinstance(latency_ms, (int, float)) or isinstance(latency_ms, bool) or not latency_ms >= 0:
+        raise ValueError(f"latency_ms must be a non-negative number, got {latency_ms!r}")
+    if s.get(Upload, image_sha256) is None:
+        raise ValueError(f"unknown upload sha256 {image_sha256!r}; call record_upload first")
+
+    prediction, created = _get_or_insert(
+        s,
+        Prediction,
+        Prediction.request_id,
+        request_id,
+        lambda: Prediction(
+            request_id=request_id,
+            kind=kind,
+            image_sha256=image_sha256,
+            input_text=input_text,
+            ablation=ablation,
+            model_version=model_version,
+            outputs=outputs,
+            latency_ms=float(latency_ms),
+            stage_ms=dict(stage_ms or {}),
+            embedding_ref=embedding_ref,
+            session_id=session_id,
+            user=user,
+            created_at=created_at or utcnow(),
+        ),
+    )
+    if not created:
+        _same_request(prediction, request_id, kind=kind, image_sha256=image_sha256)
+    return prediction
+
+
+def record_rating(
+    s: Session,
+    *,
+    request_id: str,
+    prediction_id: int,
+    session_id: str,
+    coherence: Optional[int] = None,
+    relevance: Optional[int] = None,
+    detail: Optional[int] = None,
+    comment: Optional[str] = None,
+    user: Optional[str] = None,
+    created_at: Optional[datetime] = None,
+) -> Rating:
+    """Store a 1-5 rating on any of coherence/relevance/detail, and/or a free-text comment."""
+    _check_key("request_id", request_id)
+    _check_session_id(session_id)
+    _check_aware("created_at", created_at)
+    scores = {"coherence": coherence, "relevance": relevance, "detail": detail}
+    for name, value in scores.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5):
+            raise ValueError(f"{name} must be an int from 1 to 5 or None, got {value!r}")
+    comment = comment.strip() if isinstance(comment, str) else comment
+    if comment is not None and not isinstance(comment, str):
+        raise ValueError(f"comment must be a string or None, got {type(comment).__name__}")
+    comment = comment or None
+    if all(v is None for v in scores.values()) and comment is None:
+        raise ValueError("a rating needs at least one score (coherence, relevance, detail) or a comment")
+    _require_prediction(s, prediction_id)
+
+    rating, created = _get_or_insert(
+        s,
+        Rating,
+        Rating.request_id,
+        request_id,
+        lambda: Rating(
+            request_id=request_id,
+            prediction_id=prediction_id,
+            session_id=session_id,
+            user=user,
+            comment=comment,
+            created_at=created_at or utcnow(),
+            **scores,
+        ),
+    )
+    if not created:
+        _same_request(rating, request_id, prediction_id=prediction_id)
+    return rating
+
+
+def record_correction(
+    s: Session,
+    *,
+    request_id: str,
+    prediction_id: int,
+    field: str,
+    value: str,
+    session_id: str,
+    user: Optional[str] = None,
+    created_at: Optional[datetime] = None,
+) -> Correction:
+    """Store a user's corrected caption, OCR text or meme label for a prediction (status 'new')."""
+    _check_key("request_id", request_id)
+    _check_one_of("field", field, CORRECTION_FIELDS)
+    _check_session_id(session_id)
+    _check_aware("created_at", created_at)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"correction value must be a non-empty string, got {value!r}")
+    value = value.strip()
+    prediction = _require_prediction(s, prediction_id)
+    if field == "label" and prediction.kind != "meme":
+        raise ValueError(f"a label correction needs a meme prediction, prediction {prediction_id} is {prediction.kind!r}")
+
+    correction, created = _get_or_insert(
+        s,
+        Correction,
+        Correction.request_id,
+        request_id,
+        lambda: Correction(
+            request_id=request_id,
+            prediction_id=prediction_id,
+            session_id=session_id,
+            user=user,
+            field=field,
+            value=value,
+            status="new",
+            created_at=created_at or utcnow(),
+        ),
+    )
+    if not created:
+        _same_request(correction, request_id, prediction_id=prediction_id, field=field)
+    return correction
+
+
+# --- queries for the operator tables ----------------------------------------------------------
+
+
+def output_summary(outputs: dict[str, Any]) -> str:
+    """The one string a table shows for a prediction: its caption or its meme label."""
+    for key in ("caption", "label"):
+        if isinstance(outputs.get(key), str):
+            return outputs[key]
+    return ""
+
+
+def recent_predictions(s: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Newest predictions first, flat dicts (one per row of a table) with feedback counts."""
+    _check_limit(limit)
+    n_ratings = select(func.count(Rating.id)).where(Rating.prediction_id == Prediction.id).scalar_subquery()
+    n_corrections = (
+        select(func.count(Correction.id)).where(Correction.prediction_id == Prediction.id).scalar_subquery()
+    )
+    rows = s.execute(
+        select(Prediction, n_ratings, n_corrections).order_by(Prediction.id.desc()).limit(limit)
+    ).all()
+    return [
+        {
+            "id": p.id,
+            "created_at": p.created_at,
+            "kind": p.kind,
+            "output": output_summary(p.outputs),
+            "input_text": p.input_text,
+            "ablation": p.ablation,
+            "model_version": p.model_version,
+            "latency_ms": p.latency_ms,
+            "image_sha256": p.image_sha256,
+            "session_id": p.session_id,
+            "user": p.user,
+            "n_ratings": nr,
+            "n_corrections": nc,
+        }
+        for p, nr, nc in rows
+    ]
+
+
+def recent_feedback(s: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Ratings and corrections merged, newest first; every dict has the same keys (None where n/a)."""
+    _check_limit(limit)
+    ratings = s.execute(
+        select(Rating, Prediction.kind).join(Rating.prediction).order_by(Rating.created_at.desc(), Rating.id.desc()).limit(limit)
+    ).all()
+    corrections = s.execute(
+        select(Correction, Prediction.kind)
+        .join(Correction.prediction)
+        .order_by(Correction.created_at.desc(), Correction.id.desc())
+        .limit(limit)
+    ).all()
+    blank = dict.fromkeys((*RATING_SCORES, "comment", "field", "value", "status"))
+    merged = [
+        {
+            **blank,
+            "type": "rating",
+            "id": r.id,
+            "created_at": r.created_at,
+            "prediction_id": r.prediction_id,
+            "kind": kind,
+            "session_id": r.session_id,
+            "user": r.user,
+            "coherence": r.coherence,
+            "relevance": r.relevance,
+            "detail": r.detail,
+            "comment": r.comment,
+        }
+        for r, kind in ratings
+    ] + [
+        {
+            **blank,
+            "type": "correction",
+            "id": c.id,
+            "created_at": c.created_at,
+            "prediction_id": c.prediction_id,
+            "kind": kind,
+            "session_id": c.session_id,
+            "user": c.user,
+            "field": c.field,
+            "value": c.value,
+            "status": c.status,
+        }
+        for c, kind in corrections
+    ]
+    merged.sort(key=lambda row: (row["created_at"], row["type"], row["id"]), reverse=True)
+    return merged[:limit]
+
+
+def _utc_day(s: Session, column: InstrumentedAttribute[datetime]) -> Any:
+    """SQL expression for the UTC calendar day of ``column`` as 'YYYY-MM-DD'."""
+    if s.get_bind().dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+    return func.date(column)  # SQLite stores naive UTC text, so date() is the UTC day
+
+
+def counts_per_day(s: Session, days: int = 30, *, now: Optional[datetime] = None) -> list[dict[str, Any]]:
+    """Predictions, ratings and corrections per UTC day for the last ``days`` days (oldest first, zeros kept)."""
+    _check_limit(days)
+    today = (_check_aware("now", now) or utcnow()).astimezone(timezone.utc).date()
+    first = today - timedelta(days=days - 1)
+    since = datetime(first.year, first.month, first.day, tzinfo=timezone.utc)
+    table = {
+        (first + timedelta(days=i)).isoformat(): {"predictions": 0, "ratings": 0, "corrections": 0}
+        for i in range(days)
+    }
+    for name, model in (("predictions", Prediction), ("ratings", Rating), ("corrections", Correction)):
+        day = _utc_day(s, model.created_at)
+        for d, n in s.execute(select(day, func.count()).where(model.created_at >= since).group_by(day)):
+            if str(d) in table:
+                table[str(d)][name] = n
+    return [{"day": d, **counts} for d, counts in table.items()]
+
+
+def counts_per_label(s: Session) -> list[dict[str, Any]]:
+    """Meme predictions counted by (predicted label, corrected label).
+
+    The corrected label is a prediction's latest non-rejected label correction, None when nobody
+    corrected it; rows with predicted == corrected are confirmations. Most frequent pairs first.
+    """
+    latest = (
+        select(Correction.prediction_id, func.max(Correction.id).label("correction_id"))
+        .where(Correction.field == "label", Correction.status != "rejected")
+        .group_by(Correction.prediction_id)
+        .subquery()
+    )
+    fix = aliased(Correction)
+    predicted = Prediction.outputs["label"].as_string()
+    n = func.count(Prediction.id)
+    rows = s.execute(
+        select(predicted, fix.value, n)
+        .select_from(Prediction)
+        .outerjoin(latest, latest.c.prediction_id == Prediction.id)
+        .outerjoin(fix, fix.id == latest.c.correction_id)
+        .where(Prediction.kind == "meme")
+        .group_by(predicted, fix.value)
+    ).all()
+    table = [{"predicted_label": p, "corrected_label": c, "n": count} for p, c, count in rows]
+    table.sort(key=lambda r: (-r["n"], str(r["predicted_label"]), str(r["corrected_label"])))
+    return table
+
+
+def corrections_since(
+    s: Session,
+    since: str | datetime | None = None,
+    *,
+    statuses: Optional[Iterable[str]] = None,
+) -> list[dict[str, Any]]:
+    """Corrections created after ``since`` (a datetime, or a registered version name meaning "after
+    that version was created"; None = all), each joined with its prediction and image. Oldest first.
+    ``statuses`` restricts to e.g. ``("new",)``."""
+    query = (
+        select(Correction, Prediction, Upload)
+        .join(Correction.prediction)
+        .join(Prediction.upload)
+        .order_by(Correction.id)
+    )
+    if isinstance(since, str):
+        version = get_version(s, since)
+        if version is None:
+            raise ValueError(f"unknown model version {since!r}")
+        query = query.where(Correction.created_at > version.created_at)
+    elif isinstance(since, datetime):
+        query = query.where(Correction.created_at > _check_aware("since", since))
+    elif since is not None:
+        raise ValueError(f"since must be a version name, an aware datetime or None, got {since!r}")
+    if statuses is not None:
+        statuses = tuple(statuses)
+        for status in statuses:
+            _check_one_of("status", status, CORRECTION_STATUSES)
+        query = query.where(Correction.status.in_(statuses))
+    return [
+        {
+            "correction_id": c.id,
+            "field": c.field,
+            "value": c.value,
+            "status": c.status,
+            "created_at": c.created_at,
+            "session_id": c.session_id,
+            "user": c.user,
+            "prediction_id": p.id,
+            "kind": p.kind,
+            "outputs": p.outputs,
+            "input_text": p.input_text,
+            "ablation": p.ablation,
+            "model_version": p.model_version,
+            "embedding_ref": p.embedding_ref,
+            "image_sha256": u.sha256,
+            "image_relpath": u.relpath,
+            "image_format": u.format,
+            "width": u.width,
+            "height": u.height,
+        }
+        for c, p, u in s.execute(query)
+    ]
+
+
+def mark_corrections(
+    s: Session, correction_ids: Iterable[int], *, status: str, used_in_version: Optional[str] = None
+) -> int:
+    """Set the status of corrections (e.g. 'used' by a retrain that produced ``used_in_version``); returns rows changed."""
+    _check_one_of("status", status, CORRECTION_STATUSES)
+    ids = list(correction_ids)
+    if not ids:
+        return 0
+    result = s.execute(
+        update(Correction)
+        .where(Correction.id.in_(ids))
+        .values(status=status, used_in_version=used_in_version)
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount
+
+
+# --- model registry ---------------------------------------------------------------------------
+
+
+def register_version(
+    s: Session,
+    *,
+    version: str,
+    path: str,
+    sha256: str,
+    parent_version: Optional[str] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    manifest: Optional[dict[str, Any]] = None,
+    report_path: Optional[str] = None,
+    status: str = "candidate",
+) -> ModelVersion:
+    """Add a model version (not current). Registering the same version with the same sha256 again
+    returns the existing row; the same name with different weights is refused."""
+    _check_key("version", version, 64)
+    _check_key("path", path, 1024)
+    _check_sha256("sha256", sha256)
+    _check_one_of("status", status, ("candidate", "rejected"))
+    if parent_version is not None and get_version(s, parent_version) is None:
+        raise ValueError(f"unknown parent_version {parent_version!r}")
+    row, created = _get_or_insert(
+        s,
+        ModelVersion,
+        ModelVersion.version,
+        version,
+        lambda: ModelVersion(
+            version=version,
+            path=path,
+            sha256=sha256,
+            parent_version=parent_version,
+            status=status,
+            is_current=False,
+            metrics=dict(metrics or {}),
+            manifest=dict(manifest or {}),
+            report_path=report_path,
+            created_at=utcnow(),
+        ),
+    )
+    if not created:
+        _same_request(row, version, sha256=sha256)
+    return row
+
+
+def get_version(s: Session, version: str) -> Optional[ModelVersion]:
+    return _find(s, ModelVersion, ModelVersion.version, version)
+
+
+def _require_version(s: Session, version: str) -> ModelVersion:
+    row = get_version(s, version)
+    if row is None:
+        known = s.scalars(select(ModelVersion.version).order_by(ModelVersion.id)).all()
+        raise ValueError(f"unknown model version {version!r}; registered: {known}")
+    return row
+
+
+def current_version(s: Session) -> Optional[ModelVersion]:
+    return s.scalars(select(ModelVersion).where(ModelVersion.is_current.is_(True))).one_or_none()
+
+
+def list_versions(s: Session) -> list[ModelVersion]:
+    """All versions, newest first."""
+    return list(s.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())))
+
+
+def _make_current(s: Session, target: ModelVersion) -> ModelVersion:
+    # Clear the old flag in its own statement first: the partial unique index allows one current row.
+    s.execute(
+        update(ModelVersion)
+        .where(ModelVersion.is_current.is_(True), ModelVersion.id != target.id)
+        .values(is_current=False, status="retired")
+        .execution_options(synchronize_session="fetch")
+    )
+    s.execute(
+        update(ModelVersion)
+        .where(ModelVersion.id == target.id)
+        .values(is_current=True, status="promoted", promoted_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    return target
+
+
+def promote(s: Session, version: str) -> ModelVersion:
+    """Make ``version`` the one current model; the previous current one becomes 'retired'."""
+    target = _require_version(s, version)
+    if target.status == "rejected":
+        raise ValueError(f"model version {version!r} was rejected and cannot be promoted")
+    if target.is_current:
+        return target
+    return _make_current(s, target)
+
+
+def rollback_to(s: Session, version: Optional[str] = None) -> ModelVersion:
+    """Make an earlier, previously promoted version current again (default: the one promoted most
+    recently before the current one). The version rolled back from becomes 'retired'."""
+    if version is None:
+        target = s.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.is_current.is_(False), ModelVersion.promoted_at.is_not(None))
+            .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())
+            .limit(1)
+        ).one_or_none()
+        if target is None:
+            raise ValueError("no earlier promoted model version to roll back to")
+    else:
+        target = _require_version(s, version)
+        if target.promoted_at is None:
+            raise ValueError(f"model version {version!r} was never promoted (status {target.status!r}); use promote()")
+        if target.status == "rejected":
+            raise ValueError(f"model version {version!r} was rejected and cannot be made current")
+    if target.is_current:
+        return target
+    return _make_current(s, target)
+
+
+def reject_version(s: Session, version: str) -> ModelVersion:
+    """Mark a candidate (or an old version) rejected so it is never promoted."""
+    target = _require_version(s, version)
+    if target.is_current:
+        raise ValueError(f"model version {version!r} is current; roll back or promote another first")
+    target.status = "rejected"
+    return target
+
+
+# --- cross-process locks ----------------------------------------------------------------------
+
+
+def try_acquire_lock(s: Session, name: str, owner: str, ttl_s: float, *, now: Optional[datetime] = None) -> bool:
+    """Take the lease ``name`` for ``owner`` for ``ttl_s`` seconds if it is free, expired or already
+    ``owner``'s (then it is extended). Returns whether ``owner`` holds it.
+
+    Correct across processes on SQLite and Postgres: the take-over is one conditional UPDATE, the
+    first acquisition an INSERT whose primary-key violation means someone else won. Commit right
+    away: the lease counts only once the transaction is committed.
+    """
+    _check_key("lock name", name, 64)
+    _check_key("owner", owner)
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s!r}")
+    now = _check_aware("now", now) or utcnow()
+    expires_at = now + timedelta(seconds=ttl_s)
+    taken = s.execute(
+        update(Lock)
+        .where(Lock.name == name, or_(Lock.expires_at <= now, Lock.owner == owner))
+        .values(owner=owner, acquired_at=now, expires_at=expires_at)
+        .execution_options(synchronize_session="fetch")
+    )
+    if taken.rowcount == 1:
+        return True
+    try:
+        with s.begin_nested():
+            s.add(Lock(name=name, owner=owner, acquired_at=now, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True
+
+
+def refresh_lock(s: Session, name: str, owner: str, ttl_s: float, *, now: Optional[datetime] = None) -> bool:
+    """Extend ``owner``'s lease; False if someone else has taken it (stop working then)."""
+    now = _check_aware("now", now) or utcnow()
+    result = s.execute(
+        update(Lock)
+        .where(Lock.name == name, Lock.owner == owner)
+        .values(expires_at=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1
+
+
+def release_lock(s: Session, name: str, owner: str) -> bool:
+    """Drop ``owner``'s lease; False if it was not theirs (already expired and taken over)."""
+    result = s.execute(
+        delete(Lock).where(Lock.name == name, Lock.owner == owner).execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount == 1
+
+
+def lock_holder(s: Session, name: str, *, now: Optional[datetime] = None) -> Optional[Lock]:
+    """The unexpired lease ``name``, or None."""
+    now = _check_aware("now", now) or utcnow()
+    return s.scalars(select(Lock).where(Lock.name == name, Lock.expires_at > now)).one_or_none()
+
+
+# --- scheduler state --------------------------------------------------------------------------
+
+
+def get_scheduler_state(s: Session, name: str) -> Optional[datetime]:
+    """The scheduled slot job ``name`` last fired for, or None if it never ran."""
+    row = s.get(SchedulerState, name)
+    return row.last_fired_for if row is not None else None
+
+
+def set_scheduler_state(s: Session, name: str, last_fired_for: datetime) -> None:
+    """Record unconditionally that job ``name`` ran for slot ``last_fired_for``."""
+    _check_key("scheduler name", name, 64)
+    _check_aware("last_fired_for", last_fired_for)
+    updated = s.execute(
+        update(SchedulerState)
+        .where(SchedulerState.name == name)
+        .values(last_fired_for=last_fired_for, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    if updated.rowcount == 0:
+        row, created = _get_or_insert(
+            s,
+            SchedulerState,
+            SchedulerState.name,
+            name,
+            lambda: SchedulerState(name=name, last_fired_for=last_fired_for, updated_at=utcnow()),
+        )
+        if not created:  # another process inserted it between our UPDATE and INSERT
+            row.last_fired_for, row.updated_at = last_fired_for, utcnow()
+
+
+def claim_scheduled_slot(s: Session, name: str, slot: datetime) -> bool:
+    """Atomically record that job ``name`` fires for ``slot`` if no process has fired for it (or a
+    later slot) yet. True means the caller should run the job; every other caller gets False."""
+    _check_key("scheduler name", name, 64)
+    _check_aware("slot", slot)
+    advanced = s.execute(
+        update(SchedulerState)
+        .where(SchedulerState.name == name, SchedulerState.last_fired_for < slot)
+        .values(last_fired_for=slot, updated_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+    if advanced.rowcount == 1:
+        return True
+    try:
+        with s.begin_nested():
+            s.add(SchedulerState(name=name, last_fired_for=slot, updated_at=utcnow()))
+    except IntegrityError:
+        return False  # the row exists with a slot >= ours, or a concurrent caller just created it
+    return True
+
+
+# --- retrain bookkeeping ----------------------------------------------------------------------
+
+
+def start_retrain_run(s: Session, *, trigger: str, owner: str, message: str = "") -> RetrainRun:
+    _check_one_of("trigger", trigger, RUN_TRIGGERS)
+    _check_key("owner", owner)
+    now = utcnow()
+    run = RetrainRun(
+        trigger=trigger, status="running", owner=owner, message=message, started_at=now, heartbeat_at=now, progress=0.0, stats={}
+    )
+    s.add(run)
+    s.flush()
+    return run
+
+
+def _require_run(s: Session, run_id: int) -> RetrainRun:
+    run = s.get(RetrainRun, run_id)
+    if run is None:
+        raise ValueError(f"unknown retrain run id {run_id!r}")
+    return run
+
+
+def update_retrain_run(
+    s: Session,
+    run_id: int,
+    *,
+    progress: Optional[float] = None,
+    message: Optional[str] = None,
+    candidate_version: Optional[str] = None,
+    stats: Optional[dict[str, Any]] = None,
+) -> RetrainRun:
+    """Report progress; also the heartbeat that tells others the run is alive."""
+    run = _require_run(s, run_id)
+    if progress is not None:
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be within [0, 1], got {progress!r}")
+        run.progress = float(progress)
+    if message is not None:
+        run.message = message
+    if candidate_version is not None:
+        run.candidate_version = candidate_version
+    if stats is not None:
+        run.stats = {**run.stats, **stats}
+    run.heartbeat_at = utcnow()
+    return run
+
+
+def finish_retrain_run(
+    s: Session,
+    run_id: int,
+    *,
+    status: str,
+    message: Optional[str] = None,
+    report_path: Optional[str] = None,
+    candidate_version: Optional[str] = None,
+    stats: Optional[dict[str, Any]] = None,
+) -> RetrainRun:
+    _check_one_of("status", status, tuple(st for st in RUN_STATUSES if st != "running"))
+    run = update_retrain_run(s, run_id, message=message, candidate_version=candidate_version, stats=stats)
+    run.status = status
+    run.finished_at = run.heartbeat_at
+    if status in ("succeeded", "promoted"):
+        run.progress = 1.0
+    if report_path is not None:
+        run.report_path = report_path
+    return run
+
+
+def recent_retrain_runs(s: Session, limit: int = 20) -> list[RetrainRun]:
+    _check_limit(limit)
+    return list(s.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(limit)))
+
+
+def fail_stale_retrain_runs(s: Session, *, older_than_s: float, now: Optional[datetime] = None) -> int:
+    """Mark 'running' runs whose heartbeat is older than ``older_than_s`` as failed (their worker died)."""
+    now = _check_aware("now", now) or utcnow()
+    result = s.execute(
+        update(RetrainRun)
+        .where(RetrainRun.status == "running", RetrainRun.heartbeat_at < now - timedelta(seconds=older_than_s))
+        .values(status="failed", finished_at=now, message="worker stopped sending heartbeats")
+        .execution_options(synchronize_session="fetch")
+    )
+    return result.rowcount
+
+
+def record_rejected_item(
+    s: Session, *, run_id: int, reason: str, correction_id: Optional[int] = None, detail: Optional[dict[str, Any]] = None
+) -> RejectedItem:
+    _require_run(s, run_id)
+    _check_key("reason", reason, 64)
+    if correction_id is not None and s.get(Correction, correction_id) is None:
+        raise ValueError(f"unknown correction id {correction_id!r}")
+    item = RejectedItem(run_id=run_id, correction_id=correction_id, reason=reason, detail=dict(detail or {}))
+    s.add(item)
+    s.flush()
+    return item

@@ -1,0 +1,107 @@
+"""Frozen towers behind the embedding cache: nothing is encoded twice.
+
+Images are keyed by the sha256 of their file bytes, texts by the sha256 of their UTF-8 text,
+both under the encoder's identity (name + weights hash).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmapp.cache import EmbeddingCache, text_key
+from mmapp.encoders import ImageFeatures
+from mmapp.imageio import ImageLimits, load_image
+
+
+class Embedder:
+    def __init__(self, *, image_encoder, text_encoder, cache: EmbeddingCache | None = None):
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.cache = cache
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"image": self.image_encoder.identity, "text": self.text_encoder.identity}
+
+    def images(self, images: Sequence[Image.Image], keys: Sequence[str]) -> ImageFeatures:
+        """Features for decoded images whose content hashes are ``keys``."""
+        def compute(idx: list[int]) -> list[dict[str, np.ndarray]]:
+            out = self.image_encoder.encode([images[i] for i in idx])
+            rows = []
+            for j in range(len(idx)):
+                row = {"features": out.features[j].numpy()}
+                if out.class_probs is not None:
+                    row["class_probs"] = out.class_probs[j].numpy()
+                rows.append(row)
+            return rows
+
+        if self.cache is None:
+            return self.image_encoder.encode(list(images))
+        entries, _ = self.cache.get_or_compute(self.image_encoder.identity, list(keys), compute)
+        return _stack_image_entries(entries)
+
+    def image_files(self, paths: Sequence[Path], *, limits: ImageLimits = ImageLimits(),
+                    chunk: int = 64, progress: bool = False, desc: str = "images") -> tuple[ImageFeatures, list[str]]:
+        """Features for image files (decoded safely), with their content keys; errors name the file."""
+        feats, probs, keys = [], [], []
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
+        for start in range(0, len(paths), chunk):
+            batch = [Path(p) for p in paths[start:start + chunk]]
+            batch_keys, pending = [], {}
+            for p in batch:
+                key, entry = self._cached_file_key(p)
+                batch_keys.append(key)
+                if entry is None:
+                    pending[p] = key
+            decoded = {p: load_image(p, limits=limits, name=str(p)) for p in pending}
+            images = [decoded[p].image if p in decoded else None for p in batch]
+            out = self.images(images, batch_keys)
+            feats.append(out.features)
+            if out.class_probs is not None:
+                probs.append(out.class_probs)
+            keys.extend(batch_keys)
+            bar.update(len(batch))
+        bar.close()
+        if not feats:
+            return ImageFeatures(torch.empty(0, self.image_encoder.dim), None), []
+        return ImageFeatures(torch.cat(feats), torch.cat(probs) if probs else None), keys
+
+    def _cached_file_key(self, path: Path):
+        from mmapp.imageio import sha256_bytes
+
+        key = sha256_bytes(path.read_bytes())
+        entry = self.cache.get(self.image_encoder.identity, key) if self.cache else None
+        return key, entry
+
+    def texts(self, texts: Sequence[str], *, progress: bool = False) -> torch.Tensor:
+        """(B, D_txt) unit-norm text embeddings."""
+        texts = list(texts)
+        if self.cache is None:
+            return self.text_encoder.encode(texts)
+        keys = [text_key(t) for t in texts]
+
+        def compute(idx: list[int]) -> list[dict[str, np.ndarray]]:
+            rows = []
+            step = 512
+            for start in tqdm(range(0, len(idx), step), desc="texts", disable=not progress or len(idx) < step):
+                emb = self.text_encoder.encode([texts[i] for i in idx[start:start + step]])
+                rows.extend({"embedding": e.numpy()} for e in emb)
+            return rows
+
+        entries, _ = self.cache.get_or_compute(self.text_encoder.identity, keys, compute)
+        if not entries:
+            return torch.empty(0, self.text_encoder.dim)
+        return torch.from_numpy(np.stack([e["embedding"] for e in entries]))
+
+
+def _stack_image_entries(entries: Iterable[dict[str, np.ndarray]]) -> ImageFeatures:
+    entries = list(entries)
+    feats = torch.from_numpy(np.stack([e["features"] for e in entries]))
+    has_probs = all("class_probs" in e for e in entries)
+    probs = torch.from_numpy(np.stack([e["class_probs"] for e in entries])) if has_probs else None
+    return ImageFeatures(features=feats, class_probs=probs)

@@ -1,0 +1,178 @@
+"""The joint image–text space: the ConSE bridge, trained projections, and the served score mixture.
+
+* ConSE (Norouzi et al., ICLR 2014): an image's top-T ImageNet class probabilities weight the
+  text embeddings of the class prompts; the result lives in the text tower's space. Zero training.
+* Projections (LiT-style: towers frozen, only projections trained with InfoNCE): image features
+  and the bridge vector map to ``joint_dim``; text embeddings map to ``joint_dim``. The bridge
+  enters the image side through a linear map initialised equal to the text map, and the image
+  MLP's last layer starts at zero, so before training the projected space reproduces the bridge.
+* Served score = ``mix * bridge_score + (1 - mix) * projected_score`` with ``mix`` chosen on
+  held-out data, after centering each side (hubness reduction): clip-art training must not make
+  real photos worse than the bridge.
+No database, no UI here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmapp.losses import LogitScale
+
+PROMPT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "{}")
+
+
+def class_prompt_embeddings(class_names: Sequence[str], encode_texts) -> torch.Tensor:
+    """(C, D_txt) unit-norm mean embedding over PROMPT_TEMPLATES for each class."""
+    prompts = [t.format(name) for name in class_names for t in PROMPT_TEMPLATES]
+    emb = encode_texts(prompts).view(len(class_names), len(PROMPT_TEMPLATES), -1).mean(1)  # (C, D)
+    return F.normalize(emb, dim=-1)
+
+
+def conse(class_probs: torch.Tensor, class_text: torch.Tensor, top_t: int) -> torch.Tensor:
+    """(B, C) probabilities, (C, D) class embeddings -> (B, D) unit-norm bridge vectors."""
+    top = class_probs.topk(min(top_t, class_probs.shape[1]), dim=-1)  # values/indices (B, T)
+    weights = top.values / top.values.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, T)
+    vecs = (weights.unsqueeze(-1) * class_text[top.indices]).sum(1)  # (B, D)
+    return F.normalize(vecs, dim=-1)
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    image_dim: int  # pooled image-tower width (1280 for EfficientNet-Lite)
+    text_dim: int  # text-tower width (384 MiniLM, 768 mpnet)
+    bridge_dim: int = 0  # 0 when the image tower has no ImageNet head (open_clip); else text_dim
+    joint_dim: int = 256
+    hidden_dim: int = 1024
+    dropout: float = 0.1
+    temperature_init: float = 0.07
+
+
+class AlignmentModel(nn.Module):
+    """Trainable projections on top of frozen towers; returns unit-norm joint embeddings."""
+
+    def __init__(self, config: AlignmentConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_mlp = nn.Sequential(
+            nn.LayerNorm(c.image_dim), nn.Linear(c.image_dim, c.hidden_dim), nn.GELU(),
+            nn.Dropout(c.dropout), nn.Linear(c.hidden_dim, c.joint_dim),
+        )
+        self.text_proj = nn.Linear(c.text_dim, c.joint_dim, bias=False)
+        self.text_mlp = nn.Sequential(nn.Linear(c.text_dim, c.hidden_dim), nn.GELU(), nn.Dropout(c.dropout),
+                                      nn.Linear(c.hidden_dim, c.joint_dim))
+        nn.init.orthogonal_(self.text_proj.weight)  # rows orthonormal: cosines roughly preserved (JL)
+        nn.init.zeros_(self.text_mlp[-1].weight)
+        nn.init.zeros_(self.text_mlp[-1].bias)
+        if c.bridge_dim:
+            self.bridge_proj = nn.Linear(c.bridge_dim, c.joint_dim, bias=False)
+            with torch.no_grad():
+                self.bridge_proj.weight.copy_(self.text_proj.weight)
+            nn.init.zeros_(self.image_mlp[-1].weight)
+            nn.init.zeros_(self.image_mlp[-1].bias)
+        else:
+            self.bridge_proj = None
+        self.logit_scale = LogitScale(c.temperature_init)
+
+    def encode_image(self, features: torch.Tensor, bridge: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.image_mlp(features)  # (B, J)
+        if self.bridge_proj is not None:
+            if bridge is None:
+                raise ValueError("this alignment model was trained with a ConSE bridge input; got bridge=None")
+            z = z + self.bridge_proj(bridge)
+        return F.normalize(z, dim=-1)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text) + self.text_mlp(text), dim=-1)  # (B, J)
+
+
+@dataclass
+class JointSpace:
+    """What a served model version uses to score images against texts.
+
+    ``model`` is None for the bridge-only baseline (``mix`` is then 1).
+    """
+
+    class_text: torch.Tensor | None  # (C, D_txt) class prompt embeddings; None without ImageNet head
+    top_t: int
+    model: AlignmentModel | None = None
+    mix: float = 1.0  # weight of the bridge score
+    bridge_center_img: torch.Tensor | None = None  # (D_txt,) mean bridge vector over training images
+    bridge_center_txt: torch.Tensor | None = None  # (D_txt,) mean text embedding over training captions
+    joint_center_img: torch.Tensor | None = None  # (J,)
+    joint_center_txt: torch.Tensor | None = None  # (J,)
+
+    @property
+    def has_bridge(self) -> bool:
+        return self.class_text is not None
+
+    def bridge(self, class_probs: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.has_bridge or class_probs is None:
+            return None
+        return conse(class_probs, self.class_text, self.top_t)
+
+    def image_views(self, features: torch.Tensor, class_probs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The per-space image embeddings used in scoring (centered, unit norm)."""
+        out = {}
+        b = self.bridge(class_probs)
+        if b is not None:
+            out["bridge"] = _center(b, self.bridge_center_img)
+        if self.model is not None:
+            with torch.inference_mode():
+                out["joint"] = _center(self.model.encode_image(features, b), self.joint_center_img)
+        return out
+
+    def text_views(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.has_bridge:
+            out["bridge"] = _center(text, self.bridge_center_txt)
+        if self.model is not None:
+            with torch.inference_mode():
+                out["joint"] = _center(self.model.encode_text(text), self.joint_center_txt)
+        return out
+
+    def similarity(self, image_views: dict[str, torch.Tensor], text_views: dict[str, torch.Tensor],
+                   mix: float | None = None) -> torch.Tensor:
+        """(N_img, N_txt) served score."""
+        mix = self.mix if mix is None else mix
+        if self.model is None:
+            return image_views["bridge"] @ text_views["bridge"].T
+        joint = image_views["joint"] @ text_views["joint"].T
+        if not self.has_bridge or mix == 0.0:
+            return joint
+        return mix * (image_views["bridge"] @ text_views["bridge"].T) + (1 - mix) * joint
+
+    def state(self) -> dict[str, torch.Tensor]:
+        tensors = {k: v for k, v in {
+            "class_text": self.class_text,
+            "bridge_center_img": self.bridge_center_img, "bridge_center_txt": self.bridge_center_txt,
+            "joint_center_img": self.joint_center_img, "joint_center_txt": self.joint_center_txt,
+        }.items() if v is not None}
+        if self.model is not None:
+            tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        return tensors
+
+    def meta(self) -> dict:
+        return {"top_t": self.top_t, "mix": self.mix,
+                "alignment": asdict(self.model.config) if self.model is not None else None}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "JointSpace":
+        model = None
+        if meta.get("alignment"):
+            model = AlignmentModel(AlignmentConfig(**meta["alignment"]))
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            model.eval()
+        return cls(class_text=tensors.get("class_text"), top_t=int(meta["top_t"]), model=model,
+                   mix=float(meta["mix"]), bridge_center_img=tensors.get("bridge_center_img"),
+                   bridge_center_txt=tensors.get("bridge_center_txt"),
+                   joint_center_img=tensors.get("joint_center_img"),
+                   joint_center_txt=tensors.get("joint_center_txt"))
+
+
+def _center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    return x if center is None else F.normalize(x - center, dim=-1)

@@ -1,0 +1,111 @@
+"""Joint space: ConSE bridge, projections start as the bridge, mix selection, cache, model store round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmapp.cache import EmbeddingCache, text_key
+from mmapp.config import TrainConfig
+from mmapp.fusion import FusionConfig, create_fusion_head
+from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, conse
+from mmapp.model_store import ModelStore
+from mmapp.training import PairFeatures, choose_mix, mean_r1, train_alignment, with_centers
+
+
+def synthetic_pairs(n: int, seed: int, *, n_classes: int = 50, d_img: int = 32, d_txt: int = 16) -> tuple[PairFeatures, torch.Tensor]:
+    """Images whose features linearly encode a latent caption vector; class probs from a noisy classifier."""
+    g = torch.Generator().manual_seed(seed)
+    latent = F.normalize(torch.randn(n, d_txt, generator=g), dim=-1)
+    mixing = torch.randn(d_txt, d_img, generator=torch.Generator().manual_seed(99))
+    img = latent @ mixing + 0.05 * torch.randn(n, d_img, generator=g)
+    class_text = F.normalize(torch.randn(n_classes, d_txt, generator=torch.Generator().manual_seed(7)), dim=-1)
+    probs = (latent @ class_text.T * 10).softmax(-1)
+    text = F.normalize(latent + 0.1 * torch.randn(n, d_txt, generator=g), dim=-1)
+    return PairFeatures(img, probs, text, np.arange(n)), class_text
+
+
+def test_conse_is_weighted_mean_of_top_t_class_embeddings():
+    class_text = F.normalize(torch.randn(5, 4), dim=-1)
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
+    got = conse(probs, class_text, top_t=2)
+    expected = F.normalize((0.5 * class_text[0] + 0.3 * class_text[1]) / 0.8, dim=-1)
+    torch.testing.assert_close(got[0], expected)
+
+
+def test_untrained_projection_reproduces_the_bridge_ranking():
+    feats, class_text = synthetic_pairs(64, 0)
+    model = AlignmentModel(AlignmentConfig(image_dim=32, text_dim=16, bridge_dim=16, joint_dim=16)).eval()
+    space = JointSpace(class_text, top_t=5, model=model)
+    vi = space.image_views(feats.image_features, feats.class_probs)
+    vt = space.text_views(feats.text)
+    # joint_dim == text_dim with an orthogonal shared map: the projected cosines equal the bridge's.
+    torch.testing.assert_close(vi["joint"] @ vt["joint"].T, vi["bridge"] @ vt["bridge"].T, atol=1e-5, rtol=1e-5)
+
+
+def test_training_beats_the_bridge_and_mix_never_hurts_the_guard():
+    train, class_text = synthetic_pairs(512, 1)
+    val, _ = synthetic_pairs(128, 2)
+    cfg = TrainConfig(epochs=15, batch_size=64, lr=3e-3)
+    result = train_alignment(train, val, class_text=class_text, top_t=5, config=cfg, joint_dim=16)
+    assert result.history[-1]["train_loss"] < result.history[1]["train_loss"]
+    space = with_centers(JointSpace(class_text, 5, result.model), train)
+    vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)
+    trained = mean_r1(space.similarity(vi, vt, mix=0.0), val.text_to_image)
+    bridge = mean_r1(space.similarity(vi, vt, mix=1.0), val.text_to_image)
+    assert trained > bridge + 0.1, (trained, bridge)
+    guard, _ = synthetic_pairs(40, 3)
+    mix, table = choose_mix(space, [("val", val)], guard=("guard", guard))
+    chosen = next(r for r in table if r["mix"] == mix)
+    assert chosen["allowed"] and chosen["guard"] >= table[-1]["guard"] - 1e-9  # mix=1.0 is the bridge
+
+
+def test_cache_roundtrip_atomic_and_corrupt_entries_recomputed(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    key = text_key("hello")
+    calls = []
+
+    def compute(idx):
+        calls.append(list(idx))
+        return [{"embedding": np.full(3, i, np.float32)} for i in idx]
+
+    rows, n = cache.get_or_compute("enc@abc", [key, key, text_key("x")], compute)
+    assert n == 2 and calls == [[0, 2]] and len(rows) == 3
+    rows, n = cache.get_or_compute("enc@abc", [key], compute)
+    assert n == 0 and rows[0]["embedding"].tolist() == [0, 0, 0]
+    path = next(tmp_path.rglob(f"{key}.npz"))
+    path.write_bytes(path.read_bytes()[:10])  # a torn entry
+    rows, n = cache.get_or_compute("enc@abc", [key], compute)
+    assert n == 1
+    assert not list(tmp_path.rglob(".tmp-*"))
+    with pytest.raises(ValueError, match="hex digest"):
+        cache.get("enc", "../../etc/passwd")
+
+
+def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
+    feats, class_text = synthetic_pairs(32, 0)
+    model = AlignmentModel(AlignmentConfig(image_dim=32, text_dim=16, bridge_dim=16, joint_dim=8)).eval()
+    space = with_centers(JointSpace(class_text, 5, model, mix=0.3), feats)
+    fcfg = FusionConfig(image_dim=32, text_dim=16, num_labels=3)
+    head = create_fusion_head("concat", fcfg).eval()
+    store = ModelStore(tmp_path)
+    store.save("v1", space, meta={"labels": ["a", "b", "c"]}, fusion_head=head, fusion_config=fcfg, fusion_name="concat")
+    with pytest.raises(FileExistsError):
+        store.save("v1", space, meta={})
+    with pytest.raises(ValueError, match="invalid model version"):
+        store.path("../evil")
+    loaded = store.load("v1")
+    vi = loaded.space.image_views(feats.image_features, feats.class_probs)
+    vt = loaded.space.text_views(feats.text)
+    vi0, vt0 = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
+    torch.testing.assert_close(loaded.space.similarity(vi, vt), space.similarity(vi0, vt0))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.fusion_head(feats.image_features, feats.text).logits,
+                                   head(feats.image_features, feats.text).logits)
+    assert loaded.labels == ("a", "b", "c") and store.current() is None
+    store.set_current("v1")
+    assert store.current() == "v1"
+    with pytest.raises(FileNotFoundError):
+        store.set_current("nope")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

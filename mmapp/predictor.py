@@ -1,0 +1,260 @@
+"""The model server: captioning, meme analysis with modality ablation, one loaded model version.
+
+Builds the towers once (device and dtype chosen here, via :func:`resolve_placement`), keeps the
+caption bank embedded, and swaps model versions without a restart (``load_version``).
+No database, no UI: callers pass decoded images and store what they want.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mmapp.cache import EmbeddingCache, text_key
+from mmapp.config import Config
+from mmapp.device import Placement, resolve_placement
+from mmapp.embedder import Embedder
+from mmapp.encoders import EncoderOptions, create_encoder
+from mmapp.encoders.image import imagenet_class_names
+from mmapp.imageio import DecodedImage
+from mmapp.joint import JointSpace, class_prompt_embeddings
+from mmapp.model_store import BRIDGE, ModelStore, ModelVersion
+
+ABLATIONS = (None, "image", "text")  # what is removed: nothing, the image, the text
+LABEL_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    caption: str
+    alternatives: list[tuple[str, float]]  # (caption, confidence) for the next candidates
+    confidence: float  # calibrated probability mass of the top caption among the candidates
+    low_confidence: bool  # True when the match is weak: the UI must say so
+    source: str  # where the top caption came from: "bank" | "correction" | "imagenet"
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    embedding_ref: str = ""
+
+
+@dataclass(frozen=True)
+class MemeResult:
+    text: str  # the text used (OCR or user-supplied)
+    ocr_text: str | None  # what OCR read (None when the caller supplied the text)
+    labels: tuple[str, ...]
+    fused: dict[str, float]  # label -> probability with both modalities
+    image_only: dict[str, float]
+    text_only: dict[str, float]
+    label: str  # predicted label under the requested ablation
+    ablation: str | None  # None | "image" | "text": the modality removed for `label`
+    deltas: dict[str, float]  # how removing each modality changes the predicted label's probability
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    embedding_ref: str = ""
+
+
+class Predictor:
+    def __init__(self, *, embedder: Embedder, ocr: Callable[[], object], store: ModelStore, top_t: int,
+                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.35,
+                 placement: Placement | None = None):
+        self.embedder = embedder
+        self._ocr_factory = ocr  # built on first use: captioning alone never loads the OCR models
+        self._ocr = None
+        self.store = store
+        self.top_t = top_t
+        self.placement = placement or resolve_placement("cpu")
+        self.confidence_floor = confidence_floor
+        self._lock = threading.RLock()
+        self._model: ModelVersion | None = None
+        self._class_text: torch.Tensor | None = None
+        self._bank_texts: list[str] = []
+        self._bank_sources: list[str] = []
+        self._bank_views: dict[str, torch.Tensor] = {}
+        self._bank_raw: torch.Tensor | None = None
+        self._pending_bank = list(caption_bank)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Config, *, version: str | None = None,
+                    caption_bank: Sequence[tuple[str, str]] = ()) -> "Predictor":
+        placement = resolve_placement(config.model.device)
+        home = config.storage.home
+        opts = EncoderOptions(placement=placement, cache_dir=home / "weights",
+                              clip_model=config.model.clip_model, clip_pretrained=config.model.clip_pretrained,
+                              ocr_det_side=config.model.ocr_det_side)
+        embedder = Embedder(image_encoder=create_encoder(config.model.image_encoder, opts, kind="image"),
+                            text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
+                            cache=EmbeddingCache(home / "cache" / "embeddings"))
+        predictor = cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"), store=ModelStore(home / "models"),
+                        top_t=config.model.bridge_top_t, caption_bank=caption_bank, placement=placement)
+        predictor.load_version(version or predictor.store.current() or BRIDGE)
+        return predictor
+
+    @property
+    def ocr(self):
+        with self._lock:
+            if self._ocr is None:
+                self._ocr = self._ocr_factory()
+            return self._ocr
+
+    def class_text(self) -> torch.Tensor | None:
+        """(1000, D_txt) ImageNet prompt embeddings, or None when the image tower has no ImageNet head."""
+        if self._class_text is None and getattr(self.embedder.image_encoder, "name", "").startswith("efficientnet"):
+            self._class_text = class_prompt_embeddings(imagenet_class_names(), self.embedder.texts)
+        return self._class_text
+
+    def bridge_space(self) -> JointSpace:
+        return JointSpace(class_text=self.class_text(), top_t=self.top_t)
+
+    @property
+    def version(self) -> str:
+        return self._model.version if self._model else BRIDGE
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._model.labels if self._model else ()
+
+    @property
+    def space(self) -> JointSpace:
+        return self._model.space if self._model else self.bridge_space()
+
+    def load_version(self, version: str) -> None:
+        """Load ``version`` (or the bridge) and re-embed the caption bank; atomic for readers."""
+        if version == BRIDGE:
+            space = self.bridge_space()
+            model = ModelVersion(BRIDGE, space, None, None, {"labels": []})
+        else:
+            model = self.store.load(version)
+            identity = model.meta.get("encoders")
+            if identity and identity != self.embedder.identity:
+                raise ValueError(f"model version {version!r} was trained on encoders {identity}, "
+                                 f"but this server runs {self.embedder.identity}")
+        with self._lock:
+            self._model = model
+            bank = list(zip(self._bank_texts, self._bank_sources)) + self._pending_bank
+            self._pending_bank = []
+            self._set_bank(bank)
+
+    # ---- caption bank -------------------------------------------------------------------------
+    def set_caption_bank(self, captions: Sequence[tuple[str, str]]) -> None:
+        """Replace the bank with (caption, source) pairs; ImageNet templates are always added."""
+        with self._lock:
+            self._set_bank(list(captions))
+
+    def add_to_caption_bank(self, caption: str, source: str = "correction") -> None:
+        with self._lock:
+            if caption in self._bank_texts:
+                return
+            raw = self.embedder.texts([caption])
+            self._bank_texts.append(caption)
+            self._bank_sources.append(source)
+            self._bank_raw = torch.cat([self._bank_raw, raw]) if self._bank_raw is not None else raw
+            views = self.space.text_views(raw)
+            self._bank_views = {k: torch.cat([self._bank_views[k], v]) for k, v in views.items()} \
+                if self._bank_views else views
+
+    def _set_bank(self, captions: list[tuple[str, str]]) -> None:
+        seen: dict[str, str] = {}
+        for text, source in captions:
+            text = " ".join(text.split())
+            if text and text not in seen:
+                seen[text] = source
+        if self.class_text() is not None:
+            for name in imagenet_class_names():
+                seen.setdefault(LABEL_TEMPLATES[0].format(name), "imagenet")
+        self._bank_texts = list(seen)
+        self._bank_sources = list(seen.values())
+        self._bank_raw = self.embedder.texts(self._bank_texts) if self._bank_texts else None
+        self._bank_views = self.space.text_views(self._bank_raw) if self._bank_raw is not None else {}
+
+    # ---- inference ----------------------------------------------------------------------------
+    def _image_views(self, image: DecodedImage):
+        feats = self.embedder.images([image.image], [image.sha256])
+        return feats, self.space.image_views(feats.features, feats.class_probs)
+
+    def caption(self, image: DecodedImage, *, k: int = 4) -> CaptionResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with self._lock:
+            model, bank_views, texts, sources = self._model, self._bank_views, self._bank_texts, self._bank_sources
+            _, views = self._image_views(image)
+            timings["encode_image"] = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            if not texts:
+                raise RuntimeError("the caption bank is empty: build the bootstrap model first (python app.py does)")
+            scores = model.space.similarity(views, bank_views)[0]  # (N_bank,)
+        temperature = float(model.meta.get("caption_temperature", 0.05))
+        probs = torch.softmax(scores / temperature, dim=0)
+        top = probs.topk(min(k, len(texts)))
+        idx = top.indices.tolist()
+        confidence = float(top.values[0])
+        timings["rank"] = (time.perf_counter() - t1) * 1e3
+        return CaptionResult(
+            caption=texts[idx[0]],
+            alternatives=[(texts[i], float(probs[i])) for i in idx[1:]],
+            confidence=confidence, low_confidence=confidence < self.confidence_floor,
+            source=sources[idx[0]], model_version=model.version, timings_ms=timings,
+            embedding_ref=self.embedder.cache.ref(self.embedder.image_encoder.identity, image.sha256)
+            if self.embedder.cache else "")
+
+    def read_text(self, image: DecodedImage) -> str:
+        """OCR text, cached by image content so a re-analysis never runs OCR twice."""
+        cache = self.embedder.cache
+        identity = getattr(self.ocr, "identity", "ocr")
+        if cache is not None:
+            hit = cache.get(identity, image.sha256)
+            if hit is not None:
+                return str(hit["text"])
+        text = self.ocr.read(image.image).text
+        if cache is not None:
+            cache.put(identity, image.sha256, {"text": np.array(text)})
+        return text
+
+    def analyze_meme(self, image: DecodedImage, text: str | None = None, *,
+                     ablate: str | None = None) -> MemeResult:
+        if ablate not in ABLATIONS:
+            raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
+        timings: dict[str, float] = {}
+        ocr_text = None
+        if text is None:
+            t = time.perf_counter()
+            ocr_text = self.read_text(image)
+            timings["ocr"] = (time.perf_counter() - t) * 1e3
+            text = ocr_text
+        with self._lock:
+            model = self._model
+        if model is None or model.fusion_head is None:
+            raise RuntimeError(f"model version {self.version!r} has no meme head: build the bootstrap model first")
+        t = time.perf_counter()
+        feats = self.embedder.images([image.image], [image.sha256])
+        timings["encode_image"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        text_emb = self.embedder.texts([text]) if text.strip() else None
+        timings["encode_text"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        with torch.inference_mode():
+            head = model.fusion_head
+            img = feats.features
+            fused = head(img, text_emb).logits.softmax(-1)[0] if text_emb is not None else None
+            image_only = head(img, None).logits.softmax(-1)[0]
+            text_only = head(None, text_emb).logits.softmax(-1)[0] if text_emb is not None else None
+        timings["fusion"] = (time.perf_counter() - t) * 1e3
+        labels = model.labels
+        as_dict = lambda p: {l: float(v) for l, v in zip(labels, p)} if p is not None else {}
+        # Without text there is nothing to fuse: the fused view is the image-only one.
+        fused_d, image_d, text_d = as_dict(fused if fused is not None else image_only), as_dict(image_only), as_dict(text_only)
+        chosen = {None: fused_d, "image": text_d or fused_d, "text": image_d}[ablate]
+        label = max(chosen, key=chosen.get)
+        top = max(fused_d, key=fused_d.get)
+        deltas = {"without_image": (text_d.get(top, fused_d[top]) - fused_d[top]),
+                  "without_text": image_d[top] - fused_d[top]}
+        return MemeResult(text=text, ocr_text=ocr_text, labels=labels, fused=fused_d, image_only=image_d,
+                          text_only=text_d, label=label, ablation=ablate, deltas=deltas,
+                          model_version=model.version, timings_ms=timings,
+                          embedding_ref=(self.embedder.cache.ref(self.embedder.image_encoder.identity, image.sha256)
+                                         + ";" + self.embedder.cache.ref(self.embedder.text_encoder.identity, text_key(text)))
+                          if self.embedder.cache else "")

@@ -126,11 +126,13 @@ def _write(table: pa.Table, rows: list[dict[str, Any]], folder: Path, fmt: str) 
     elif fmt == "jsonl":
         with (folder / DATA_FILES["jsonl"]).open("w", encoding="utf-8") as f:
             for row in rows:
-                f.write(_json({**row, "created_at": row["created_at"].isoformat()}) + "\n")
+                line = {**row, "created_at": row["created_at"].isoformat()}
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")  # key order = SCHEMA order
     else:  # hf
         import datasets  # heavy import, only needed here
 
-        datasets.Dataset(table).save_to_disk(str(folder))
+        # num_shards=1: with zero rows the default writes no shard and load_from_disk then fails
+        datasets.Dataset(table).save_to_disk(str(folder), num_shards=1)
 
 
 def _free_name(out_dir: Path, stem: str) -> Path:

@@ -23,8 +23,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # How a transaction on SQLite starts. IMMEDIATE takes the write lock up front, so a
 # read-then-write transaction (get-or-create) waits on busy_timeout instead of failing with
-# SQLITE_BUSY when its read snapshot goes stale. Pass
-# ``engine.execution_options(sqlite_begin="DEFERRED")`` for long read-only work (exports).
+# SQLITE_BUSY when its read snapshot goes stale. Long read-only work uses ``read_only_engine``.
 SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
 
 T = TypeVar("T")
@@ -66,6 +65,12 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, echo
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def read_only_engine(engine: Engine) -> Engine:
+    """A view of ``engine`` for long read-only work (exports, dashboards): on SQLite its transactions
+    start DEFERRED, so they never hold the write lock; elsewhere it behaves exactly like ``engine``."""
+    return engine.execution_options(sqlite_begin="DEFERRED")
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -156,6 +156,7 @@ def export_feedback(
 
     Rows: ``<folder>/feedback.csv|parquet|jsonl`` (see ``DATA_FILES``), or for ``fmt='hf'`` the
     folder itself is ``datasets.load_from_disk``-able. Columns: ``SCHEMA``.
+    Open ``session`` on ``read_only_engine(engine)`` so a long export does not hold SQLite's write lock.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")

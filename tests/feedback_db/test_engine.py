@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
-from feedback_db.engine import init_db, is_busy_error, make_engine, retry_on_busy
+from feedback_db.engine import init_db, is_busy_error, make_engine, read_only_engine, retry_on_busy
 
 from .factories import add_upload
 
@@ -137,8 +137,8 @@ def test_init_db_from_several_processes_at_once(tmp_path):
         )
         for _ in range(3)
     ]
-    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
-    assert [rc for rc, _ in results] == [0, 0, 0], results
+    stderr = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], stderr
     engine = make_engine(f"sqlite:///{db}")
     with engine.connect() as c:
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
@@ -150,3 +150,18 @@ def test_postgres_url_needs_no_special_code():
     pytest.importorskip("psycopg2")
     engine = make_engine("postgresql://user:secret@localhost:5432/mmapp")  # no connection is made here
     assert engine.dialect.name == "postgresql"
+
+
+def test_read_only_sessions_do_not_block_writers(db_path, store, meme_id):
+    engine = make_engine(f"sqlite:///{db_path}", busy_timeout_s=0.2)
+    with Session(read_only_engine(engine)) as reader:
+        assert len(repo.recent_predictions(reader)) == 1  # read transaction stays open
+        with Session(engine) as s, s.begin():
+            repo.record_rating(s, request_id="r", prediction_id=meme_id, session_id="s", coherence=3)
+    # by contrast, a default session holds the write lock from its first statement on
+    with Session(engine) as holder, holder.begin():
+        holder.execute(text("SELECT 1"))
+        with pytest.raises(OperationalError, match="locked"):
+            with Session(engine) as s, s.begin():
+                s.execute(text("SELECT 1"))
+    engine.dispose()

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import export as export_mod
 from feedback_db import repository as repo
+from feedback_db.engine import read_only_engine
 from feedback_db.export import DATA_FILES, SCHEMA, export_feedback
 
 from .factories import add_prediction, add_upload, fake_image
@@ -40,7 +41,7 @@ def _read(path, fmt) -> pd.DataFrame:
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl", "hf"])
 def test_each_format_reads_back_with_images_next_to_it(engine, store, feedback, tmp_path, fmt):
-    with Session(engine) as s:
+    with Session(read_only_engine(engine)) as s:
         path = export_feedback(s, tmp_path / "exports", fmt, store)
     assert path.parent == tmp_path / "exports" and fmt in path.name
     df = _read(path, fmt)

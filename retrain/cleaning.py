@@ -1,0 +1,283 @@
+"""Cleaning before a retrain: split candidate items into accepted ones and rejected-with-reason.
+
+Pure functions over :class:`Candidate` values: no database, no model, no I/O. The caller computes
+embeddings and image–text agreement scores and passes them in; every rejection keeps its reason
+and the numbers behind it so the report can show why.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# reason -> final? Final rejections are never trained on; held-back items stay "new" and are
+# reconsidered by the next run (a second rater may bring the quorum, other users may dilute a share).
+NO_QUORUM = "no_quorum"
+LABEL_DISAGREEMENT = "label_disagreement"
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+SIMILARITY_OUTLIER = "similarity_outlier"
+USER_SHARE = "user_share"
+REASONS: dict[str, bool] = {
+    NO_QUORUM: False,
+    LABEL_DISAGREEMENT: True,
+    EXACT_DUPLICATE: True,
+    NEAR_DUPLICATE: True,
+    SIMILARITY_OUTLIER: True,
+    USER_SHARE: False,
+}
+KINDS = ("pair", "label")  # pair: image + caption for the joint space; label: meme image + text -> label
+MIN_OUTLIER_REFERENCE = 5  # fewer reference scores than this and no robust spread can be estimated
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    label_quorum: int = 2  # raters that must agree on a label when several raters corrected one image
+    max_user_share: float = 0.3  # at most this share of the accepted items may come from one user
+    outlier_z: float = -2.5  # robust z of image–text agreement below which a pair is rejected
+    near_duplicate_cos: float = 0.98  # image AND text cosine at or above this = near duplicate
+
+    def __post_init__(self) -> None:
+        if self.label_quorum < 1:
+            raise ValueError(f"label_quorum must be >= 1, got {self.label_quorum}")
+        if not 0.0 < self.max_user_share <= 1.0:
+            raise ValueError(f"max_user_share must be in (0, 1], got {self.max_user_share}")
+        if not -1.0 <= self.near_duplicate_cos <= 1.0:
+            raise ValueError(f"near_duplicate_cos must be a cosine in [-1, 1], got {self.near_duplicate_cos}")
+
+    @classmethod
+    def from_retrain(cls, retrain_config: Any) -> "CleaningConfig":
+        """From ``mmapp.config.RetrainConfig`` (duck-typed: only the four fields are read)."""
+        return cls(label_quorum=retrain_config.label_quorum, max_user_share=retrain_config.max_user_share,
+                   outlier_z=retrain_config.outlier_z, near_duplicate_cos=retrain_config.near_duplicate_cos)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One item a user supplied, in the order it arrived."""
+
+    item_id: str  # stable id, e.g. "correction:12" or "rating:7"
+    user: str  # logged-in user or anonymous session id
+    kind: str  # one of KINDS
+    image_key: str  # sha256 of the image bytes
+    text: str  # the caption (pair) or the meme text (label)
+    label: str | None = None  # label items only
+    image_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)  # (D_img,)
+    text_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)  # (D_txt,)
+    agreement: float = math.nan  # image–text agreement under the serving model (pairs only)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"candidate {self.item_id!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "label" and not self.label:
+            raise ValueError(f"candidate {self.item_id!r}: a label item needs a label, got {self.label!r}")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    candidate: Candidate
+    reason: str  # one of REASONS
+    detail: dict[str, Any]
+
+    @property
+    def final(self) -> bool:
+        return REASONS[self.reason]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.candidate
+        return {"item_id": c.item_id, "user": c.user, "kind": c.kind, "text": c.text, "label": c.label,
+                "image_key": c.image_key, "reason": self.reason, "final": self.final, "detail": self.detail}
+
+
+@dataclass
+class CleaningResult:
+    accepted: list[Candidate]
+    rejected: list[Rejection]
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r.reason for r in self.rejected))
+
+
+Split = tuple[list[Candidate], list[Rejection]]
+
+
+def normalize_text(text: str) -> str:
+    """Case, punctuation and whitespace folded: what makes two captions "the same" for exact duplicates."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+def check_label_quorum(candidates: Sequence[Candidate], quorum: int) -> Split:
+    """Where several raters corrected the label of one image, keep the label at least ``quorum`` of
+    them chose (a strict plurality); the others disagree. Without such a label all are held back.
+    One rater's repeated votes count once (their latest). Items seen by one rater pass untouched."""
+    by_image: dict[str, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        if c.kind == "label":
+            by_image[c.image_key].append(c)
+    verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
+    for image_key, items in by_image.items():
+        latest = {c.user: c.label for c in items}  # dict keeps the last vote per user
+        if len(latest) < 2:
+            continue
+        votes = Counter(latest.values())
+        ranked = votes.most_common()
+        top_label, top_votes = ranked[0]
+        tie = len(ranked) > 1 and ranked[1][1] == top_votes
+        detail = {"votes": dict(votes), "raters": len(latest), "quorum": quorum}
+        for c in items:
+            if tie or top_votes < quorum:
+                verdict[c.item_id] = (NO_QUORUM, detail)
+            elif c.label != top_label:
+                verdict[c.item_id] = (LABEL_DISAGREEMENT, {**detail, "agreed_label": top_label})
+    return _apply(candidates, verdict)
+
+
+def drop_exact_duplicates(candidates: Sequence[Candidate]) -> Split:
+    """The same image with the same (normalised) text and label again: keep the first."""
+    first: dict[tuple, str] = {}
+    verdict = {}
+    for c in candidates:
+        key = (c.kind, c.image_key, normalize_text(c.text), c.label)
+        if key in first:
+            verdict[c.item_id] = (EXACT_DUPLICATE, {"duplicate_of": first[key]})
+        else:
+            first[key] = c.item_id
+    return _apply(candidates, verdict)
+
+
+def drop_near_duplicates(candidates: Sequence[Candidate], min_cos: float) -> Split:
+    """An item whose image and text embeddings both have cosine >= ``min_cos`` with an earlier kept
+    item of the same kind (and label) is a near duplicate: re-encoded copies, trivially edited captions."""
+    verdict = {}
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, c in enumerate(candidates):
+        if c.image_embedding is not None and c.text_embedding is not None:
+            groups[(c.kind, c.label)].append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        img = _unit_rows([candidates[i].image_embedding for i in idx])  # (n, D_img)
+        txt = _unit_rows([candidates[i].text_embedding for i in idx])  # (n, D_txt)
+        cos_img, cos_txt = img @ img.T, txt @ txt.T  # (n, n) each
+        close = (cos_img >= min_cos) & (cos_txt >= min_cos)
+        kept: list[int] = []
+        for a in range(len(idx)):
+            match = next((b for b in kept if close[a, b]), None)
+            if match is None:
+                kept.append(a)
+            else:
+                verdict[candidates[idx[a]].item_id] = (NEAR_DUPLICATE, {
+                    "duplicate_of": candidates[idx[match]].item_id,
+                    "image_cos": round(float(cos_img[a, match]), 4), "text_cos": round(float(cos_txt[a, match]), 4)})
+    return _apply(candidates, verdict)
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(values - median(reference)) / (1.4826 * MAD(reference)); returns (z, median, scale).
+    A reference with zero spread gives z = 0 (no outliers can be told apart)."""
+    med = float(np.median(reference))
+    scale = _MAD_TO_SIGMA * float(np.median(np.abs(reference - med)))
+    if not scale > 1e-12:
+        return np.zeros_like(values, dtype=float), med, scale
+    return (values - med) / scale, med, scale
+
+
+def flag_similarity_outliers(candidates: Sequence[Candidate], z_threshold: float,
+                             reference: np.ndarray | None = None) -> Split:
+    """Reject pairs whose image–text agreement is a low outlier: robust z below ``-|z_threshold|``.
+
+    The spread comes from ``reference`` (agreement of trusted pairs, e.g. the replay sample) when
+    given, else from the pair candidates themselves. Label items are never judged this way: a meme's
+    text may contradict its picture on purpose (that is what sarcasm is).
+    """
+    pairs = [c for c in candidates if c.kind == "pair" and math.isfinite(c.agreement)]
+    values = np.array([c.agreement for c in pairs], dtype=float)
+    ref = values if reference is None else np.asarray(reference, dtype=float)
+    ref = ref[np.isfinite(ref)]
+    if len(ref) < MIN_OUTLIER_REFERENCE or not len(pairs):
+        return list(candidates), []
+    z, med, scale = robust_z(values, ref)
+    threshold = -abs(z_threshold)
+    verdict = {c.item_id: (SIMILARITY_OUTLIER, {"agreement": round(float(a), 4), "robust_z": round(float(zi), 3),
+                                                "median": round(med, 4), "scale": round(scale, 4),
+                                                "threshold": threshold,
+                                                "reference": "trusted pairs" if reference is not None else "candidates"})
+               for c, a, zi in zip(pairs, values, z) if zi < threshold}
+    return _apply(candidates, verdict)
+
+
+def user_quota(counts: Iterable[int], max_share: float) -> int | None:
+    """Largest per-user count k with k <= max_share * sum(min(n_u, k)): the most any one user may keep
+    so that no user exceeds ``max_share`` of what is kept. None = no cap needed. At least 1, so that
+    with fewer than 1/max_share contributors each still counts once."""
+    counts = sorted(counts, reverse=True)
+    if not counts or max_share >= 1.0:
+        return None
+    if counts[0] <= max_share * sum(counts):
+        return None
+    for k in range(counts[0], 0, -1):
+        if k <= max_share * sum(min(n, k) for n in counts) + 1e-9:
+            return k
+    return 1
+
+
+def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
+    """Poisoning guard: keep each user's earliest items up to the quota from :func:`user_quota`."""
+    per_user = Counter(c.user for c in candidates)
+    k = user_quota(per_user.values(), max_share)
+    if k is None:
+        return list(candidates), []
+    seen: Counter[str] = Counter()
+    verdict = {}
+    for c in candidates:
+        seen[c.user] += 1
+        if seen[c.user] > k:
+            verdict[c.item_id] = (USER_SHARE, {"user_items": per_user[c.user], "quota": k,
+                                               "max_share": max_share, "total": len(candidates)})
+    return _apply(candidates, verdict)
+
+
+def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
+          reference_agreement: np.ndarray | None = None) -> CleaningResult:
+    """All rules in order: label quorum, exact and near duplicates, agreement outliers, user share.
+    The share cap runs last, so shares are measured over items that are otherwise clean."""
+    ids = [c.item_id for c in candidates]
+    if len(set(ids)) != len(ids):
+        dupes = [i for i, n in Counter(ids).items() if n > 1]
+        raise ValueError(f"candidate item_ids must be unique, got repeats {dupes[:5]}")
+    kept, rejected = list(candidates), []
+    for rule in (lambda cs: check_label_quorum(cs, config.label_quorum),
+                 drop_exact_duplicates,
+                 lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
+                 lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement),
+                 lambda cs: cap_user_share(cs, config.max_user_share)):
+        kept, out = rule(kept)
+        rejected.extend(out)
+    return CleaningResult(kept, rejected)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _apply(candidates: Sequence[Candidate], verdict: dict[str, tuple[str, dict[str, Any]] | None]) -> Split:
+    kept, rejected = [], []
+    for c in candidates:
+        v = verdict.get(c.item_id)
+        if v is None:
+            kept.append(c)
+        else:
+            rejected.append(Rejection(c, v[0], v[1]))
+    return kept, rejected
+
+
+def _unit_rows(rows: list[np.ndarray]) -> np.ndarray:
+    m = np.stack([np.asarray(r, dtype=np.float64).ravel() for r in rows])
+    return m / np.clip(np.linalg.norm(m, axis=1, keepdims=True), 1e-12, None)

@@ -5,11 +5,13 @@ No database and no UI here.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +27,7 @@ from mmapp.joint import JointSpace
 from mmapp.model_store import BRIDGE, ModelStore
 from mmapp.training import PairFeatures, choose_mix, train_alignment, train_fusion_head, with_centers
 
+VAL_FRACTION, TEST_FRACTION = 0.1, 0.45
 PHOTOS_TSV = Path(__file__).resolve().parent.parent / "tests" / "data" / "photos" / "captions.tsv"
 
 
@@ -44,10 +47,13 @@ def code_version() -> str:
 
 def import_openclipart(config: Config, *, progress: bool = True) -> dict[str, Path]:
     """Fetch (apt) and filter the Open Clip Art corpus; write train/val/test TSVs and items.jsonl."""
-    from mmapp.data.openclipart import ensure_openclipart, load_openclipart
+    from mmapp.data.openclipart import ensure_openclipart, load_openclipart, split_of
 
     root = ensure_openclipart(config.storage.home / "corpus" / "openclipart", progress=progress)
     items, report = load_openclipart(root, progress=progress)
+    # ~2.5k drawings survive the filters; a held-out test split of >= 1000 pairs needs ~45% of them.
+    items = [dataclasses.replace(i, split=split_of(i.title, val=VAL_FRACTION, test=TEST_FRACTION)) for i in items]
+    report.splits = Counter(i.split for i in items)
     out = dataset_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -119,7 +119,7 @@ _BOILERPLATE_DESCRIPTION = re.compile(
 _CLIPART_BY = re.compile(r"^\s*(?:svg\s+)?clip\s*-?arts?\s+by\s+[^-–:]+?\s*[-–:]\s*", re.I)
 _EMAIL = re.compile(r"\S+@\S+")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.I)
-_TOKEN = re.compile(r"[a-z0-9']+")
+_TOKEN = re.compile(r"[^\W_]+")  # letters (accented too) and digits
 
 T = TypeVar("T")
 
@@ -354,16 +354,19 @@ def _name_tokens(agents: Iterable[str]) -> set[str]:
     publishers such as "Open Clip Art Library" or "Public Domain"."""
     toks: set[str] = set()
     for a in agents:
-        toks.update(t for t in re.split(r"[^a-z0-9]+", a.lower()) if len(t) >= 2)
+        toks.update(t for t in _TOKEN.findall(a.lower()) if len(t) >= 2)
     return toks - _STOPWORDS - _GENERIC_AGENT_WORDS
 
 
-def _clean_words(text: str, *, from_filename: bool, author_tokens: AbstractSet[str]) -> list[str]:
-    """Words of a title or file stem with file-ish and author tokens removed."""
+def _clean_words(
+    text: str, *, from_filename: bool, author_tokens: AbstractSet[str], drop_codes: bool = False
+) -> list[str]:
+    """Words of a title or file stem with file-ish and author tokens removed; ``drop_codes`` also
+    removes letter-digit codes ("fc23"), which in file names and batch titles are counters."""
     text = _URL.sub(" ", _EMAIL.sub(" ", text))
     text = re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", " ", text)  # RedCar -> Red Car
-    text = re.sub(r"\bclip\s*-?arts?\b|\bsvg\b", " ", text, flags=re.I)
-    words = [w.strip("'") for w in re.split(r"[^a-z0-9']+", text.lower())]
+    text = re.sub(r"\b(?:open\s*)?clip\s*-?arts?\b|\bsvg\b", " ", text, flags=re.I)
+    words = [w.strip("'") for w in re.split(r"[^\w']+|_+", text.lower())]
     words = [w for w in words if w]
     if from_filename:
         # File stems end in author names (often truncated: "architetto_fran") and counters ("01r").
@@ -378,10 +381,11 @@ def _clean_words(text: str, *, from_filename: bool, author_tokens: AbstractSet[s
         w = re.sub(r"^([a-z]{3,})\d+$", r"\1", w)  # tigre02 -> tigre, bus2 -> bus
         if re.fullmatch(r"0\d+", w) or (from_filename and re.fullmatch(r"\d+[a-z]{0,2}", w)):
             continue  # counters and sizes: 01, 007, and in file names 0, 1m, 10cm
-        if len(w) >= 3 and not re.search(r"[aeiouy\d]", w) and w not in _CONSONANT_WORDS:
+        if len(w) >= 3 and not re.search(r"[aeiouyàáâäåèéêëìíîïòóôöùúûüý\d]", w) and w not in _CONSONANT_WORDS:
             continue  # initials / file codes: bwh, rpswb
-        if re.fullmatch(r"[a-z]+\d+[a-z0-9]*", w) and (len(w) > 3 or not re.fullmatch(r"[a-z]+[1-9]\d?", w)):
-            continue  # codes: fc23, fc08, t615c; kept when three characters at most (mp3, b52)
+        if (drop_codes or from_filename) and re.fullmatch(r"[a-z]+\d+[a-z0-9]*", w) \
+                and (len(w) > 3 or not re.fullmatch(r"[a-z]+[1-9]\d?", w)):
+            continue  # codes: fc23, fc08; kept when three characters at most (mp3, b52)
         out.append(w)
     if out and out[-1].isdigit() and len(out) > 1:
         out.pop()  # "paper 4"
@@ -417,7 +421,7 @@ def clean_title(
     templated = bool(_CLIPART_BY.match(raw_title))
     title_words = _clean_words(
         _strip_authors(_CLIPART_BY.sub("", raw_title), agents), from_filename=False,
-        author_tokens=author_tokens,
+        author_tokens=author_tokens, drop_codes=templated,
     )
     file_words = _clean_words(file_stem, from_filename=True, author_tokens=author_tokens)
     title_words, file_words = (
@@ -677,11 +681,12 @@ def load_openclipart(
     """Captioned, de-duplicated drawings of the corpus at ``root`` (the folder holding png/ and svg/)
     and a report of what was dropped and why.
 
-    Filters, in order: clutter categories, uninformative captions, PNGs over ``max_pixels``
-    (too big to decode for training), identical PNG files,
-    near-identical images (dHash within ``near_duplicate_bits``; -1 disables), and repeated
+    Filters, in order: clutter categories; titles that name nothing (only authors, numbers, file
+    codes) and captions under ``min_caption_words`` informative words; PNGs over ``max_pixels``
+    (too big to decode for training), fully transparent or unreadable; identical PNG files;
+    near-identical images (dHash within ``near_duplicate_bits``; -1 disables); repeated
     (category, caption). Among duplicates the drawing in the deepest folder, then the longest
-    caption, then the smallest item_id is kept.
+    caption, then the smallest item_id is kept. ``val``/``test`` are the split fractions.
     """
     t0 = time.perf_counter()
     root = Path(root)

@@ -213,6 +213,9 @@ def test_malformed_svg_falls_back_to_regex_and_is_recorded(corpus: Path, loaded)
         ("ralf@ark.in-berlin.de", "ralf_ark.in-berlin.de_ra_01", ("ralf@ark.in-berlin.de",), False, ""),
         ("Sandwich_One_bw", "sandwich_one_bw_jean-vic_01", ("Jean-Victor Balin",), True, "sandwich one bw"),
         ("Ice Cream Cone (2 Scoop)", "ice_cream_cone", (), False, "ice cream cone 2 scoop"),
+        ("AK47", "ak47_01", (), False, "ak47"),
+        ("Castilla y León", "castilla_y_leon_01", (), False, "castilla y león"),
+        ("Waning crescent - openclipart", "08_waningcrescent_openc_01", (), False, "waning crescent"),
     ],
 )
 def test_clean_title(raw: str, stem: str, agents: tuple[str, ...], collection: bool, expected: str) -> None:
@@ -315,7 +318,12 @@ def test_ensure_openclipart_reports_apt_failure(tmp_path: Path, monkeypatch: pyt
 
 
 def _real_corpus_root() -> Path | None:
-    for candidate in (os.environ.get("MMAPP_OPENCLIPART_ROOT"), "/tmp/oca/x/usr/share/openclipart"):
+    home = Path(os.environ.get("MMAPP_HOME") or Path(__file__).resolve().parents[2] / "var")
+    for candidate in (
+        os.environ.get("MMAPP_OPENCLIPART_ROOT"),
+        home / "corpus" / "openclipart" / "root" / "usr" / "share" / "openclipart",  # where the pipeline fetches it
+        "/tmp/oca/x/usr/share/openclipart",
+    ):
         if candidate and (Path(candidate) / "png").is_dir() and (Path(candidate) / "svg").is_dir():
             return Path(candidate)
     return None

@@ -35,7 +35,7 @@ def read_pairs(path: Path, *, fmt: str | None = None, image_root: Path | None = 
 
     Relative image paths are resolved against ``image_root`` when given, else against the folder of
     the file (COCO also tries an ``images/`` folder next to the JSON). Any bad line raises
-    ``ValueError`` naming ``file:line``.
+    ``ValueError`` naming ``file:line``; so does a folder without any captioned image.
     """
     path = Path(path)
     fmt = fmt or _guess_format(path)
@@ -47,9 +47,9 @@ def read_pairs(path: Path, *, fmt: str | None = None, image_root: Path | None = 
     readers = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl, "coco": _read_coco,
                "folder": _read_folder}
     pairs = readers[fmt](path, root)
-    if not pairs:
-        raise ValueError(f"no image-caption pairs found in {path} (read as {fmt})")
-    return pairs
+    if not pairs and fmt == "folder":
+        raise ValueError(f"no image with a sidecar .txt caption file in folder {path}")
+    return pairs  # a file may hold no pairs: write_pairs_tsv([]) must read back
 
 
 def write_pairs_tsv(pairs: Iterable[Pair], path: Path) -> None:

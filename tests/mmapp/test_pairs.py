@@ -173,9 +173,12 @@ def test_unknown_format_and_empty_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown pairs format 'xml'"):
         read_pairs(odd, fmt="xml")
     empty = tmp_path / "empty.tsv"
-    empty.write_text("# nothing yet\n")
-    with pytest.raises(ValueError, match="no image-caption pairs"):
-        read_pairs(empty)
+    write_pairs_tsv([], empty)
+    assert read_pairs(empty) == []
+    (tmp_path / "no_captions").mkdir()
+    _image(tmp_path / "no_captions" / "a.png")
+    with pytest.raises(ValueError, match="no image with a sidecar .txt"):
+        read_pairs(tmp_path / "no_captions")
 
 
 def test_write_pairs_tsv_round_trips_with_relative_paths(images: Path, tmp_path: Path) -> None:

@@ -5,13 +5,11 @@ No database and no UI here.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import subprocess
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,13 +45,11 @@ def code_version() -> str:
 
 def import_openclipart(config: Config, *, progress: bool = True) -> dict[str, Path]:
     """Fetch (apt) and filter the Open Clip Art corpus; write train/val/test TSVs and items.jsonl."""
-    from mmapp.data.openclipart import ensure_openclipart, load_openclipart, split_of
+    from mmapp.data.openclipart import ensure_openclipart, load_openclipart
 
     root = ensure_openclipart(config.storage.home / "corpus" / "openclipart", progress=progress)
-    items, report = load_openclipart(root, progress=progress)
     # ~2.5k drawings survive the filters; a held-out test split of >= 1000 pairs needs ~45% of them.
-    items = [dataclasses.replace(i, split=split_of(i.title, val=VAL_FRACTION, test=TEST_FRACTION)) for i in items]
-    report.splits = Counter(i.split for i in items)
+    items, report = load_openclipart(root, val=VAL_FRACTION, test=TEST_FRACTION, progress=progress)
     out = dataset_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -1,0 +1,870 @@
+"""The web app: composition root (``main``) and the Gradio page it serves.
+
+``main()`` reads the config, opens the feedback database and the upload store, builds the
+predictor (and the bootstrap model on a fresh machine), builds the page with :func:`build_app`
+and launches it. Importing this module does nothing but define things: tests call
+``build_app(config, predictor, engine, blobstore)`` and launch it in-process.
+
+Layout of this file: services the handlers use (no Gradio), then one ``build_*`` function per tab
+(components + named handlers + events), then launch options and ``main``.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # fresh machine: install what is missing before the imports below need it
+    from mmapp.environment import ensure_installed
+
+    ensure_installed()
+
+import argparse
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from feedback_db.blobstore import BlobStore
+from feedback_db.engine import init_db, make_engine, retry_on_busy
+from feedback_db.export import EXPORT_FORMATS, export_feedback
+from feedback_db.models import Correction
+from feedback_db import repository as repo
+from mmapp.config import Config, load_config
+from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
+from mmapp.model_store import BRIDGE, ModelStore
+from mmapp.predictor import CaptionResult, MemeResult, Predictor
+
+log = logging.getLogger("mmapp.app")
+
+MODEL_EVENTS = "model"  # concurrency_id shared by every event that runs the towers
+FEEDBACK_EVENTS = "feedback"  # concurrency_id of the database writes
+FEEDBACK_CONCURRENCY = 8  # SQLite serialises writers itself (BEGIN IMMEDIATE + busy timeout)
+RELOAD_POLL_S = 5.0  # the registry's current version is read at most this often
+PREVIEW_SIDE = 640  # longest side of the image shown back to the user
+EXPORT_LABELS = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSONL", "hf": "Hugging Face datasets"}
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,96}")
+
+
+class UserInputError(ValueError):
+    """A problem the user can fix; shown in the page as a ``gr.Error`` with this message."""
+
+
+# ---- services: what the handlers call (no Gradio here) ------------------------------------------
+
+class ModelWatcher:
+    """Follows the registry's current model version and hot-swaps the predictor when it changes.
+
+    ``maybe_reload()`` runs before each model request; it reads the database at most every
+    ``interval_s`` seconds, and only one request at a time does the check (the others go on with
+    the model they have). A version that fails to load is logged and the old one keeps serving.
+    """
+
+    def __init__(self, predictor: Predictor, engine: Engine, *, interval_s: float = RELOAD_POLL_S,
+                 on_reload: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.predictor = predictor
+        self.engine = engine.execution_options(sqlite_begin="DEFERRED")
+        self.interval_s = interval_s
+        self.on_reload = on_reload
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._failed: set[str] = set()
+
+    def wanted_version(self) -> str | None:
+        with Session(self.engine) as s, s.begin():
+            row = repo.current_version(s)
+            return row.version if row is not None else None
+
+    def maybe_reload(self) -> None:
+        if self.clock() - self._checked_at < self.interval_s or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._checked_at = self.clock()
+            wanted = self.wanted_version()
+            if wanted is None or wanted == self.predictor.version or wanted in self._failed:
+                return
+            started = time.perf_counter()
+            try:
+                self.predictor.load_version(wanted)
+            except Exception:
+                self._failed.add(wanted)
+                log.exception("could not load model version %r; still serving %r", wanted, self.predictor.version)
+                return
+            log.info("now serving model version %r (loaded in %.1f s)", wanted, time.perf_counter() - started)
+            if self.on_reload is not None:
+                self.on_reload(wanted)
+        except Exception:  # a database hiccup must not fail the user's request
+            log.exception("model version check failed")
+        finally:
+            self._lock.release()
+
+
+@dataclass
+class StoredPrediction:
+    prediction_id: int
+    request_id: str
+    relpath: str
+    db_ms: float
+
+
+@dataclass
+class AppServices:
+    """Everything the handlers need, injected once by :func:`build_app`."""
+
+    config: Config
+    predictor: Predictor
+    engine: Engine
+    blobstore: BlobStore
+    watcher: ModelWatcher
+    exports_dir: Path
+    limits: ImageLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = image_limits(self.config)
+        self.read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+
+    # -- inputs --
+    def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
+        name = Path(path).name
+        try:
+            return load_image(Path(path), limits=self.limits, name=name)
+        except ImageDecodeError as exc:
+            raise UserInputError(str(exc)) from exc
+
+    def decode_stored(self, relpath: str) -> DecodedImage:
+        return load_image(self.blobstore.path(relpath), limits=self.limits, name=relpath)
+
+    def check_text(self, text: str | None, what: str) -> str:
+        text = text or ""
+        if len(text) > self.config.app.max_text_chars:
+            raise UserInputError(f"The {what} is {len(text):,} characters long; the limit is "
+                                 f"{self.config.app.max_text_chars:,}. Please shorten it.")
+        return text
+
+    # -- writes --
+    def store_prediction(self, decoded: DecodedImage, *, request_id: str, kind: str, outputs: dict[str, Any],
+                         latency_ms: float, stage_ms: dict[str, float], embedding_ref: str, model_version: str,
+                         session: dict, input_text: str | None = None, ablation: str | None = None) -> StoredPrediction:
+        """Copy the upload into the blob store, then write its upload and prediction rows in one transaction."""
+        started = time.perf_counter()
+        sha256, relpath = self.blobstore.put(decoded.data, _FORMAT_EXT.get(decoded.format, decoded.format.lower()))
+        width, height = decoded.original_size
+
+        def transaction() -> int:
+            with Session(self.engine) as s, s.begin():
+                repo.record_upload(s, sha256=sha256, relpath=relpath, format=_FORMAT_EXT.get(decoded.format, "bin"),
+                                   width=width, height=height, n_bytes=len(decoded.data))
+                row = repo.record_prediction(
+                    s, request_id=request_id, kind=kind, image_sha256=sha256, model_version=model_version,
+                    outputs=outputs, latency_ms=latency_ms, session_id=session["session_id"],
+                    user=session.get("operator"), input_text=input_text, ablation=ablation,
+                    stage_ms=stage_ms, embedding_ref=embedding_ref[:255])
+                return row.id
+
+        try:
+            prediction_id = retry_on_busy(transaction)
+        except ValueError as exc:  # a request id reused for another image, and similar client mistakes
+            raise UserInputError(str(exc)) from exc
+        return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3)
+
+    def store_feedback(self, *, prediction_id: int, request_id: str, session: dict, scores: dict[str, int | None],
+                       comment: str | None, corrections: dict[str, str]) -> dict[str, Any]:
+        """Rating and corrections of one prediction, all or nothing; a repeated ``request_id`` stores nothing new."""
+        has_scores = any(v is not None for v in scores.values())
+
+        def transaction() -> dict[str, Any]:
+            with Session(self.engine) as s, s.begin():
+                saved: dict[str, Any] = {}
+                if has_scores or comment:
+                    rating = repo.record_rating(s, request_id=f"{request_id}:rating", prediction_id=prediction_id,
+                                                session_id=session["session_id"], user=session.get("operator"),
+                                                comment=comment or None, **scores)
+                    saved["rating_id"] = rating.id
+                for fld, value in corrections.items():
+                    row = repo.record_correction(s, request_id=f"{request_id}:{fld}", prediction_id=prediction_id,
+                                                 field=fld, value=value, session_id=session["session_id"],
+                                                 user=session.get("operator"))
+                    saved[f"{fld}_correction_id"] = row.id
+                return saved
+
+        try:
+            return retry_on_busy(transaction)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from exc
+
+    def read(self, query: Callable[[Session], Any]) -> Any:
+        with Session(self.read_engine) as s, s.begin():
+            return query(s)
+
+
+def image_limits(config: Config) -> ImageLimits:
+    return ImageLimits(max_bytes=config.app.max_upload_mb * 2**20, max_pixels=config.app.max_image_pixels)
+
+
+def new_session() -> dict[str, Any]:
+    """Per-browser-session data: an anonymous id (never an IP) and the operator name once logged in."""
+    return {"session_id": uuid.uuid4().hex, "operator": None}
+
+
+def request_id_or_new(value: str | None) -> str:
+    """A client-supplied idempotency key, or a fresh one when the client sent none."""
+    value = (value or "").strip()
+    if not value:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(value):
+        raise UserInputError(f"request id must be 1-96 characters from A-Z a-z 0-9 . _ : -, got {value[:40]!r}")
+    return value
+
+
+def feedback_request_id(explicit: str | None, result: dict, form: dict[str, Any]) -> str:
+    """The explicit key, else one derived from the result and the form: a double click or a retry of
+    the same form maps to the same key (stored once); a changed form is a new submission."""
+    if (explicit or "").strip():
+        return request_id_or_new(explicit)
+    digest = hashlib.sha256(json.dumps(form, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{result['feedback_id']}-{digest}"
+
+
+def score_or_none(value: float | int | None) -> int | None:
+    """Slider value -> 1..5, or None for 0 ("not rated")."""
+    if value is None:
+        return None
+    score = int(round(float(value)))
+    if not 0 <= score <= 5:
+        raise UserInputError(f"ratings go from 1 to 5 (0 = not rated), got {value!r}")
+    return score or None
+
+
+def preview_image(decoded: DecodedImage) -> Image.Image:
+    image = decoded.image.copy()
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return image
+
+
+def model_ready_for_memes(predictor: Predictor) -> None:
+    if not predictor.labels:
+        raise UserInputError(f"Meme analysis needs a trained model version; this server runs {predictor.version!r}. "
+                             "Start it with `python app.py`, which builds the bootstrap model.")
+
+
+def ablation_from_toggles(use_image: bool, use_text: bool) -> str | None:
+    if not use_image and not use_text:
+        raise UserInputError("Keep at least one of 'use image' and 'use text' checked.")
+    return "image" if not use_image else "text" if not use_text else None
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn problems the user can fix into ``gr.Error`` (a clear message in the page, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+
+    return wrapper
+
+
+def served_version_sha256(store: ModelStore, version: str) -> str:
+    digest = hashlib.sha256()
+    with open(store.path(version) / "weights.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def register_served_version(engine: Engine, store: ModelStore, version: str) -> None:
+    """Make the registry agree with what this server starts with when the registry has no current version."""
+    if version == BRIDGE:
+        return
+    with Session(engine) as s, s.begin():
+        if repo.current_version(s) is not None:
+            return
+        meta = json.loads((store.path(version) / "meta.json").read_text())
+        repo.register_version(s, version=version, path=str(store.path(version)),
+                              sha256=served_version_sha256(store, version),
+                              metrics=meta.get("metrics") or {}, manifest={"encoders": meta.get("encoders"),
+                                                                            "code_version": meta.get("code_version")})
+        repo.promote(s, version)
+
+
+def accepted_caption_corrections(engine: Engine) -> list[tuple[str, str]]:
+    """Caption corrections a retrain accepted ('used'): they join the caption bank."""
+    with Session(engine.execution_options(sqlite_begin="DEFERRED")) as s, s.begin():
+        rows = s.scalars(select(Correction.value).where(Correction.field == "caption", Correction.status == "used"))
+        return [(value, "correction") for value in dict.fromkeys(rows)]
+
+
+# ---- formatting of results -------------------------------------------------------------------
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.0f}%"
+
+
+def confidence_markdown(result: CaptionResult) -> str:
+    text = f"**Confidence: {_pct(result.confidence)}** · from the {result.source} captions · model `{result.model_version}`"
+    if result.low_confidence:
+        text += ("\n\n⚠️ **Low confidence** — the model found no caption that fits this image well. "
+                 "Treat the caption as a guess and please correct it below.")
+    return text
+
+
+def meme_verdict_markdown(result: MemeResult) -> str:
+    """The prediction under the chosen ablation, and what removing each modality changes."""
+    chosen = {None: result.fused, "image": result.text_only or result.fused, "text": result.image_only}[result.ablation]
+    where = {None: "with image and text", "image": "without the image (text only)",
+             "text": "without the text (image only)"}[result.ablation]
+    lines = [f"### Prediction {where}: **{result.label}** ({_pct(chosen[result.label])})"]
+    top = max(result.fused, key=result.fused.get)
+    p_top = result.fused[top]
+    lines.append(f"With both modalities the top label is **{top}** ({_pct(p_top)}).")
+    for name, probs, missing in (("the image", result.text_only, "no text was found"),
+                                 ("the text", result.image_only, "")):
+        if not probs:
+            lines.append(f"- Removing {name}: nothing left to predict from ({missing}).")
+            continue
+        new_top = max(probs, key=probs.get)
+        change = f"top label becomes **{new_top}**" if new_top != top else f"top label stays **{top}**"
+        lines.append(f"- Removing {name}: P({top}) {_pct(p_top)} → {_pct(probs[top])} "
+                     f"({100 * (probs[top] - p_top):+.0f} pts); {change}.")
+    if not result.text.strip():
+        lines.append("\n_No text was found in the image: type the meme's text in the box above and press Enter._")
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=columns)
+    for col in frame.columns:
+        if frame[col].map(lambda v: hasattr(v, "isoformat")).any():
+            frame[col] = frame[col].map(lambda v: v.strftime("%Y-%m-%d %H:%M:%S") if hasattr(v, "strftime") else v)
+    return frame.astype(object).where(frame.notna(), "")
+
+
+PREDICTION_COLUMNS = ["id", "created_at", "kind", "output", "input_text", "ablation", "model_version", "latency_ms",
+                      "n_ratings", "n_corrections", "session_id", "user"]
+FEEDBACK_COLUMNS = ["created_at", "type", "id", "prediction_id", "kind", "coherence", "relevance", "detail",
+                    "comment", "field", "value", "status", "session_id", "user"]
+
+
+# ---- the page ------------------------------------------------------------------------------------
+
+HEADER = """# mmapp
+Caption images, analyse memes, and teach the model: every rating and correction you submit is stored
+and used to retrain it. No IP address is stored; you are an anonymous session."""
+
+CSS = """
+#retrain-controls {border: 1px dashed var(--border-color-primary); border-radius: 8px; padding: 8px;}
+.status-line p {margin: 0;}
+"""
+
+
+def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: BlobStore, *,
+              watcher: ModelWatcher | None = None) -> gr.Blocks:
+    """The whole page, wired to the injected services; call ``.launch(**launch_options(config))`` on it."""
+    exports_dir = config.storage.home / "exports"
+    services = AppServices(config=config, predictor=predictor, engine=engine, blobstore=blobstore,
+                           watcher=watcher or ModelWatcher(predictor, engine), exports_dir=exports_dir)
+    with gr.Blocks(title="mmapp", analytics_enabled=False, delete_cache=(60, 180)) as demo:
+        session = gr.State(new_session)
+        gr.Markdown(HEADER)
+        with gr.Tabs():
+            with gr.Tab("Caption", id="caption"):
+                build_caption_tab(services, session)
+            with gr.Tab("Meme", id="meme"):
+                build_meme_tab(services, session)
+            with gr.Tab("Operator", id="operator"):
+                build_operator_tab(services, session)
+    demo.queue(default_concurrency_limit=config.app.concurrency_limit)
+    return demo
+
+
+def _model_event(services: AppServices) -> dict[str, Any]:
+    return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": services.config.app.concurrency_limit}
+
+
+_FEEDBACK_EVENT = {"concurrency_id": FEEDBACK_EVENTS, "concurrency_limit": FEEDBACK_CONCURRENCY}
+
+
+def _rating_sliders() -> tuple[gr.Slider, gr.Slider, gr.Slider]:
+    with gr.Row():
+        return tuple(gr.Slider(0, 5, value=0, step=1, label=name, info="1 = poor … 5 = excellent; 0 = not rated")
+                     for name in ("Coherence", "Relevance", "Detail"))
+
+
+def _upload_widgets(label: str) -> tuple[gr.File, gr.Image]:
+    upload = gr.File(label=label, file_types=["image"], type="filepath", height=120)
+    preview = gr.Image(label="Your image", type="pil", interactive=False, height=320, buttons=[])
+    return upload, preview
+
+
+# -- caption tab --
+
+def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    ui.result = gr.State(None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            ui.upload, ui.preview = _upload_widgets("Upload an image (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+            ui.request_id = gr.Textbox("", visible=False, label="request id")
+        with gr.Column(scale=1):
+            ui.caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption-text")
+            ui.confidence = gr.Markdown(elem_id="caption-confidence")
+            ui.alternatives = gr.Label(label="Alternatives", num_top_classes=3, show_heading=False)
+            with gr.Accordion("Details", open=False):
+                ui.details = gr.JSON(label="Result")
+    with gr.Group():
+        gr.Markdown("#### Rate and correct this caption")
+        ui.coherence, ui.relevance, ui.detail = _rating_sliders()
+        ui.corrected = gr.Textbox(label="Corrected caption", placeholder="Edit the caption if it is wrong",
+                                  max_length=services.config.app.max_text_chars, elem_id="caption-corrected")
+        ui.comment = gr.Textbox(label="Comment (optional)", lines=2, max_length=services.config.app.max_text_chars)
+        ui.feedback_request_id = gr.Textbox("", visible=False, label="feedback request id")
+        with gr.Row():
+            ui.submit = gr.Button("Submit feedback", variant="primary", elem_id="caption-submit")
+            ui.clear = gr.Button("Clear", variant="secondary")
+        ui.status = gr.Markdown(elem_id="caption-status", elem_classes="status-line")
+
+    predictor = services.predictor
+
+    @user_errors
+    def caption_image(upload: str | None, request_id: str | None, session_data: dict):
+        if not upload:
+            raise UserInputError("Choose an image to upload first.")
+        services.watcher.maybe_reload()
+        request_id = request_id_or_new(request_id)
+        started = time.perf_counter()
+        decoded = services.decode_upload(upload)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        result = predictor.caption(decoded)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        stage_ms = {"decode": decode_ms, **result.timings_ms}
+        stored = services.store_prediction(
+            decoded, request_id=request_id, kind="caption", latency_ms=latency_ms, stage_ms=stage_ms,
+            outputs={"caption": result.caption, "alternatives": result.alternatives, "confidence": result.confidence,
+                     "low_confidence": result.low_confidence, "source": result.source},
+            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data)
+        state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+                 "relpath": stored.relpath, "caption": result.caption}
+        details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
+                   "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
+        return {ui.preview: preview_image(decoded), ui.caption: result.caption,
+                ui.confidence: confidence_markdown(result),
+                ui.alternatives: {text: conf for text, conf in result.alternatives},
+                ui.details: details, ui.result: state, ui.upload: None, ui.corrected: result.caption,
+                ui.coherence: 0, ui.relevance: 0, ui.detail: 0, ui.comment: "", ui.status: ""}
+
+    @user_errors
+    def submit_caption_feedback(coherence, relevance, detail, corrected: str, comment: str, request_id: str,
+                                result: dict | None, session_data: dict):
+        if not result:
+            raise UserInputError("Upload an image first: there is no caption to rate yet.")
+        corrected = " ".join(services.check_text(corrected, "corrected caption").split())
+        comment = services.check_text(comment, "comment").strip()
+        scores = {"coherence": score_or_none(coherence), "relevance": score_or_none(relevance),
+                  "detail": score_or_none(detail)}
+        corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
+        if not corrections and not comment and all(v is None for v in scores.values()):
+            raise UserInputError("Nothing to save yet: move a rating slider, correct the caption or write a comment.")
+        key = feedback_request_id(request_id, result, {**scores, "comment": comment, **corrections})
+        saved = services.store_feedback(prediction_id=result["prediction_id"], request_id=key, session=session_data,
+                                        scores=scores, comment=comment, corrections=corrections)
+        return {ui.status: saved_markdown(saved)}
+
+    def clear_caption():
+        return {ui.preview: None, ui.caption: "", ui.confidence: "", ui.alternatives: None, ui.details: None,
+                ui.result: None, ui.upload: None, ui.corrected: "", ui.comment: "", ui.status: "",
+                ui.coherence: 0, ui.relevance: 0, ui.detail: 0}
+
+    outputs = [ui.preview, ui.caption, ui.confidence, ui.alternatives, ui.details, ui.result, ui.upload,
+               ui.corrected, ui.coherence, ui.relevance, ui.detail, ui.comment, ui.status]
+    ui.upload.upload(caption_image, [ui.upload, ui.request_id, session], outputs, api_name="caption",
+                     **_model_event(services))
+    ui.submit.click(submit_caption_feedback,
+                    [ui.coherence, ui.relevance, ui.detail, ui.corrected, ui.comment, ui.feedback_request_id,
+                     ui.result, session],
+                    [ui.status], api_name="rate_caption", **_FEEDBACK_EVENT)
+    ui.clear.click(clear_caption, None, outputs, api_name="clear_caption", queue=False)
+    return ui
+
+
+def saved_markdown(saved: dict[str, Any]) -> str:
+    parts = []
+    if "rating_id" in saved:
+        parts.append(f"rating #{saved['rating_id']}")
+    parts += [f"{key.removesuffix('_correction_id').replace('_', ' ')} correction #{value}"
+              for key, value in saved.items() if key.endswith("_correction_id")]
+    return f"✅ **Saved** — thank you! ({', '.join(parts)})"
+
+
+# -- meme tab --
+
+def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    predictor = services.predictor
+    max_chars = services.config.app.max_text_chars
+    ui.result = gr.State(None)
+    gr.Markdown("The meme model was trained on a synthetic set (text rendered on clip art, see `docs/memes.md`): "
+                "its scores show what the model learned, not real-world accuracy.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            ui.upload, ui.preview = _upload_widgets("Upload a meme")
+            ui.request_id = gr.Textbox("", visible=False, label="request id")
+        with gr.Column(scale=1):
+            ui.text = gr.Textbox(label="Text in the meme (OCR) — edit it and press Enter to re-analyse", lines=2,
+                                 max_lines=6, max_length=max_chars, elem_id="meme-text")
+            with gr.Row():
+                ui.use_image = gr.Checkbox(value=True, label="use image", elem_id="use-image")
+                ui.use_text = gr.Checkbox(value=True, label="use text", elem_id="use-text")
+                ui.reanalyze = gr.Button("Re-analyse", size="sm")
+            ui.verdict = gr.Markdown(elem_id="meme-verdict")
+    with gr.Row():
+        ui.fused = gr.Label(label="Fused (image + text)", elem_id="label-fused")
+        ui.image_only = gr.Label(label="Image only", elem_id="label-image-only")
+        ui.text_only = gr.Label(label="Text only", elem_id="label-text-only")
+    with gr.Accordion("Details", open=False):
+        ui.details = gr.JSON(label="Result")
+    with gr.Group():
+        gr.Markdown("#### Rate and correct this analysis")
+        ui.coherence, ui.relevance, ui.detail = _rating_sliders()
+        with gr.Row():
+            ui.corrected_text = gr.Textbox(label="Corrected text", max_length=max_chars, scale=2,
+                                           elem_id="meme-corrected-text")
+            ui.corrected_label = gr.Dropdown(choices=list(predictor.labels), value=None, label="Correct label",
+                                             scale=1, elem_id="meme-corrected-label")
+        ui.comment = gr.Textbox(label="Comment (optional)", lines=2, max_length=max_chars)
+        ui.feedback_request_id = gr.Textbox("", visible=False, label="feedback request id")
+        with gr.Row():
+            ui.submit = gr.Button("Submit feedback", variant="primary", elem_id="meme-submit")
+            ui.clear = gr.Button("Clear", variant="secondary")
+        ui.status = gr.Markdown(elem_id="meme-status", elem_classes="status-line")
+
+    def analyse(decoded: DecodedImage, text: str | None, ablate: str | None, request_id: str,
+                session_data: dict, started: float, decode_ms: float, previous: dict | None):
+        result = predictor.analyze_meme(decoded, text, ablate=ablate)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        ocr_text = result.ocr_text if result.ocr_text is not None else (previous or {}).get("ocr_text", "")
+        stage_ms = {"decode": decode_ms, **result.timings_ms}
+        stored = services.store_prediction(
+            decoded, request_id=request_id, kind="meme", latency_ms=latency_ms, stage_ms=stage_ms,
+            outputs={"label": result.label, "fused": result.fused, "image_only": result.image_only,
+                     "text_only": result.text_only, "deltas": result.deltas, "ocr_text": ocr_text},
+            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data,
+            input_text=result.text, ablation=ablate)
+        state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+                 "relpath": stored.relpath, "ocr_text": ocr_text, "text": result.text, "label": result.label}
+        details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
+                   "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
+        return {ui.text: result.text, ui.verdict: meme_verdict_markdown(result), ui.fused: result.fused,
+                ui.image_only: result.image_only, ui.text_only: result.text_only or None, ui.details: details,
+                ui.result: state, ui.corrected_text: result.text,
+                ui.corrected_label: gr.Dropdown(choices=list(result.labels), value=None),
+                ui.coherence: 0, ui.relevance: 0, ui.detail: 0, ui.comment: "", ui.status: ""}
+
+    @user_errors
+    def analyze_meme(upload: str | None, use_image: bool, use_text: bool, request_id: str | None,
+                     session_data: dict):
+        if not upload:
+            raise UserInputError("Choose a meme image to upload first.")
+        ablate = ablation_from_toggles(use_image, use_text)
+        services.watcher.maybe_reload()
+        model_ready_for_memes(predictor)
+        request_id = request_id_or_new(request_id)
+        started = time.perf_counter()
+        decoded = services.decode_upload(upload)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        if ablate == "image" and not predictor.read_text(decoded).strip():  # OCR is cached: analyse reuses it
+            raise UserInputError("No text was found in this meme, so there is nothing to analyse without the image. "
+                                 "Keep 'use image' checked, or type the text and re-analyse.")
+        out = analyse(decoded, None, ablate, request_id, session_data, started, decode_ms, None)
+        return {**out, ui.preview: preview_image(decoded), ui.upload: None}
+
+    @user_errors
+    def reanalyze_meme(text: str, use_image: bool, use_text: bool, request_id: str | None, result: dict | None,
+                       session_data: dict):
+        if not result:
+            raise UserInputError("Upload a meme first.")
+        ablate = ablation_from_toggles(use_image, use_text)
+        text = services.check_text(text, "meme text").strip()
+        if ablate == "image" and not text:
+            raise UserInputError("Without the image there is nothing left to analyse: the meme text is empty. "
+                                 "Type the meme's text or keep 'use image' checked.")
+        services.watcher.maybe_reload()
+        model_ready_for_memes(predictor)
+        request_id = request_id_or_new(request_id)
+        started = time.perf_counter()
+        decoded = services.decode_stored(result["relpath"])
+        decode_ms = (time.perf_counter() - started) * 1e3
+        return analyse(decoded, text, ablate, request_id, session_data, started, decode_ms, result)
+
+    @user_errors
+    def submit_meme_feedback(coherence, relevance, detail, corrected_text: str, corrected_label: str | None,
+                             comment: str, request_id: str, result: dict | None, session_data: dict):
+        if not result:
+            raise UserInputError("Upload a meme first: there is no analysis to rate yet.")
+        corrected_text = " ".join(services.check_text(corrected_text, "corrected text").split())
+        comment = services.check_text(comment, "comment").strip()
+        scores = {"coherence": score_or_none(coherence), "relevance": score_or_none(relevance),
+                  "detail": score_or_none(detail)}
+        corrections = {}
+        if corrected_text and corrected_text != " ".join((result.get("ocr_text") or "").split()):
+            corrections["ocr_text"] = corrected_text
+        if corrected_label:
+            if corrected_label not in predictor.labels:
+                raise UserInputError(f"unknown label {corrected_label!r}; choose one of {list(predictor.labels)}")
+            corrections["label"] = corrected_label
+        if not corrections and not comment and all(v is None for v in scores.values()):
+            raise UserInputError("Nothing to save yet: move a rating slider, correct the text or label, "
+                                 "or write a comment.")
+        key = feedback_request_id(request_id, result, {**scores, "comment": comment, **corrections})
+        saved = services.store_feedback(prediction_id=result["prediction_id"], request_id=key, session=session_data,
+                                        scores=scores, comment=comment, corrections=corrections)
+        return {ui.status: saved_markdown(saved)}
+
+    def clear_meme():
+        return {ui.preview: None, ui.text: "", ui.verdict: "", ui.fused: None, ui.image_only: None,
+                ui.text_only: None, ui.details: None, ui.result: None, ui.upload: None, ui.corrected_text: "",
+                ui.corrected_label: None, ui.comment: "", ui.status: "", ui.coherence: 0, ui.relevance: 0,
+                ui.detail: 0, ui.use_image: True, ui.use_text: True}
+
+    analysis_outputs = [ui.text, ui.verdict, ui.fused, ui.image_only, ui.text_only, ui.details, ui.result,
+                        ui.corrected_text, ui.corrected_label, ui.coherence, ui.relevance, ui.detail, ui.comment,
+                        ui.status]
+    ui.upload.upload(analyze_meme, [ui.upload, ui.use_image, ui.use_text, ui.request_id, session],
+                     analysis_outputs + [ui.preview, ui.upload], api_name="analyze_meme", **_model_event(services))
+    gr.on([ui.text.submit, ui.reanalyze.click, ui.use_image.input, ui.use_text.input], reanalyze_meme,
+          [ui.text, ui.use_image, ui.use_text, ui.request_id, ui.result, session], analysis_outputs,
+          api_name="reanalyze_meme", trigger_mode="always_last", **_model_event(services))
+    ui.submit.click(submit_meme_feedback,
+                    [ui.coherence, ui.relevance, ui.detail, ui.corrected_text, ui.corrected_label, ui.comment,
+                     ui.feedback_request_id, ui.result, session],
+                    [ui.status], api_name="rate_meme", **_FEEDBACK_EVENT)
+    ui.clear.click(clear_meme, None, analysis_outputs + [ui.preview, ui.upload, ui.use_image, ui.use_text],
+                   api_name="clear_meme", queue=False)
+    return ui
+
+
+# -- operator tab --
+
+def operator_credentials_configured(config: Config) -> bool:
+    return bool(config.app.operator_user and config.app.operator_password)
+
+
+def check_operator_login(config: Config, user: str, password: str) -> bool:
+    if not operator_credentials_configured(config):
+        return False
+    # Compare both fields in constant time, always both, so timing says nothing about which one was wrong.
+    ok_user = hmac.compare_digest((user or "").encode(), config.app.operator_user.encode())
+    ok_password = hmac.compare_digest((password or "").encode(), config.app.operator_password.encode())
+    return ok_user and ok_password
+
+
+def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    config = services.config
+    enabled = operator_credentials_configured(config)
+    with gr.Column(visible=True) as ui.login_box:
+        if enabled:
+            gr.Markdown("### Operator login\nRecent predictions and feedback, counts and exports.")
+        else:
+            gr.Markdown("### Operator page disabled\n⚠️ No operator credentials are configured on this server. "
+                        "Set `MMAPP_OPERATOR_USER` and `MMAPP_OPERATOR_PASSWORD` and restart to enable it.")
+        with gr.Row():
+            ui.user = gr.Textbox(label="User", interactive=enabled, scale=1)
+            ui.password = gr.Textbox(label="Password", type="password", interactive=enabled, scale=1)
+        ui.login = gr.Button("Log in", variant="primary", interactive=enabled)
+        ui.login_status = gr.Markdown()
+    with gr.Column(visible=False) as ui.panel:
+        with gr.Row():
+            ui.version = gr.Markdown(elem_id="operator-version")
+            ui.refresh = gr.Button("Refresh", size="sm", scale=0)
+            ui.logout = gr.Button("Log out", size="sm", scale=0)
+        with gr.Row():
+            ui.per_day = gr.Dataframe(label="Counts per day (UTC, last 14 days)", interactive=False, max_height=320)
+            ui.per_label = gr.Dataframe(label="Meme predictions per predicted / corrected label", interactive=False,
+                                        max_height=320)
+        ui.predictions = gr.Dataframe(label="Recent predictions", interactive=False, max_height=400, wrap=True)
+        ui.feedback = gr.Dataframe(label="Recent feedback", interactive=False, max_height=400, wrap=True)
+        with gr.Group():
+            gr.Markdown("#### Export feedback and images")
+            with gr.Row():
+                ui.export_format = gr.Radio([(label, fmt) for fmt, label in EXPORT_LABELS.items()], value="csv",
+                                            label="Format", scale=2)
+                ui.export = gr.Button("Export (zip)", scale=1)
+            ui.export_file = gr.File(label="Download", interactive=False)
+        with gr.Column(elem_id="retrain-controls") as ui.retrain_column:
+            build_retrain_controls(services, session)
+
+    def operator_tables() -> dict:
+        predictor = services.predictor
+
+        def query(s: Session) -> dict:
+            row = repo.current_version(s)
+            return {"predictions": repo.recent_predictions(s, 50), "feedback": repo.recent_feedback(s, 50),
+                    "per_day": repo.counts_per_day(s, 14), "per_label": repo.counts_per_label(s),
+                    "registry": row.version if row else None}
+
+        data = services.read(query)
+        version = (f"**Model version served:** `{predictor.version}` · registry current: "
+                   f"`{data['registry'] or 'none'}` · labels: {', '.join(predictor.labels) or '—'}")
+        return {ui.version: version,
+                ui.predictions: _table(data["predictions"], PREDICTION_COLUMNS),
+                ui.feedback: _table(data["feedback"], FEEDBACK_COLUMNS),
+                ui.per_day: _table(list(reversed(data["per_day"])), ["day", "predictions", "ratings", "corrections"]),
+                ui.per_label: _table(data["per_label"], ["predicted_label", "corrected_label", "n"])}
+
+    def require_operator(session_data: dict) -> None:
+        if not session_data.get("operator"):
+            raise UserInputError("Log in as operator first.")
+
+    @user_errors
+    def operator_login(user: str, password: str, session_data: dict):
+        if not enabled:
+            raise UserInputError("Operator login is disabled: no operator credentials are configured on this server.")
+        if not check_operator_login(config, user, password):
+            time.sleep(1.0)  # slows down guessing
+            raise UserInputError("Wrong user or password.")
+        session_data = {**session_data, "operator": user}
+        return {session: session_data, ui.login_box: gr.Column(visible=False), ui.panel: gr.Column(visible=True),
+                ui.password: "", ui.login_status: "", **operator_tables()}
+
+    @user_errors
+    def operator_refresh(session_data: dict):
+        require_operator(session_data)
+        return operator_tables()
+
+    def operator_logout(session_data: dict):
+        return {session: {**session_data, "operator": None}, ui.login_box: gr.Column(visible=True),
+                ui.panel: gr.Column(visible=False), ui.export_file: None}
+
+    @user_errors
+    def operator_export(fmt: str, session_data: dict):
+        require_operator(session_data)
+        if fmt not in EXPORT_FORMATS:
+            raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+        folder = services.read(lambda s: export_feedback(s, services.exports_dir, fmt, services.blobstore))
+        archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+        shutil.rmtree(folder)
+        return {ui.export_file: archive}
+
+    table_outputs = [ui.version, ui.predictions, ui.feedback, ui.per_day, ui.per_label]
+    ui.login.click(operator_login, [ui.user, ui.password, session],
+                   [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
+                   api_name="operator_login", concurrency_limit=4)
+    ui.password.submit(operator_login, [ui.user, ui.password, session],
+                       [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
+                       api_name="operator_login_enter", api_visibility="undocumented", concurrency_limit=4)
+    ui.refresh.click(operator_refresh, [session], table_outputs, api_name="operator_refresh", concurrency_limit=4)
+    ui.logout.click(operator_logout, [session], [session, ui.login_box, ui.panel, ui.export_file],
+                    api_name="operator_logout", queue=False)
+    ui.export.click(operator_export, [ui.export_format, session], [ui.export_file], api_name="operator_export",
+                    concurrency_id="export", concurrency_limit=1)
+    return ui
+
+
+def build_retrain_controls(services: AppServices, session: gr.State) -> None:
+    """Issue 4 plugs in here: trigger a retrain, its progress, reports, rollback (operator only).
+
+    It runs inside the operator panel's ``#retrain-controls`` column; handlers must check
+    ``session.value['operator']`` like the other operator handlers do.
+    """
+    gr.Markdown("#### Retraining\nRetraining controls are not part of this build yet.")
+
+
+# ---- launch ---------------------------------------------------------------------------------------
+
+def launch_options(config: Config) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares."""
+    exports_dir = config.storage.home / "exports"
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
+                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+    return {"server_name": config.app.host, "server_port": config.app.port,
+            "max_file_size": config.app.max_upload_mb * 2**20, "allowed_paths": [str(exports_dir)],
+            "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
+            "show_error": False}
+
+
+def warn_if_no_operator(config: Config) -> None:
+    if operator_credentials_configured(config):
+        return
+    banner = "!" * 78
+    message = ("WARNING: no operator credentials are set, so the Operator page is disabled.\n"
+               "Set MMAPP_OPERATOR_USER and MMAPP_OPERATOR_PASSWORD (or app.operator_user/operator_password).")
+    log.warning("no operator credentials configured; the operator page is disabled")
+    print(f"\n{banner}\n{message}\n{banner}\n", file=sys.stderr, flush=True)
+
+
+def build_predictor(config: Config, engine: Engine) -> Predictor:
+    """The predictor serving the registry's current version; builds the bootstrap model on a fresh machine."""
+    from mmapp.pipeline import bank_from_items, build_bootstrap
+
+    store = ModelStore(config.storage.home / "models")
+    with Session(engine) as s, s.begin():
+        row = repo.current_version(s)
+        registry = row.version if row is not None else None
+    version = registry if registry and store.exists(registry) else store.current()
+    if version is None:
+        print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
+        predictor = Predictor.from_config(config)
+        version, _ = build_bootstrap(config, predictor, progress=True)
+        predictor.load_version(version)
+        predictor.set_caption_bank(bank_from_items(config))
+    else:
+        predictor = Predictor.from_config(config, version=version, caption_bank=bank_from_items(config))
+    register_served_version(engine, store, predictor.version)
+    for caption, source in accepted_caption_corrections(engine):
+        predictor.add_to_caption_bank(caption, source)
+    return predictor
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python app.py", description="Serve the mmapp web page.")
+    parser.add_argument("--host", help="interface to bind (default from config: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default from config: 7860)")
+    parser.add_argument("--profile", help="config profile: offline (default) or clip")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the offline stack never fetches from a hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    config = load_config(args.profile, app=overrides)
+    warn_if_no_operator(config)
+    engine = make_engine(config.storage.resolved_database_url)
+    init_db(engine)
+    blobstore = BlobStore(config.storage.home / "uploads")
+    predictor = build_predictor(config, engine)
+
+    def on_reload(version: str) -> None:
+        for caption, source in accepted_caption_corrections(engine):
+            predictor.add_to_caption_bank(caption, source)
+
+    demo = build_app(config, predictor, engine, blobstore, watcher=ModelWatcher(predictor, engine, on_reload=on_reload))
+    print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}", flush=True)
+    demo.launch(**launch_options(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

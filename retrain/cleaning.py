@@ -21,6 +21,7 @@ LABEL_DISAGREEMENT = "label_disagreement"
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 SIMILARITY_OUTLIER = "similarity_outlier"
+CHANCE_AGREEMENT = "chance_agreement"
 USER_SHARE = "user_share"
 REASONS: dict[str, bool] = {
     NO_QUORUM: False,
@@ -28,6 +29,7 @@ REASONS: dict[str, bool] = {
     EXACT_DUPLICATE: True,
     NEAR_DUPLICATE: True,
     SIMILARITY_OUTLIER: True,
+    CHANCE_AGREEMENT: True,
     USER_SHARE: False,
 }
 KINDS = ("pair", "label")  # pair: image + caption for the joint space; label: meme image + text -> label
@@ -41,6 +43,7 @@ class CleaningConfig:
     max_user_share: float = 0.3  # at most this share of the accepted items may come from one user
     outlier_z: float = -2.5  # robust z of image–text agreement below which a pair is rejected
     near_duplicate_cos: float = 0.98  # image AND text cosine at or above this = near duplicate
+    min_agreement: float = 1.0  # a caption must beat random captions of its image by this many SDs
 
     def __post_init__(self) -> None:
         if self.label_quorum < 1:
@@ -69,7 +72,10 @@ class Candidate:
     label: str | None = None  # label items only
     image_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)  # (D_img,)
     text_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)  # (D_txt,)
-    agreement: float = math.nan  # image–text agreement under the serving model (pairs only)
+    # Image–text agreement under the serving model (pairs only): the pair's score minus the mean
+    # score of the same image with random reference captions, in units of their SD (about 0 for a
+    # random caption).
+    agreement: float = math.nan
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -214,6 +220,15 @@ def flag_similarity_outliers(candidates: Sequence[Candidate], z_threshold: float
     return _apply(candidates, verdict)
 
 
+def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float) -> Split:
+    """Reject pairs whose caption fits its image no better than random captions do (agreement below
+    ``min_agreement``). Unlike :func:`flag_similarity_outliers` this needs no clean majority: a batch
+    made entirely of random captions is caught too."""
+    verdict = {c.item_id: (CHANCE_AGREEMENT, {"agreement": round(c.agreement, 4), "min_agreement": min_agreement})
+               for c in candidates if c.kind == "pair" and math.isfinite(c.agreement) and c.agreement < min_agreement}
+    return _apply(candidates, verdict)
+
+
 def user_quota(counts: Iterable[int], max_share: float) -> int | None:
     """Largest per-user count k with k <= max_share * sum(min(n_u, k)): the most any one user may keep
     so that no user exceeds ``max_share`` of what is kept. None = no cap needed. At least 1, so that
@@ -247,8 +262,9 @@ def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
 
 def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
           reference_agreement: np.ndarray | None = None) -> CleaningResult:
-    """All rules in order: label quorum, exact and near duplicates, agreement outliers, user share.
-    The share cap runs last, so shares are measured over items that are otherwise clean."""
+    """All rules in order: label quorum, exact and near duplicates, agreement outliers (against the
+    other candidates, or ``reference_agreement`` of trusted pairs when given), agreement no better
+    than chance, user share. The share cap runs last, so shares are measured over clean items."""
     ids = [c.item_id for c in candidates]
     if len(set(ids)) != len(ids):
         dupes = [i for i, n in Counter(ids).items() if n > 1]
@@ -258,6 +274,7 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
                  drop_exact_duplicates,
                  lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
                  lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement),
+                 lambda cs: flag_chance_agreement(cs, config.min_agreement),
                  lambda cs: cap_user_share(cs, config.max_user_share)):
         kept, out = rule(kept)
         rejected.extend(out)

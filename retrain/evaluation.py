@@ -1,0 +1,100 @@
+"""Evaluate a model version on the fixed held-out sets and flatten the numbers the gate compares.
+
+Both the candidate and the current model go through :func:`evaluate_model` with the same
+:class:`EvalSets`, so their metrics are comparable item for item. No database, no training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmapp.evaluation import ablation_deltas, classification_metrics
+from mmapp.joint import JointSpace
+from mmapp.training import PairFeatures
+
+from retrain.train import LabelledMemes
+
+BOOTSTRAP_TEST = "bootstrap_test"
+HELDOUT_PAIRS = "heldout_corrections"
+MEMES = "memes"
+HELDOUT_LABELS = "heldout_labels"
+TARGET_PAIRS = f"{HELDOUT_PAIRS}.mean_R@1"  # what caption corrections should raise
+TARGET_LABELS = f"{HELDOUT_LABELS}.macro_f1"  # what label corrections should raise
+_DIRECTIONS = {"i2t": "image_to_text", "t2i": "text_to_image"}
+
+
+@dataclass
+class EvalSets:
+    bootstrap_test: PairFeatures  # the bootstrap corpus' test split
+    heldout_pairs: PairFeatures | None = None  # users' held-out pairs (clean)
+    memes_test: LabelledMemes | None = None  # the bootstrap meme set's test split
+    heldout_labels: LabelledMemes | None = None  # users' held-out label corrections (clean)
+    extra: dict[str, PairFeatures] | None = None  # more retrieval sets to report (not gated)
+
+
+def retrieval(space: JointSpace, feats: PairFeatures, *, n_bootstrap: int, max_images: int = 1000) -> dict:
+    from mmapp.pipeline import evaluate_retrieval
+
+    return evaluate_retrieval(space, feats, max_images=max_images, n_bootstrap=n_bootstrap)
+
+
+def memes_metrics(head: torch.nn.Module, memes: LabelledMemes, labels: list[str], *, n_bootstrap: int) -> dict:
+    """Macro-F1/AUROC fused, image-only and text-only, and the ablation deltas between them."""
+    y = memes.labels.numpy()
+    out = {}
+    head.eval()
+    with torch.inference_mode():
+        for mode, (img, txt) in {"fused": (memes.image, memes.text), "image_only": (memes.image, None),
+                                 "text_only": (None, memes.text)}.items():
+            probs = head(img, txt).logits.softmax(-1).numpy()
+            out[mode] = classification_metrics(probs, y, labels, n_bootstrap=n_bootstrap)
+    out["ablation"] = ablation_deltas(out)
+    out["n"] = len(y)
+    return out
+
+
+def evaluate_model(space: JointSpace, head: torch.nn.Module | None, labels: list[str], sets: EvalSets, *,
+                   n_bootstrap: int = 1000) -> dict:
+    """Nested metrics (with bootstrap intervals) for one model on every set that exists."""
+    out: dict = {BOOTSTRAP_TEST: retrieval(space, sets.bootstrap_test, n_bootstrap=n_bootstrap)}
+    if sets.heldout_pairs is not None and sets.heldout_pairs.image_features.shape[0] >= 2:
+        out[HELDOUT_PAIRS] = retrieval(space, sets.heldout_pairs, n_bootstrap=n_bootstrap)
+    for name, feats in (sets.extra or {}).items():
+        out[name] = retrieval(space, feats, n_bootstrap=n_bootstrap)
+    if head is not None and sets.memes_test is not None and len(sets.memes_test):
+        out[MEMES] = memes_metrics(head, sets.memes_test, labels, n_bootstrap=n_bootstrap)
+    if head is not None and sets.heldout_labels is not None and len(sets.heldout_labels):
+        h = sets.heldout_labels
+        with torch.inference_mode():
+            probs = head(h.image, h.text).logits.softmax(-1).numpy()
+        out[HELDOUT_LABELS] = classification_metrics(probs, h.labels.numpy(), labels, n_bootstrap=n_bootstrap)
+    return out
+
+
+def mean_recall(report: dict, k: int) -> float:
+    return float(np.mean([report[d][f"R@{k}"] for d in _DIRECTIONS.values()]))
+
+
+def gate_metrics(nested: dict) -> dict[str, float | None]:
+    """The flat metrics the gate compares (all higher-is-better): R@1/5/10 both ways on the bootstrap
+    test split, mean R@K on held-out corrections, meme macro-F1/AUROC and ablation gains, held-out labels."""
+    flat: dict[str, float | None] = {}
+    if BOOTSTRAP_TEST in nested:
+        for short, long in _DIRECTIONS.items():
+            for k in (1, 5, 10):
+                flat[f"{BOOTSTRAP_TEST}.{short}.R@{k}"] = nested[BOOTSTRAP_TEST][long][f"R@{k}"]
+    if HELDOUT_PAIRS in nested:
+        for k in (1, 5, 10):
+            flat[f"{HELDOUT_PAIRS}.mean_R@{k}"] = mean_recall(nested[HELDOUT_PAIRS], k)
+    if MEMES in nested:
+        m = nested[MEMES]
+        flat[f"{MEMES}.macro_f1"] = m["fused"]["macro_f1"]
+        flat[f"{MEMES}.macro_auroc"] = m["fused"]["macro_auroc"]
+        for key, delta in m["ablation"].items():
+            flat[f"{MEMES}.ablation.{key}.macro_f1"] = delta["macro_f1"]
+    if HELDOUT_LABELS in nested:
+        flat[f"{HELDOUT_LABELS}.macro_f1"] = nested[HELDOUT_LABELS]["macro_f1"]
+        flat[f"{HELDOUT_LABELS}.macro_auroc"] = nested[HELDOUT_LABELS]["macro_auroc"]
+    return flat

@@ -1,0 +1,125 @@
+"""Atomic promotion and rollback: the model folder on disk, the registry row and the pointer file.
+
+Order that keeps every crash harmless:
+1. the version folder is written atomically (temp folder, fsync, rename) by ``ModelStore.save``;
+2. ONE database transaction registers the version, marks it current (the old one retired), runs
+   the caller's bookkeeping (corrections used, run finished) and, just before commit, points
+   ``current.json`` at it. A failure anywhere rolls the transaction back and points the file at
+   the database's current version again. The database is authoritative; the app reloads from it.
+A folder written by a run that died before step 2 is never registered, so it is never served.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from feedback_db import repository as repo
+from feedback_db.engine import retry_on_busy
+from mmapp.model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def version_sha256(store: ModelStore, version: str) -> str:
+    return file_sha256(store.path(version) / "weights.safetensors")
+
+
+def current_version_name(engine: Engine) -> Optional[str]:
+    """The registry's current version (what the app should serve), or None."""
+    def read() -> Optional[str]:
+        with Session(engine) as s, s.begin():
+            row = repo.current_version(s)
+            return row.version if row is not None else None
+    return retry_on_busy(read)
+
+
+def sync_pointer(engine: Engine, store: ModelStore) -> Optional[str]:
+    """Point ``current.json`` at the registry's current version (after a failed promotion)."""
+    name = current_version_name(engine)
+    if name is not None and store.exists(name) and store.current() != name:
+        store.set_current(name)
+    return name
+
+
+def adopt_store_current(engine: Engine, store: ModelStore) -> Optional[str]:
+    """Register the version ``current.json`` names when the registry has no current one yet (the
+    bootstrap model is built on disk before any database exists). Idempotent; returns the current name."""
+    def adopt() -> Optional[str]:
+        with Session(engine) as s, s.begin():
+            row = repo.current_version(s)
+            if row is not None:
+                return row.version
+            name = store.current()
+            if name is None or not store.exists(name):
+                return None
+            meta_manifest = {"adopted_from": str(store.path(name))}
+            repo.register_version(s, version=name, path=str(store.path(name)), sha256=version_sha256(store, name),
+                                  manifest=meta_manifest, metrics={})
+            s.flush()
+            repo.promote(s, name)
+            return name
+    return retry_on_busy(adopt)
+
+
+def promote_version(engine: Engine, store: ModelStore, *, version: str, parent_version: Optional[str],
+                    metrics: dict[str, Any], manifest: dict[str, Any], report_path: Optional[str] = None,
+                    in_transaction: Callable[[Session], None] = lambda s: None) -> None:
+    """Register ``version`` (already saved in ``store``) and make it current, atomically with
+    ``in_transaction(session)`` and the pointer file."""
+    if not store.exists(version):
+        raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
+    sha = version_sha256(store, version)
+
+    def commit() -> None:
+        with Session(engine) as s, s.begin():
+            repo.register_version(s, version=version, path=str(store.path(version)), sha256=sha,
+                                  parent_version=parent_version, metrics=metrics, manifest=manifest,
+                                  report_path=report_path)
+            s.flush()
+            repo.promote(s, version)
+            in_transaction(s)
+            s.flush()
+            store.set_current(version)  # last step before COMMIT: a failure above leaves the file alone
+
+    try:
+        retry_on_busy(commit)
+    except BaseException:
+        try:
+            sync_pointer(engine, store)
+        except Exception:  # the original error matters more; the app reads the database anyway
+            log.exception("could not re-point current.json after a failed promotion of %s", version)
+        raise
+
+
+def rollback_version(engine: Engine, store: ModelStore, version: Optional[str] = None) -> str:
+    """Make an earlier promoted version current again (default: the previous one); returns its name."""
+    def commit() -> str:
+        with Session(engine) as s, s.begin():
+            row = repo.rollback_to(s, version)
+            if not store.exists(row.version):
+                raise FileNotFoundError(f"cannot roll back to {row.version!r}: its folder is missing under {store.root}")
+            s.flush()
+            store.set_current(row.version)
+            return row.version
+
+    try:
+        return retry_on_busy(commit)
+    except BaseException:
+        try:
+            sync_pointer(engine, store)
+        except Exception:
+            log.exception("could not re-point current.json after a failed rollback")
+        raise

@@ -1,0 +1,183 @@
+"""What a retrain learns from and is judged on: users' feedback from the database, split for good.
+
+* Training side: corrections not yet used (status 'new') and well-rated captions since the current
+  version was promoted.
+* Held-out side: a fixed share of images, chosen by a hash of the image bytes, never trained on and
+  used by the gate to compare candidate and current model on the same items, run after run.
+* Replay: a seeded sample of the bootstrap corpus mixed into every fine-tune, so that a few hundred
+  new pairs cannot wreck what the model already knew.
+Reads the database; trains nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from feedback_db import repository as repo
+from feedback_db.models import Correction, Prediction, Rating, Upload
+
+HELDOUT_FRACTION = 0.2  # of images; changing it reshuffles the held-out set, so it is a constant
+TUNE_FRACTION = 0.15  # of the training side: picks the score mix and the fusion head's best epoch
+_HELDOUT_SALT = "mmapp-heldout-v1"
+_TUNE_SALT = "mmapp-tune-v1"
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One thing users told us, ready to become a cleaning candidate."""
+
+    item_id: str  # "correction:<id>" or "rated:<prediction id>"
+    kind: str  # "pair" (image + caption) | "label" (meme image + text -> label)
+    prediction_id: int
+    correction_id: Optional[int]  # None for rated pairs
+    image_sha256: str
+    image_relpath: str
+    text: str  # caption, or the meme text
+    label: Optional[str]
+    user: str  # user name, else the anonymous session id
+    created_at: datetime
+    predicted: str  # what the model had said (caption or label)
+    model_version: str  # which version said it
+
+    @property
+    def heldout(self) -> bool:
+        return hash_fraction(self.image_sha256, _HELDOUT_SALT) < HELDOUT_FRACTION
+
+    @property
+    def tune(self) -> bool:
+        return not self.heldout and hash_fraction(self.image_sha256, _TUNE_SALT) < TUNE_FRACTION
+
+
+def hash_fraction(key: str, salt: str) -> float:
+    """A number in [0, 1) fixed by ``key``: the same image lands on the same side forever."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+@dataclass
+class Selection:
+    train: list[FeedbackItem]  # not held out (includes the tune share)
+    heldout: list[FeedbackItem]
+    ignored: dict[str, int]  # why some feedback is no training item, e.g. {"ocr_text": 3}
+
+    @property
+    def new_training_items(self) -> int:
+        return len(self.train)
+
+    def snapshot_hash(self, replay: np.ndarray) -> str:
+        """sha256 over exactly what the run saw: items (ids, images, texts, labels) and the replay indices."""
+        h = hashlib.sha256()
+        for item in sorted(self.train + self.heldout, key=lambda i: i.item_id):
+            h.update(f"{item.item_id}\t{item.image_sha256}\t{item.text}\t{item.label}\t{item.heldout}\n".encode())
+        h.update(np.asarray(replay, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def _who(user: Optional[str], session_id: str) -> str:
+    return user or f"session:{session_id}"
+
+
+def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
+    """Corrections with status 'new' (label corrections take the meme text from the latest OCR-text
+    correction of the same prediction, else the text the prediction used) and caption predictions
+    whose mean coherence/relevance rating is at least ``min_rating`` and that nobody corrected.
+    Rated pairs count for training only if rated after the current version was promoted."""
+    items: list[FeedbackItem] = []
+    ignored: dict[str, int] = {}
+    rows = repo.corrections_since(s, None, statuses=("new",))
+    ocr_fix = _latest_ocr_text(s, {r["prediction_id"] for r in rows if r["field"] == "label"})
+    for r in rows:
+        if r["field"] == "ocr_text":
+            ignored["ocr_text (used as the meme text of label corrections)"] = \
+                ignored.get("ocr_text (used as the meme text of label corrections)", 0) + 1
+            continue
+        if r["field"] == "label":
+            text = ocr_fix.get(r["prediction_id"]) or (r["input_text"] or "").strip()
+            if not text:
+                ignored["label without meme text"] = ignored.get("label without meme text", 0) + 1
+                continue
+            kind, label, predicted = "label", r["value"], str(r["outputs"].get("label", ""))
+        else:
+            kind, label, text, predicted = "pair", None, r["value"], str(r["outputs"].get("caption", ""))
+        items.append(FeedbackItem(
+            item_id=f"correction:{r['correction_id']}", kind=kind, prediction_id=r["prediction_id"],
+            correction_id=r["correction_id"], image_sha256=r["image_sha256"], image_relpath=r["image_relpath"],
+            text=text, label=label, user=_who(r["user"], r["session_id"]), created_at=r["created_at"],
+            predicted=predicted, model_version=r["model_version"]))
+
+    current = repo.current_version(s)
+    since = current.promoted_at if current is not None else None
+    for item, rated_at in _rated_pairs(s, min_rating):
+        if item.heldout or since is None or rated_at > since:
+            items.append(item)
+
+    train = [i for i in items if not i.heldout]
+    heldout = [i for i in items if i.heldout]
+    return Selection(train, heldout, ignored)
+
+
+def _latest_ocr_text(s: Session, prediction_ids: Iterable[int]) -> dict[int, str]:
+    ids = list(prediction_ids)
+    if not ids:
+        return {}
+    latest = (select(Correction.prediction_id, func.max(Correction.id).label("correction_id"))
+              .where(Correction.field == "ocr_text", Correction.status != "rejected",
+                     Correction.prediction_id.in_(ids))
+              .group_by(Correction.prediction_id)).subquery()
+    rows = s.execute(select(Correction.prediction_id, Correction.value)
+                     .join(latest, Correction.id == latest.c.correction_id))
+    return {pid: value for pid, value in rows}
+
+
+def _rated_pairs(s: Session, min_rating: float) -> list[tuple[FeedbackItem, datetime]]:
+    """Caption predictions rated well on average (coherence and relevance), with no caption correction."""
+    corrected = select(Correction.prediction_id).where(Correction.field == "caption")
+    score = (func.coalesce(Rating.coherence, Rating.relevance) + func.coalesce(Rating.relevance, Rating.coherence)) / 2.0
+    rows = s.execute(
+        select(Prediction, Upload, func.avg(score), func.max(Rating.created_at), func.min(Rating.id))
+        .join(Rating, Rating.prediction_id == Prediction.id)
+        .join(Upload, Upload.sha256 == Prediction.image_sha256)
+        .where(Prediction.kind == "caption", Prediction.id.not_in(corrected),
+               (Rating.coherence.is_not(None)) | (Rating.relevance.is_not(None)))
+        .group_by(Prediction.id, Upload.sha256)
+        .having(func.avg(score) >= min_rating)
+        .order_by(Prediction.id)
+    ).all()
+    out = []
+    for p, u, _, rated_at, first_rating in rows:
+        caption = p.outputs.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            continue
+        rater = s.get(Rating, first_rating)
+        out.append((FeedbackItem(
+            item_id=f"rated:{p.id}", kind="pair", prediction_id=p.id, correction_id=None,
+            image_sha256=u.sha256, image_relpath=u.relpath, text=caption, label=None,
+            user=_who(rater.user, rater.session_id), created_at=rated_at, predicted=caption,
+            model_version=p.model_version), _aware(rated_at)))
+    return out
+
+
+def _aware(dt: datetime) -> datetime:
+    from datetime import timezone
+
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def replay_sample(n_images: int, size: int, seed: int) -> np.ndarray:
+    """Sorted image indices of the bootstrap train split to replay: ``size`` of them, seeded."""
+    if size <= 0 or n_images == 0:
+        return np.zeros(0, dtype=np.int64)
+    if size >= n_images:
+        return np.arange(n_images)
+    return np.sort(np.random.default_rng(seed).choice(n_images, size=size, replace=False))
+
+
+def split_items(items: Sequence[FeedbackItem]) -> tuple[list[FeedbackItem], list[FeedbackItem]]:
+    """(fit, tune) of the training side."""
+    return [i for i in items if not i.tune], [i for i in items if i.tune]

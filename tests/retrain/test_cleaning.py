@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from retrain.cleaning import (
+    CHANCE_AGREEMENT,
     EXACT_DUPLICATE,
     LABEL_DISAGREEMENT,
     NEAR_DUPLICATE,
@@ -18,6 +19,7 @@ from retrain.cleaning import (
     clean,
     drop_exact_duplicates,
     drop_near_duplicates,
+    flag_chance_agreement,
     flag_similarity_outliers,
     user_quota,
 )
@@ -111,13 +113,23 @@ def test_cap_user_share_keeps_each_users_earliest_items():
 
 def test_clean_chains_rules_and_reports_counts():
     items = [label(1, "u1", "sarcastic"), label(2, "u2", "positive"),
-             pair(3, user="u3", text="a red car", agreement=0.3), pair(4, user="u4", text="A red car!", agreement=0.3)]
-    items += [pair(10 + i, user=f"v{i}", image=f"{i:064x}", text=f"caption {i}", agreement=0.3 + 0.01 * (i % 3))
+             pair(3, user="u3", text="a red car", agreement=3.0), pair(4, user="u4", text="A red car!", agreement=3.0)]
+    items += [pair(10 + i, user=f"v{i}", image=f"{i:064x}", text=f"caption {i}", agreement=3.0 + 0.1 * (i % 3))
               for i in range(8)]
     items.append(pair(99, user="v9", image="9" * 64, text="noise", agreement=-0.5))
     result = clean(items, CleaningConfig())
     assert result.counts() == {NO_QUORUM: 2, EXACT_DUPLICATE: 1, SIMILARITY_OUTLIER: 1}
     assert len(result.accepted) == len(items) - 4
+
+
+def test_chance_agreement_catches_a_batch_that_is_all_noise():
+    # Every caption random: no outlier against the others, but none beats random captions either.
+    items = [pair(i, user=f"u{i}", image=f"{i:064x}", agreement=a) for i, a in enumerate([0.1, -0.3, 0.5, 2.2, -1.0, 0.0])]
+    assert flag_similarity_outliers(items, -2.5)[1] == []
+    kept, rejected = flag_chance_agreement(items, 1.0)
+    assert ids(kept) == ["c3"] and {r.reason for r in rejected} == {CHANCE_AGREEMENT}
+    result = clean(items, CleaningConfig(min_agreement=1.0))
+    assert [c.item_id for c in result.accepted] == ["c3"]
 
 
 def test_clean_refuses_repeated_ids():

@@ -181,10 +181,22 @@ def run_retrain(config, engine: Engine, *, trigger: str = "cli", features: Optio
         return RunOutcome("busy", other, f"a retrain is already running (run {other})")
     try:
         if features is None:
-            features = default_features(config)
+            try:
+                features = default_features(config)
+            except Exception as exc:
+                fail_run(engine, handle.run_id, f"could not build the feature source: {type(exc).__name__}: {exc}")
+                raise
         return execute_run(handle, config, features=features, force=force, on_stage=on_stage)
     finally:
         handle.close()
+
+
+def fail_run(engine: Engine, run_id: int, message: str) -> None:
+    """Record a run as failed (used when it dies before :func:`execute_run` can record anything)."""
+    def write() -> None:
+        with Session(engine) as s, s.begin():
+            repo.finish_retrain_run(s, run_id, status="failed", message=message[:2000])
+    retry_on_busy(write)
 
 
 def default_features(config) -> FeatureSource:
@@ -216,12 +228,8 @@ def execute_run(handle: RunHandle, config, *, features: FeatureSource, force: bo
     except Exception as exc:  # recorded on the run row; the current model keeps serving
         log.exception("retrain run %s failed", handle.run_id)
         message = f"{type(exc).__name__}: {exc}"
-
-        def fail() -> None:
-            with Session(handle.engine) as s, s.begin():
-                repo.finish_retrain_run(s, handle.run_id, status="failed", message=message[:2000])
         try:
-            retry_on_busy(fail)
+            fail_run(handle.engine, handle.run_id, message)
             sync_pointer(handle.engine, store)
         except Exception:
             log.exception("could not record the failure of run %s", handle.run_id)

@@ -342,19 +342,28 @@ def meme_verdict_markdown(result: MemeResult) -> str:
             continue
         new_top = max(probs, key=probs.get)
         change = f"top label becomes **{new_top}**" if new_top != top else f"top label stays **{top}**"
+        points = round(100 * (probs[top] - p_top))
         lines.append(f"- Removing {name}: P({top}) {_pct(p_top)} → {_pct(probs[top])} "
-                     f"({100 * (probs[top] - p_top):+.0f} pts); {change}.")
+                     f"({points:+d} pts); {change}.")
     if not result.text.strip():
-        lines.append("\n_No text was found in the image: type the meme's text in the box above and press Enter._")
+        lines.append("\n_No text was found in the image: type the meme's text in the box above and press Shift+Enter._")
     return "\n".join(lines)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=columns)
-    for col in frame.columns:
-        if frame[col].map(lambda v: hasattr(v, "isoformat")).any():
-            frame[col] = frame[col].map(lambda v: v.strftime("%Y-%m-%d %H:%M:%S") if hasattr(v, "strftime") else v)
-    return frame.astype(object).where(frame.notna(), "")
+    """Rows as a display table: timestamps to the second, latencies to 0.1 ms, session ids shortened."""
+    def cell(col: str, value: Any) -> Any:
+        if value is None:
+            return ""
+        if hasattr(value, "strftime"):
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        if col == "latency_ms":
+            return round(float(value), 1)
+        if col == "session_id":
+            return str(value)[:8]
+        return value
+
+    return pd.DataFrame([[cell(col, row.get(col)) for col in columns] for row in rows], columns=columns)
 
 
 PREDICTION_COLUMNS = ["id", "created_at", "kind", "output", "input_text", "ablation", "model_version", "latency_ms",
@@ -370,6 +379,7 @@ Caption images, analyse memes, and teach the model: every rating and correction 
 and used to retrain it. No IP address is stored; you are an anonymous session."""
 
 CSS = """
+#operator-login {max-width: 640px;}
 #retrain-controls {border: 1px dashed var(--border-color-primary); border-radius: 8px; padding: 8px;}
 .status-line p {margin: 0;}
 """
@@ -402,9 +412,10 @@ def _model_event(services: AppServices) -> dict[str, Any]:
 _FEEDBACK_EVENT = {"concurrency_id": FEEDBACK_EVENTS, "concurrency_limit": FEEDBACK_CONCURRENCY}
 
 
-def _rating_sliders() -> tuple[gr.Slider, gr.Slider, gr.Slider]:
+def _rating_sliders(prefix: str) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
     with gr.Row():
-        return tuple(gr.Slider(0, 5, value=0, step=1, label=name, info="1 = poor … 5 = excellent; 0 = not rated")
+        return tuple(gr.Slider(0, 5, value=0, step=1, label=name, info="1 = poor … 5 = excellent; 0 = not rated",
+                               elem_id=f"{prefix}-{name.lower()}")
                      for name in ("Coherence", "Relevance", "Detail"))
 
 
@@ -429,9 +440,9 @@ def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespa
             ui.alternatives = gr.Label(label="Alternatives", num_top_classes=3, show_heading=False)
             with gr.Accordion("Details", open=False):
                 ui.details = gr.JSON(label="Result")
+    gr.Markdown("#### Rate and correct this caption")
     with gr.Group():
-        gr.Markdown("#### Rate and correct this caption")
-        ui.coherence, ui.relevance, ui.detail = _rating_sliders()
+        ui.coherence, ui.relevance, ui.detail = _rating_sliders("caption")
         ui.corrected = gr.Textbox(label="Corrected caption", placeholder="Edit the caption if it is wrong",
                                   max_length=services.config.app.max_text_chars, elem_id="caption-corrected")
         ui.comment = gr.Textbox(label="Comment (optional)", lines=2, max_length=services.config.app.max_text_chars)
@@ -510,7 +521,7 @@ def saved_markdown(saved: dict[str, Any]) -> str:
         parts.append(f"rating #{saved['rating_id']}")
     parts += [f"{key.removesuffix('_correction_id').replace('_', ' ')} correction #{value}"
               for key, value in saved.items() if key.endswith("_correction_id")]
-    return f"✅ **Saved** — thank you! ({', '.join(parts)})"
+    return f"✔ **Saved** — thank you! ({', '.join(parts)})"
 
 
 # -- meme tab --
@@ -527,7 +538,7 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
             ui.upload, ui.preview = _upload_widgets("Upload a meme")
             ui.request_id = gr.Textbox("", visible=False, label="request id")
         with gr.Column(scale=1):
-            ui.text = gr.Textbox(label="Text in the meme (OCR) — edit it and press Enter to re-analyse", lines=2,
+            ui.text = gr.Textbox(label="Text in the meme (OCR) — edit it, then Shift+Enter or Re-analyse", lines=2,
                                  max_lines=6, max_length=max_chars, elem_id="meme-text")
             with gr.Row():
                 ui.use_image = gr.Checkbox(value=True, label="use image", elem_id="use-image")
@@ -540,9 +551,9 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
         ui.text_only = gr.Label(label="Text only", elem_id="label-text-only")
     with gr.Accordion("Details", open=False):
         ui.details = gr.JSON(label="Result")
+    gr.Markdown("#### Rate and correct this analysis")
     with gr.Group():
-        gr.Markdown("#### Rate and correct this analysis")
-        ui.coherence, ui.relevance, ui.detail = _rating_sliders()
+        ui.coherence, ui.relevance, ui.detail = _rating_sliders("meme")
         with gr.Row():
             ui.corrected_text = gr.Textbox(label="Corrected text", max_length=max_chars, scale=2,
                                            elem_id="meme-corrected-text")
@@ -679,7 +690,7 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
     ui = SimpleNamespace()
     config = services.config
     enabled = operator_credentials_configured(config)
-    with gr.Column(visible=True) as ui.login_box:
+    with gr.Column(visible=True, elem_id="operator-login") as ui.login_box:
         if enabled:
             gr.Markdown("### Operator login\nRecent predictions and feedback, counts and exports.")
         else:
@@ -699,15 +710,15 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
             ui.per_day = gr.Dataframe(label="Counts per day (UTC, last 14 days)", interactive=False, max_height=320)
             ui.per_label = gr.Dataframe(label="Meme predictions per predicted / corrected label", interactive=False,
                                         max_height=320)
-        ui.predictions = gr.Dataframe(label="Recent predictions", interactive=False, max_height=400, wrap=True)
-        ui.feedback = gr.Dataframe(label="Recent feedback", interactive=False, max_height=400, wrap=True)
-        with gr.Group():
-            gr.Markdown("#### Export feedback and images")
-            with gr.Row():
-                ui.export_format = gr.Radio([(label, fmt) for fmt, label in EXPORT_LABELS.items()], value="csv",
-                                            label="Format", scale=2)
-                ui.export = gr.Button("Export (zip)", scale=1)
-            ui.export_file = gr.File(label="Download", interactive=False)
+        ui.predictions = gr.Dataframe(label="Recent predictions", interactive=False, max_height=400)
+        ui.feedback = gr.Dataframe(label="Recent feedback", interactive=False, max_height=400)
+        gr.Markdown("#### Export feedback and images")
+        with gr.Row(equal_height=False):
+            ui.export_format = gr.Radio([(label, fmt) for fmt, label in EXPORT_LABELS.items()], value="csv",
+                                        label="Format", scale=3)
+            with gr.Column(scale=2):
+                ui.export = gr.Button("Export (zip)")
+                ui.export_file = gr.File(label="Download", interactive=False, visible=False)
         with gr.Column(elem_id="retrain-controls") as ui.retrain_column:
             build_retrain_controls(services, session)
 
@@ -751,7 +762,7 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
 
     def operator_logout(session_data: dict):
         return {session: {**session_data, "operator": None}, ui.login_box: gr.Column(visible=True),
-                ui.panel: gr.Column(visible=False), ui.export_file: None}
+                ui.panel: gr.Column(visible=False), ui.export_file: gr.File(value=None, visible=False)}
 
     @user_errors
     def operator_export(fmt: str, session_data: dict):
@@ -761,7 +772,7 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
         folder = services.read(lambda s: export_feedback(s, services.exports_dir, fmt, services.blobstore))
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
         shutil.rmtree(folder)
-        return {ui.export_file: archive}
+        return {ui.export_file: gr.File(value=archive, visible=True)}
 
     table_outputs = [ui.version, ui.predictions, ui.feedback, ui.per_day, ui.per_label]
     ui.login.click(operator_login, [ui.user, ui.password, session],

@@ -1,0 +1,74 @@
+"""The real entry point: ``python app.py`` in a subprocess, and importing ``app`` doing nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port
+
+
+def test_importing_app_does_no_work(tmp_path):
+    """No launch, no model, no database, nothing written: the module only defines things."""
+    env = {**os.environ, "MMAPP_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    code = ("import sys, app, threading; "
+            "assert 'mmapp.predictor' in sys.modules; "
+            "assert threading.active_count() == 1, threading.enumerate(); "
+            "assert callable(app.main) and callable(app.build_app)")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert not (tmp_path / "home").exists()
+
+
+def test_launch_options_are_safe_by_default():
+    import app
+    from mmapp.config import load_config
+
+    config = load_config("offline", env={})
+    options = app.launch_options(config)
+    assert options["server_name"] == "127.0.0.1"
+    assert options["max_file_size"] == config.app.max_upload_mb * 2**20
+    assert options["enable_monitoring"] is False and options["ssr_mode"] is False
+
+
+@pytest.mark.server
+def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
+    """`python app.py --port P` with a model already current: it warns about the missing operator
+    credentials, registers the served version, and answers a caption request."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for shared in ("models", "cache"):
+        (home / shared).symlink_to(app_home / shared, target_is_directory=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMAPP")}
+    env.update(MMAPP_HOME=str(home), PYTHONUNBUFFERED="1")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        details = client.predict(handle_file(str(PHOTOS / "coffee.jpg")), "", api_name="/caption")[4]
+        assert details["caption"] and details["model_version"] == TEST_VERSION
+        output = log.read_text()
+        assert "WARNING: no operator credentials are set" in output
+        assert f"serving model {TEST_VERSION!r}" in output
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert (home / "mmapp.db").is_file() and any((home / "uploads").rglob("*.jpg"))

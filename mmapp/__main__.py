@@ -138,7 +138,7 @@ def cmd_eval_retrieval(args) -> int:
 
 
 def cmd_build_bootstrap(args) -> int:
-    from mmapp.model_store import ModelStore
+    from mmapp.model_store import BRIDGE, ModelStore
     from mmapp.pipeline import build_bootstrap
 
     config = _config(args)
@@ -152,7 +152,7 @@ def cmd_build_bootstrap(args) -> int:
         import shutil
 
         shutil.rmtree(store.path(args.version))
-    predictor = _predictor(config, with_bank=False)
+    predictor = _predictor(config, version=BRIDGE, with_bank=False)
     version, meta = build_bootstrap(config, predictor, version=args.version, progress=not args.json)
     _emit(args, {"version": version, "metrics": meta["metrics"]}, f"built {version}")
     return 0

@@ -26,7 +26,7 @@ class ModelConfig:
     image_encoder: str = "efficientnet-lite0"  # see `python -m mmapp list-encoders`
     text_encoder: str = "minilm"
     ocr: str = "rapidocr"
-    ocr_det_side: int = 640  # longest side the OCR detector sees; smaller is faster
+    ocr_det_side: int = 512  # longest side the OCR detector sees; smaller is faster
     clip_model: str = "ViT-B-32"  # open_clip architecture, used by the clip-* encoders
     clip_pretrained: str = ""  # hub tag, "local-dir:PATH" or a checkpoint file; "" = random init
     joint_dim: int = 256  # common embedding dimension of the projections

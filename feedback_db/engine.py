@@ -25,6 +25,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 # read-then-write transaction (get-or-create) waits on busy_timeout instead of failing with
 # SQLITE_BUSY when its read snapshot goes stale. Long read-only work uses ``read_only_engine``.
 SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+PG_MIGRATION_LOCK_KEY = 0x6D6D617070  # "mmapp": transaction-level advisory lock held while migrating
 
 T = TypeVar("T")
 

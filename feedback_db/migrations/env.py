@@ -9,12 +9,11 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from feedback_db.engine import make_engine
+from feedback_db.engine import PG_MIGRATION_LOCK_KEY, make_engine
 from feedback_db.models import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata
-_PG_MIGRATION_LOCK_KEY = 0x6D6D617070  # "mmapp": advisory lock id held while migrating
 
 
 def _render_item(type_, obj, autogen_context):
@@ -45,7 +44,7 @@ def _run_on(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():  # BEGIN IMMEDIATE on SQLite engines from make_engine
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_KEY})")
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK_KEY})")
         context.run_migrations()
 
 

@@ -1,7 +1,12 @@
+"""Fixtures: every test that asks for ``engine`` runs on SQLite, and again on PostgreSQL when
+``MMAPP_TEST_POSTGRES_URL`` is set (``export MMAPP_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)``).
+Each test gets a migrated database of its own on either backend."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from sqlalchemy import Engine
@@ -10,7 +15,43 @@ from sqlalchemy.orm import Session
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine
 
+from .backends import BACKENDS, POSTGRES_URL_ENV, PostgresDatabases
 from .factories import add_prediction, add_upload
+
+POSTGRES_SKIP_REASON = (
+    f"{POSTGRES_URL_ENV} is not set; to run the Postgres variants: export {POSTGRES_URL_ENV}=$(bash .ci/postgres.sh)"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A skip mark (not a skip inside a fixture) lets `pytest -ra` fold the reason into one line per file.
+    if os.environ.get(POSTGRES_URL_ENV):
+        return
+    here = Path(__file__).parent
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgres" and item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.skip(reason=POSTGRES_SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresDatabases]:
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    databases = PostgresDatabases(url)
+    yield databases
+    databases.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres: PostgresDatabases) -> str:
+    """One Postgres database upgraded through Alembic; each test gets a copy (faster than migrating per test)."""
+    url = postgres.create()
+    engine = make_engine(url)
+    init_db(engine)
+    engine.dispose()  # CREATE DATABASE ... TEMPLATE needs the template without connections
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +72,38 @@ def db_path(migrated_template: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def engine(db_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{db_path}")
+def db_url(backend: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a migrated database that belongs to this test alone."""
+    if backend == "sqlite":
+        yield f"sqlite:///{request.getfixturevalue('db_path')}"
+        return
+    postgres: PostgresDatabases = request.getfixturevalue("postgres")
+    url = postgres.create(template=request.getfixturevalue("postgres_template"))
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture
+def empty_db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a database with no tables yet (SQLite: a file not created yet), for tests of ``init_db``."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty' / 'feedback.db'}"
+        return
+    postgres: PostgresDatabases = request.getfixturevalue("postgres")
+    url = postgres.create()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
     yield engine
     engine.dispose()
 

@@ -163,12 +163,13 @@ class AppServices:
                          session: dict, input_text: str | None = None, ablation: str | None = None) -> StoredPrediction:
         """Copy the upload into the blob store, then write its upload and prediction rows in one transaction."""
         started = time.perf_counter()
-        sha256, relpath = self.blobstore.put(decoded.data, _FORMAT_EXT.get(decoded.format, decoded.format.lower()))
+        ext = _FORMAT_EXT.get(decoded.format, decoded.format.lower())
+        sha256, relpath = self.blobstore.put(decoded.data, ext)
         width, height = decoded.original_size
 
         def transaction() -> int:
             with Session(self.engine) as s, s.begin():
-                repo.record_upload(s, sha256=sha256, relpath=relpath, format=_FORMAT_EXT.get(decoded.format, "bin"),
+                repo.record_upload(s, sha256=sha256, relpath=relpath, format=ext,
                                    width=width, height=height, n_bytes=len(decoded.data))
                 row = repo.record_prediction(
                     s, request_id=request_id, kind=kind, image_sha256=sha256, model_version=model_version,
@@ -267,19 +268,6 @@ def ablation_from_toggles(use_image: bool, use_text: bool) -> str | None:
     if not use_image and not use_text:
         raise UserInputError("Keep at least one of 'use image' and 'use text' checked.")
     return "image" if not use_image else "text" if not use_text else None
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn problems the user can fix into ``gr.Error`` (a clear message in the page, no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserInputError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
-
-    return wrapper
 
 
 def served_version_sha256(store: ModelStore, version: str) -> str:
@@ -403,6 +391,19 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
                 build_operator_tab(services, session)
     demo.queue(default_concurrency_limit=config.app.concurrency_limit)
     return demo
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn problems the user can fix into ``gr.Error`` (a clear message in the page, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+
+    return wrapper
 
 
 def _model_event(services: AppServices) -> dict[str, Any]:
@@ -686,6 +687,12 @@ def check_operator_login(config: Config, user: str, password: str) -> bool:
     return ok_user and ok_password
 
 
+def require_operator(session_data: dict) -> None:
+    """Every operator handler starts with this: the page hides the panel, but the API is open."""
+    if not session_data.get("operator"):
+        raise UserInputError("Log in as operator first.")
+
+
 def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
     ui = SimpleNamespace()
     config = services.config
@@ -740,10 +747,6 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
                 ui.per_day: _table(list(reversed(data["per_day"])), ["day", "predictions", "ratings", "corrections"]),
                 ui.per_label: _table(data["per_label"], ["predicted_label", "corrected_label", "n"])}
 
-    def require_operator(session_data: dict) -> None:
-        if not session_data.get("operator"):
-            raise UserInputError("Log in as operator first.")
-
     @user_errors
     def operator_login(user: str, password: str, session_data: dict):
         if not enabled:
@@ -792,8 +795,9 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
 def build_retrain_controls(services: AppServices, session: gr.State) -> None:
     """Issue 4 plugs in here: trigger a retrain, its progress, reports, rollback (operator only).
 
-    It runs inside the operator panel's ``#retrain-controls`` column; handlers must check
-    ``session.value['operator']`` like the other operator handlers do.
+    It runs inside the operator panel's ``#retrain-controls`` column. Handlers take ``session`` as an
+    input and call :func:`require_operator` first (wrapped in :func:`user_errors`), like the other
+    operator handlers; long work goes in its own ``concurrency_id``.
     """
     gr.Markdown("#### Retraining\nRetraining controls are not part of this build yet.")
 

@@ -866,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the offline stack never fetches from a hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = load_config(args.profile, app=overrides)
     warn_if_no_operator(config)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Throwaway PostgreSQL for the feedback_db tests: prints a SQLAlchemy URL on stdout, logs on stderr.
-#   export MMAPP_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)   # start (or reuse the running one)
-#   bash .ci/postgres.sh stop                                # stop it and delete its files
+#   MMAPP_TEST_POSTGRES_URL=$(bash .ci/postgres.sh); export MMAPP_TEST_POSTGRES_URL   # start, or reuse
+#   bash .ci/postgres.sh stop                                  # stop it and delete its files
+# (Two statements, not `export X=$(...)`, so that under `set -e` a failed start stops the caller.)
 # The cluster lives in $MMAPP_PG_DIR (default /tmp/mmapp-postgres), listens on 127.0.0.1 and a unix
 # socket in that folder only, trusts local connections and runs without fsync: test data only.
 set -euo pipefail
@@ -45,11 +46,11 @@ as_owner() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 print_url() {
-    local port
+    local port exists
     port=$(cat "$DIR/port")
-    as_owner "$BIN/psql" -h 127.0.0.1 -p "$port" -U "$SUPERUSER" -d postgres -v ON_ERROR_STOP=1 -qtAc \
-        "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 \
-        || as_owner "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$SUPERUSER" "$DB"
+    exists=$(as_owner "$BIN/psql" -h 127.0.0.1 -p "$port" -U "$SUPERUSER" -d postgres -v ON_ERROR_STOP=1 -qtAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$DB'")
+    [ "$exists" = 1 ] || as_owner "$BIN/createdb" -h 127.0.0.1 -p "$port" -U "$SUPERUSER" "$DB"
     echo "postgresql+psycopg://$SUPERUSER@127.0.0.1:$port/$DB" >&3
 }
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from typing import Optional
-
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -33,13 +31,11 @@ class PostgresDatabases:
         self._counter = itertools.count()
         self._live: set[str] = set()
 
-    def create(self, *, template: Optional[str] = None) -> str:
-        """A new database (a copy of ``template``'s if given); returns its URL."""
+    def create(self) -> str:
+        """A new, empty database; returns its URL."""
         name = f"{self._prefix}_{next(self._counter)}"
-        # FILE_COPY: for a small template, faster to create and drop than the default WAL_LOG.
-        copy = f" TEMPLATE {make_url(template).database} STRATEGY FILE_COPY" if template else ""
         with self._admin.connect() as c:
-            c.exec_driver_sql(f'CREATE DATABASE "{name}"{copy}')
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
         self._live.add(name)
         options = " ".join(filter(None, [self.url.query.get("options"), f"-c timezone={POSTGRES_SESSION_TIMEZONE}"]))
         return self.url.set(database=name, query={**self.url.query, "options": options}).render_as_string(

@@ -32,6 +32,7 @@ class ModelConfig:
     joint_dim: int = 256  # common embedding dimension of the projections
     bridge_top_t: int = 10  # ConSE: ImageNet classes averaged per image
     fusion_head: str = "concat"  # late | concat | cross-attention
+    caption_confidence_floor: float = 0.1  # below this calibrated confidence a caption is flagged as a guess
     meme_labels: tuple[str, ...] = ("positive", "sarcastic", "dark humor")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -27,6 +27,8 @@ from mmapp.model_store import BRIDGE, ModelStore, ModelVersion
 
 ABLATIONS = (None, "image", "text")  # what is removed: nothing, the image, the text
 LABEL_TEMPLATES = ("a photo of a {}.",)
+UNCALIBRATED_TEMPERATURE = 0.1  # softmax temperature when a version has none fitted (the bridge)
+AGREE_COS = 0.7  # MiniLM cosine above which two captions count as the same description
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class MemeResult:
 
 class Predictor:
     def __init__(self, *, embedder: Embedder, ocr: Callable[[], object], store: ModelStore, top_t: int,
-                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.35,
+                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.1,
                  placement: Placement | None = None):
         self.embedder = embedder
         self._ocr_factory = ocr  # built on first use: captioning alone never loads the OCR models
@@ -90,7 +92,8 @@ class Predictor:
                             text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
                             cache=EmbeddingCache(home / "cache" / "embeddings"))
         predictor = cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"), store=ModelStore(home / "models"),
-                        top_t=config.model.bridge_top_t, caption_bank=caption_bank, placement=placement)
+                        top_t=config.model.bridge_top_t, caption_bank=caption_bank, placement=placement,
+                        confidence_floor=config.model.caption_confidence_floor)
         predictor.load_version(version or predictor.store.current() or BRIDGE)
         return predictor
 
@@ -181,17 +184,22 @@ class Predictor:
         t0 = time.perf_counter()
         with self._lock:
             model, bank_views, texts, sources = self._model, self._bank_views, self._bank_texts, self._bank_sources
+            bank_raw = self._bank_raw
             _, views = self._image_views(image)
             timings["encode_image"] = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
             if not texts:
                 raise RuntimeError("the caption bank is empty: build the bootstrap model first (python app.py does)")
             scores = model.space.similarity(views, bank_views)[0]  # (N_bank,)
-        temperature = float(model.meta.get("caption_temperature", 0.05))
+        temperature = float(model.meta.get("caption_temperature", UNCALIBRATED_TEMPERATURE))
         probs = torch.softmax(scores / temperature, dim=0)
         top = probs.topk(min(k, len(texts)))
         idx = top.indices.tolist()
-        confidence = float(top.values[0])
+        # Confidence = probability mass on captions that say the same thing as the top one (raw text
+        # cosine >= AGREE_COS): a bank full of near-synonyms ("tiger cat", "tiger, a big cat") must not
+        # split the mass of one right answer, while an image matching nothing spreads it thin.
+        agree = (bank_raw @ bank_raw[idx[0]]) >= AGREE_COS  # (N_bank,)
+        confidence = float(probs[agree].sum().clamp(max=1.0))
         timings["rank"] = (time.perf_counter() - t1) * 1e3
         return CaptionResult(
             caption=texts[idx[0]],

@@ -1,0 +1,106 @@
+"""Predictor and CLI on the real packaged weights: bridge captioning, meme analysis with ablation,
+and the real ``python -m mmapp`` entry point on the hand-captioned photos."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmapp.config import load_config
+from mmapp.fusion import FusionConfig, create_fusion_head
+from mmapp.imageio import load_image
+from mmapp.model_store import ModelStore
+from mmapp.predictor import Predictor
+
+REPO = Path(__file__).resolve().parents[2]
+PHOTOS = REPO / "tests" / "data" / "photos"
+BANK = [("a tabby cat with green eyes", "bank"), ("a cup of espresso on a saucer", "bank"),
+        ("a red motorcycle in a garage", "bank"), ("a rocket on a launch pad", "bank")]
+
+pytestmark = pytest.mark.weights
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    config = load_config(storage={"home": str(home)})
+    return Predictor.from_config(config, caption_bank=BANK)
+
+
+@pytest.mark.parametrize("photo, words", [("chelsea.jpg", ("cat",)), ("coffee.jpg", ("espresso",)),
+                                          ("motorcycle.jpg", ("motorcycle", "moped", "scooter")),
+                                          ("rocket.jpg", ("rocket", "missile"))])
+def test_bridge_captions_photos_from_the_bank(predictor, photo, words):
+    result = predictor.caption(load_image(PHOTOS / photo))
+    texts = [result.caption] + [a for a, _ in result.alternatives]
+    assert any(w in t for t in texts[:2] for w in words), texts  # bank + ImageNet templates compete
+    assert 0.0 < result.confidence <= 1.0 and result.model_version == "bridge"
+    assert result.embedding_ref.startswith("efficientnet-lite0@")
+
+
+def test_a_match_to_nothing_is_flagged_low_confidence(predictor):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    weak = predictor.caption(load_image(buf.getvalue()))
+    strong = predictor.caption(load_image(PHOTOS / "chelsea.jpg"))
+    assert weak.low_confidence and weak.confidence < strong.confidence
+
+
+def test_meme_analysis_with_each_ablation(predictor):
+    from mmapp.joint import JointSpace
+
+    torch.manual_seed(0)
+    fcfg = FusionConfig(image_dim=1280, text_dim=384, num_labels=3)
+    head = create_fusion_head("concat", fcfg).eval()
+    store: ModelStore = predictor.store
+    space = JointSpace(predictor.class_text(), predictor.top_t)
+    store.save("tiny", space, meta={"labels": ["positive", "sarcastic", "dark humor"],
+                                    "encoders": predictor.embedder.identity},
+               fusion_head=head, fusion_config=fcfg, fusion_name="concat")
+    predictor.load_version("tiny")
+    image = load_image(PHOTOS / "chelsea.jpg")
+    fused = predictor.analyze_meme(image, "best day ever")
+    no_text = predictor.analyze_meme(image, "best day ever", ablate="text")
+    no_image = predictor.analyze_meme(image, "best day ever", ablate="image")
+    assert set(fused.fused) == {"positive", "sarcastic", "dark humor"}
+    assert abs(sum(fused.fused.values()) - 1) < 1e-5
+    assert no_text.label == max(fused.image_only, key=fused.image_only.get)
+    assert no_image.label == max(fused.text_only, key=fused.text_only.get)
+    assert fused.fused != fused.image_only != fused.text_only
+    with pytest.raises(ValueError, match="ablate"):
+        predictor.analyze_meme(image, "x", ablate="audio")
+    predictor.load_version("bridge")
+
+
+def run_cli(*args, home: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(home), *args, "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cli_eval_retrieval_bridge_on_real_photos_beats_chance(tmp_path):
+    report = run_cli("eval-retrieval", "--pairs", str(PHOTOS / "captions.tsv"), "--model", "bridge",
+                     "--bootstrap", "200", home=tmp_path)
+    for direction in ("image_to_text", "text_to_image"):
+        d = report[direction]
+        assert d["n_queries"] == 24 and d["R@1"] > 4 * d["chance_R@1"]
+        assert d["R@1_ci"][0] <= d["R@1"] <= d["R@1_ci"][1]
+
+
+def test_cli_reports_a_tsv_line_without_tab(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("chelsea.jpg a cat without a tab\n")
+    out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(tmp_path), "embed", "--pairs", str(bad)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "bad.tsv:1" in out.stderr

@@ -98,3 +98,16 @@ def gate_metrics(nested: dict) -> dict[str, float | None]:
         flat[f"{HELDOUT_LABELS}.macro_f1"] = nested[HELDOUT_LABELS]["macro_f1"]
         flat[f"{HELDOUT_LABELS}.macro_auroc"] = nested[HELDOUT_LABELS]["macro_auroc"]
     return flat
+
+
+def small_set_tolerances(sets: EvalSets, tolerance: float) -> dict[str, float]:
+    """Per-metric tolerances for the users' held-out sets: at least one item's worth (1/n), since on a
+    set of 20 pairs a single caption moving past another is a change of 0.05, not a regression."""
+    out: dict[str, float] = {}
+    if sets.heldout_pairs is not None and len(sets.heldout_pairs.text_to_image):
+        n = len(sets.heldout_pairs.text_to_image)
+        out.update({f"{HELDOUT_PAIRS}.mean_R@{k}": max(tolerance, 1.0 / n) for k in (1, 5, 10)})
+    if sets.heldout_labels is not None and len(sets.heldout_labels):
+        n = len(sets.heldout_labels)
+        out.update({f"{HELDOUT_LABELS}.{m}": max(tolerance, 1.0 / n) for m in ("macro_f1", "macro_auroc")})
+    return out

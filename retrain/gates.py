@@ -15,7 +15,7 @@ from typing import Mapping
 class GateSpec:
     targets: tuple[str, ...]  # metrics this run tried to improve; at least one must rise
     tolerance: float = 0.01  # largest allowed drop of any metric (absolute; metrics are fractions)
-    min_improvement: float = 0.0  # a target must rise by more than this
+    min_improvement: float = 0.0  # a target must rise by more than this, and by more than its tolerance
     tolerances: Mapping[str, float] = field(default_factory=dict)  # per-metric overrides of `tolerance`
 
     def __post_init__(self) -> None:
@@ -68,7 +68,8 @@ def decide(current: Mapping[str, float | None], candidate: Mapping[str, float | 
 
     * A metric the current model has and the candidate lacks fails (it cannot be shown not to regress).
     * A metric only the candidate has (a new held-out set) or undefined for both is noted and skipped.
-    * Promote iff some target improved by more than ``min_improvement`` and every check passed.
+    * Promote iff some target improved by more than ``min_improvement`` and its tolerance, and every
+      check passed.
     """
     checks = []
     for name in sorted(set(current) | set(candidate) | set(spec.targets)):
@@ -84,7 +85,8 @@ def decide(current: Mapping[str, float | None], candidate: Mapping[str, float | 
         else:
             delta = cand - cur
             passed = delta >= -tol - 1e-12
-            improved = role == "target" and delta > spec.min_improvement + 1e-12
+            # The noise band is symmetric: a change within the tolerance is neither a regression nor a gain.
+            improved = role == "target" and delta > max(spec.min_improvement, tol) + 1e-12
             note = "" if passed else f"regressed by {-delta:.4f} > tolerance {tol:.4f}"
             checks.append(GateCheck(name, role, cur, cand, delta, tol, passed, improved, note))
 
@@ -99,7 +101,8 @@ def decide(current: Mapping[str, float | None], candidate: Mapping[str, float | 
         return GateDecision(False, f"refused: no held-out data for any target {list(spec.targets)}", tuple(checks))
     if not improved:
         best = max(comparable_targets, key=lambda c: c.delta)
+        needs = max(spec.min_improvement, best.tolerance)
         return GateDecision(False, f"refused: no target improved (best {best.metric} {best.delta:+.4f}, "
-                                   f"needs > {spec.min_improvement:+.4f})", tuple(checks))
+                                   f"needs > {needs:+.4f})", tuple(checks))
     names = ", ".join(f"{c.metric} {c.delta:+.4f}" for c in improved)
     return GateDecision(True, f"promoted: {names}; no metric regressed beyond tolerance", tuple(checks))

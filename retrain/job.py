@@ -31,15 +31,18 @@ from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 from feedback_db.models import RetrainRun
 from mmapp.model_store import ModelStore, ModelVersion
-from mmapp.training import PairFeatures
+from mmapp.joint import JointSpace
+from mmapp.training import PairFeatures, train_alignment, with_centers
 
 from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
-from retrain.evaluation import TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics
+from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
+                                small_set_tolerances)
 from retrain.features import FeatureSource, ImageRef
 from retrain.gates import GateSpec, decide
 from retrain.promotion import adopt_store_current, promote_version, sync_pointer
-from retrain.selection import FeedbackItem, Selection, load_feedback, replay_sample, split_items
-from retrain.train import FineTuneSettings, LabelledMemes, TrainingSet, concat_pairs, fine_tune
+from retrain.selection import FeedbackItem, Selection, hash_fraction, load_feedback, replay_sample, split_items
+from retrain.train import (FineTuneSettings, LabelledMemes, TrainingSet, balance_repeats, concat_pairs, fine_tune,
+                           repeat_captions)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,9 @@ class JobSettings:
     n_bootstrap: int = 1000  # resamples for the metrics' 95% intervals
     min_rating: float = 4.0  # mean coherence/relevance at which a rated caption counts as a good pair
     agreement_bank: int = 256  # reference captions each pair's image-text agreement is standardised against
-    uploads_dir: str = "blobs"  # blob store root, relative to the home folder (for cache misses)
+    clean_epochs: int = 4  # epochs of each cross-fitting model that scores agreement (0 = score with the current model)
+    clean_lr_scale: float = 0.3  # its learning rate = train.lr * this (separates honest from random best in the sim)
+    uploads_dir: str = "uploads"  # the app's blob store root, relative to the home folder (for cache misses)
     fine_tune: FineTuneSettings = field(default_factory=FineTuneSettings)
 
 
@@ -275,7 +280,8 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
 
     stage("clean")
     bank = _agreement_bank(replay, handle.settings.agreement_bank, seed)
-    agreement = _agreement(current.space, item_feats, bank)
+    agreement, agreement_how = _cross_fit_agreement(current, items, item_feats, replay, bank, config,
+                                                    handle.settings, seed)
     candidates = [Candidate(item.item_id, item.user, item.kind, item.image_sha256, item.text, item.label,
                             image_embedding=item_feats.image[i].numpy(), text_embedding=item_feats.text[i].numpy(),
                             agreement=float(agreement[i]) if item.kind == "pair" else float("nan"))
@@ -295,7 +301,7 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
                              "cleaning": {"candidates": len(candidates), "accepted": len(cleaning.accepted),
                                           "rejected": cleaning.counts(),
                                           "unknown_label": len(unknown_labels)},
-                             "replay_images": int(len(replay_idx)),
+                             "replay_images": int(len(replay_idx)), "agreement_scored_by": agreement_how,
                              "encoded_on_cache_miss": getattr(features, "encoded_on_miss", None)}
     if not train_items:
         message = "nothing to learn from after cleaning: every new item was rejected or held back"
@@ -333,7 +339,9 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
     flat = {k: gate_metrics(v) for k, v in nested.items()}
     targets = tuple(t for t, used in ((TARGET_PAIRS, data.has_user_pairs), (TARGET_LABELS, data.has_user_labels))
                     if used)
-    decision = decide(flat["current"], flat["candidate"], GateSpec(targets=targets, tolerance=config.retrain.tolerance))
+    tolerance = config.retrain.tolerance
+    decision = decide(flat["current"], flat["candidate"],
+                      GateSpec(targets=targets, tolerance=tolerance, tolerances=small_set_tolerances(sets, tolerance)))
     handle.check()
 
     stage("promote")
@@ -411,6 +419,59 @@ def _agreement_bank(replay: PairFeatures, size: int, seed: int) -> torch.Tensor:
     n = replay.text.shape[0]
     idx = np.random.default_rng(seed + 1).choice(n, size=min(size, n), replace=False)
     return replay.text[np.sort(idx)]  # (B, D_txt)
+
+
+def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _ItemFeatures, replay: PairFeatures,
+                         bank: torch.Tensor, config, settings: JobSettings, seed: int) -> tuple[np.ndarray, str]:
+    """Agreement of each pair under a model that learned from the *other* new pairs (2-fold cross-fitting).
+
+    The current model has never seen a new category, so its honest captions look as random as
+    poison. Fine-tuned briefly on the other half of the batch, it learns whatever the honest pairs
+    share, and their agreement rises; random captions share nothing and stay near 0 (the small-loss
+    idea of learning with noisy labels, e.g. Co-teaching, Han et al. 2018). Folds are by image;
+    only training-side items fit the scorers, held-out items are scored by both and averaged.
+    """
+    pair_rows = [i for i, item in enumerate(items) if item.kind == "pair"]
+    train_rows = [i for i in pair_rows if not items[i].heldout]
+    fold = {i: int(hash_fraction(items[i].image_sha256, "mmapp-clean-fold-v1") < 0.5) for i in train_rows}
+    sizes = [sum(1 for i in train_rows if fold[i] == k) for k in (0, 1)]
+    if settings.clean_epochs <= 0 or min(sizes) < 5:
+        return _agreement(current.space, f, bank), "current model"
+    out = np.full(len(items), np.nan)
+    heldout_rows = [i for i in pair_rows if items[i].heldout]
+    heldout_scores = []
+    replay_fit = _cap_images(replay, 1000, seed + 4)
+    config_fit = dataclasses.replace(config.train, lr=config.train.lr * settings.clean_lr_scale,
+                                     epochs=settings.clean_epochs)
+    joint_dim = current.space.model.config.joint_dim if current.space.model is not None else config.model.joint_dim
+    for k in (0, 1):
+        fit = [i for i in train_rows if fold[i] != k]
+        fit_pairs = _rows_as_pairs(f, fit)
+        repeats = balance_repeats(len(fit), len(replay_fit.text_to_image), settings.fine_tune.user_share_of_batch,
+                                  settings.fine_tune.max_repeat)
+        result = train_alignment(concat_pairs(replay_fit, repeat_captions(fit_pairs, repeats)), None,
+                                 class_text=current.space.class_text, top_t=current.space.top_t, config=config_fit,
+                                 joint_dim=joint_dim, init=current.space.model, epochs=settings.clean_epochs)
+        # Projections only (mix 0): the bridge part is what the current model already scored.
+        scorer = with_centers(JointSpace(current.space.class_text, current.space.top_t, result.model, mix=0.0),
+                              concat_pairs(replay_fit, fit_pairs))
+        scored = [i for i in train_rows if fold[i] == k]
+        out[scored] = _agreement(scorer, _subset(f, scored), bank)
+        if heldout_rows:
+            heldout_scores.append(_agreement(scorer, _subset(f, heldout_rows), bank))
+    if heldout_rows:
+        out[heldout_rows] = np.mean(heldout_scores, axis=0)
+    return out, f"2-fold cross-fitted projections ({settings.clean_epochs} epochs)"
+
+
+def _subset(f: _ItemFeatures, rows: list[int]) -> _ItemFeatures:
+    idx = torch.tensor(rows, dtype=torch.long)
+    return _ItemFeatures(f.image[idx], None if f.class_probs is None else f.class_probs[idx], f.text[idx])
+
+
+def _rows_as_pairs(f: _ItemFeatures, rows: list[int]) -> PairFeatures:
+    sub = _subset(f, rows)
+    return PairFeatures(sub.image, sub.class_probs, sub.text, np.arange(len(rows)))
 
 
 def _agreement(space, feats: _ItemFeatures, bank: torch.Tensor) -> np.ndarray:

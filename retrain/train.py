@@ -23,8 +23,10 @@ from mmapp.training import PairFeatures, choose_mix, train_alignment, train_fusi
 
 @dataclass(frozen=True)
 class FineTuneSettings:
-    epochs: int = 8  # alignment epochs from the current projections
-    lr_scale: float = 0.3  # fine-tune learning rate = train.lr * lr_scale
+    # Measured on the flywheel simulation (benchmarks/flywheel_sim.py): 8 epochs at 0.3x lr barely
+    # moved the projections, and the re-chosen score mix then often fell back to the bridge.
+    epochs: int = 20  # alignment epochs from the current projections
+    lr_scale: float = 1.0  # fine-tune learning rate = train.lr * lr_scale (one-cycle schedule)
     fusion_epochs: int = 15
     user_share_of_batch: float = 0.5  # expected share of users' items in a batch (rest: replay)
     max_repeat: int = 8  # users' pairs are repeated at most this often to reach that share

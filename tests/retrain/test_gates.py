@@ -23,9 +23,11 @@ def test_refuses_a_guard_regression_beyond_tolerance():
     assert "test.R@1" in d.reason
 
 
-def test_refuses_when_no_target_improves():
+def test_refuses_when_no_target_improves_beyond_the_noise_band():
     d = decide(CURRENT, dict(CURRENT), GateSpec(targets=("heldout.R@1",)))
     assert not d.promote and "no target improved" in d.reason
+    d = decide(CURRENT, {**CURRENT, "heldout.R@1": 0.42}, GateSpec(targets=("heldout.R@1",), tolerances={"heldout.R@1": 0.05}))
+    assert not d.promote  # +0.02 on a set where one item is worth 0.05
     d = decide(CURRENT, {**CURRENT, "heldout.R@1": 0.41}, GateSpec(targets=("heldout.R@1",), min_improvement=0.02))
     assert not d.promote
 

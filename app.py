@@ -1,8 +1,8 @@
 """The web app: composition root (``main``) and the Gradio page it serves.
 
 ``main()`` reads the config, opens the feedback database and the upload store, builds the
-predictor (and the bootstrap model on a fresh machine), builds the page with :func:`build_app`
-and launches it. Importing this module does nothing but define things: tests call
+predictor (and the bootstrap model on a fresh machine), starts the retrain scheduler, builds the
+page with :func:`build_app` and launches it. Importing this module does nothing but define things: tests call
 ``build_app(config, predictor, engine, blobstore)`` and launch it in-process.
 
 Layout of this file: services the handlers use (no Gradio), then one ``build_*`` function per tab
@@ -24,14 +24,17 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
+from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
@@ -48,6 +51,9 @@ from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
 from mmapp.model_store import BRIDGE, ModelStore
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
+from retrain import api as retrain_api
+from retrain.features import FeatureSource, PredictorFeatureSource
+from retrain.scheduler import RetrainScheduler, start_scheduler
 
 log = logging.getLogger("mmapp.app")
 
@@ -55,6 +61,8 @@ MODEL_EVENTS = "model"  # concurrency_id shared by every event that runs the tow
 FEEDBACK_EVENTS = "feedback"  # concurrency_id of the database writes
 FEEDBACK_CONCURRENCY = 8  # SQLite serialises writers itself (BEGIN IMMEDIATE + busy timeout)
 RELOAD_POLL_S = 5.0  # the registry's current version is read at most this often
+RETRAIN_POLL_S = 3.0  # the operator's retrain status refreshes this often while they are logged in
+RETRAIN_EVENTS = "retrain"  # concurrency_id of the operator's retrain actions (trigger, rollback)
 PREVIEW_SIDE = 640  # longest side of the image shown back to the user
 EXPORT_LABELS = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSONL", "hf": "Hugging Face datasets"}
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -133,11 +141,15 @@ class AppServices:
     blobstore: BlobStore
     watcher: ModelWatcher
     exports_dir: Path
+    scheduler: RetrainScheduler | None = None  # this process' retrain scheduler; None in tests
+    retrain_features: Callable[[], FeatureSource] | None = None  # None: the predictor's own towers
     limits: ImageLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = image_limits(self.config)
         self.read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
+            self.retrain_features = functools.partial(PredictorFeatureSource, self.predictor, self.config)
 
     # -- inputs --
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
@@ -212,6 +224,28 @@ class AppServices:
     def read(self, query: Callable[[Session], Any]) -> Any:
         with Session(self.read_engine) as s, s.begin():
             return query(s)
+
+    # -- retraining (retrain.api does the work; a run goes on in a background thread) --
+    def retrain_status(self) -> dict[str, Any]:
+        return retrain_api.retrain_status(self.config, self.read_engine, scheduler=self.scheduler)
+
+    def trigger_retrain(self) -> dict[str, Any]:
+        return retrain_api.trigger_retrain(self.config, self.engine, features_factory=self.retrain_features)
+
+    def rollback(self, version: str) -> dict[str, Any]:
+        try:
+            return retrain_api.rollback(self.config, self.engine, version)
+        except (ValueError, FileNotFoundError) as exc:  # unknown, never promoted, rejected, folder missing
+            raise UserInputError(f"Cannot roll back to {version!r}: {exc}") from exc
+
+    def report(self, version: str) -> dict[str, Any]:
+        """The report listing entry of ``version``; looked up, never built from the user's string."""
+        reports = retrain_api.list_reports(self.config)
+        for entry in reports:
+            if entry["version"] == version:
+                return entry
+        known = ", ".join(r["version"] for r in reports) or "none yet"
+        raise UserInputError(f"There is no report for version {version!r}; reports exist for: {known}.")
 
 
 def image_limits(config: Config) -> ImageLimits:
@@ -358,6 +392,72 @@ PREDICTION_COLUMNS = ["id", "created_at", "kind", "output", "input_text", "ablat
                       "n_ratings", "n_corrections", "session_id", "user"]
 FEEDBACK_COLUMNS = ["created_at", "type", "id", "prediction_id", "kind", "coherence", "relevance", "detail",
                     "comment", "field", "value", "status", "session_id", "user"]
+RUN_COLUMNS = ["id", "trigger", "status", "progress", "stage", "started_at", "finished_at", "candidate_version",
+               "accepted", "rejected", "message"]
+VERSION_COLUMNS = ["version", "status", "current", "parent_version", "created_at", "promoted_at", "report"]
+_RUN_BADGE = {"promoted": "✔", "succeeded": "✔", "refused": "✖", "failed": "✖"}  # no emoji font needed
+
+
+def _when(iso: str | None, *, seconds: bool = False) -> str:
+    """An ISO timestamp from retrain.api as UTC text; the database's naive timestamps are UTC."""
+    if not iso:
+        return ""
+    moment = datetime.fromisoformat(iso)
+    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
+
+
+def _progress_bar(fraction: float, width: int = 10) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return f"`{'█' * filled}{'░' * (width - filled)}` {_pct(fraction)}"
+
+
+def retrain_status_markdown(status: dict[str, Any], serving: str) -> str:
+    """Current version, next scheduled run, and the running run's progress or the last run's result."""
+    schedule = status["schedule"]
+    lines = [f"**Current version:** `{status['current_version'] or 'none registered'}` · this server runs `{serving}`",
+             f"**Next scheduled run:** {_when(schedule.get('next_run_time')) or 'none'} (cron `{schedule['cron']}`) · "
+             f"scheduler leader: {schedule.get('leader') or 'none'}"]
+    running, runs = status["running"], status["recent_runs"]
+    if running is not None:
+        stage = f"stage **{running['stage']}** · " if running["stage"] else ""
+        lines.append(f"▶ **Run {running['id']} is running** ({running['trigger']}, started "
+                     f"{_when(running['started_at'])}): {_progress_bar(running['progress'] or 0.0)} · "
+                     f"{stage}{running['message']}")
+    elif runs:
+        last = runs[0]
+        lines.append(f"**Last run {last['id']}** ({last['trigger']}, finished {_when(last['finished_at'])}): "
+                     f"{_RUN_BADGE.get(last['status'], '')} **{last['status']}** — {last['message']}")
+        if last["gate_reason"] and last["gate_reason"] != last["message"]:
+            lines.append(f"Gate: {last['gate_reason']}")
+    else:
+        lines.append("No retrain has run yet.")
+    return "\n\n".join(lines)
+
+
+def retrain_runs_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = [{**run, "progress": _pct(run["progress"] or 0.0), "started_at": _when(run["started_at"], seconds=True),
+             "finished_at": _when(run["finished_at"], seconds=True),
+             "accepted": (run["cleaning"] or {}).get("accepted"),
+             "rejected": sum(((run["cleaning"] or {}).get("rejected") or {}).values()) if run["cleaning"] else None}
+            for run in runs]
+    return _table(rows, RUN_COLUMNS)
+
+
+def retrain_versions_table(versions: list[dict[str, Any]], reports: list[str]) -> pd.DataFrame:
+    rows = [{**v, "current": "✓" if v["is_current"] else "", "report": "✓" if v["version"] in reports else "",
+             "created_at": _when(v["created_at"], seconds=True), "promoted_at": _when(v["promoted_at"], seconds=True)}
+            for v in versions]
+    return _table(rows, VERSION_COLUMNS)
+
+
+def rollback_choices(versions: list[dict[str, Any]]) -> list[str]:
+    """Versions that were promoted once and may serve again."""
+    return [v["version"] for v in versions if v["promoted_at"] and not v["is_current"] and v["status"] != "rejected"]
+
+
+def status_fingerprint(status: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(status, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -374,11 +474,17 @@ CSS = """
 
 
 def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: BlobStore, *,
-              watcher: ModelWatcher | None = None) -> gr.Blocks:
-    """The whole page, wired to the injected services; call ``.launch(**launch_options(config))`` on it."""
+              watcher: ModelWatcher | None = None, scheduler: RetrainScheduler | None = None,
+              retrain_features: Callable[[], FeatureSource] | None = None) -> gr.Blocks:
+    """The whole page, wired to the injected services; call ``.launch(**launch_options(config))`` on it.
+
+    ``scheduler``: the process' retrain scheduler (its next run is shown on the operator page);
+    ``retrain_features``: where an operator-triggered retrain gets features (default: ``predictor``'s towers).
+    """
     exports_dir = config.storage.home / "exports"
     services = AppServices(config=config, predictor=predictor, engine=engine, blobstore=blobstore,
-                           watcher=watcher or ModelWatcher(predictor, engine), exports_dir=exports_dir)
+                           watcher=watcher or ModelWatcher(predictor, engine), exports_dir=exports_dir,
+                           scheduler=scheduler, retrain_features=retrain_features)
     with gr.Blocks(title="mmapp", analytics_enabled=False, delete_cache=(60, 180)) as demo:
         session = gr.State(new_session)
         gr.Markdown(HEADER)
@@ -727,7 +833,7 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
                 ui.export = gr.Button("Export (zip)")
                 ui.export_file = gr.File(label="Download", interactive=False, visible=False)
         with gr.Column(elem_id="retrain-controls") as ui.retrain_column:
-            build_retrain_controls(services, session)
+            ui.retrain = build_retrain_controls(services, session)
 
     def operator_tables() -> dict:
         predictor = services.predictor
@@ -765,7 +871,8 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
 
     def operator_logout(session_data: dict):
         return {session: {**session_data, "operator": None}, ui.login_box: gr.Column(visible=True),
-                ui.panel: gr.Column(visible=False), ui.export_file: gr.File(value=None, visible=False)}
+                ui.panel: gr.Column(visible=False), ui.export_file: gr.File(value=None, visible=False),
+                **ui.retrain.closed()}
 
     @user_errors
     def operator_export(fmt: str, session_data: dict):
@@ -778,28 +885,140 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
         return {ui.export_file: gr.File(value=archive, visible=True)}
 
     table_outputs = [ui.version, ui.predictions, ui.feedback, ui.per_day, ui.per_label]
-    ui.login.click(operator_login, [ui.user, ui.password, session],
-                   [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
-                   api_name="operator_login", concurrency_limit=4)
-    ui.password.submit(operator_login, [ui.user, ui.password, session],
+    logged_in = [
+        ui.login.click(operator_login, [ui.user, ui.password, session],
                        [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
-                       api_name="operator_login_enter", api_visibility="undocumented", concurrency_limit=4)
+                       api_name="operator_login", concurrency_limit=4),
+        ui.password.submit(operator_login, [ui.user, ui.password, session],
+                           [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
+                           api_name="operator_login_enter", api_visibility="undocumented", concurrency_limit=4)]
+    for event, name in zip(logged_in, ("retrain_open", "retrain_open_enter")):  # fill in and start polling
+        event.success(ui.retrain.opened, [session], ui.retrain.opened_outputs, api_name=name,
+                      api_visibility="private", queue=False)
     ui.refresh.click(operator_refresh, [session], table_outputs, api_name="operator_refresh", concurrency_limit=4)
-    ui.logout.click(operator_logout, [session], [session, ui.login_box, ui.panel, ui.export_file],
+    ui.logout.click(operator_logout, [session],
+                    [session, ui.login_box, ui.panel, ui.export_file] + ui.retrain.closed_outputs,
                     api_name="operator_logout", queue=False)
     ui.export.click(operator_export, [ui.export_format, session], [ui.export_file], api_name="operator_export",
                     concurrency_id="export", concurrency_limit=1)
     return ui
 
 
-def build_retrain_controls(services: AppServices, session: gr.State) -> None:
-    """Issue 4 plugs in here: trigger a retrain, its progress, reports, rollback (operator only).
+def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNamespace:
+    """The operator's retraining panel: status and progress, "Retrain now", runs, versions, reports, rollback.
 
-    It runs inside the operator panel's ``#retrain-controls`` column. Handlers take ``session`` as an
-    input and call :func:`require_operator` first (wrapped in :func:`user_errors`), like the other
-    operator handlers; long work goes in its own ``concurrency_id``.
+    A run goes on in a background thread (``retrain.api``); a ``gr.Timer`` re-reads the status every
+    ``RETRAIN_POLL_S`` seconds while an operator is logged in and redraws only when it changed.
+    Returns the components plus ``opened``/``closed``, which the login and logout events of the
+    operator tab call with their ``*_outputs``.
     """
-    gr.Markdown("#### Retraining\nRetraining controls are not part of this build yet.")
+    ui = SimpleNamespace()
+    gr.Markdown("#### Retraining")
+    with gr.Row(equal_height=False):
+        ui.status = gr.Markdown(elem_id="retrain-status", elem_classes="status-line")
+        with gr.Column(scale=0, min_width=170):
+            ui.retrain_now = gr.Button("Retrain now", variant="primary", elem_id="retrain-now")
+            ui.refresh = gr.Button("Refresh status", size="sm")
+    ui.notice = gr.Markdown(elem_id="retrain-notice", elem_classes="status-line")
+    ui.runs = gr.Dataframe(label="Recent retrain runs", interactive=False, max_height=320)
+    ui.versions = gr.Dataframe(label="Model versions", interactive=False, max_height=320)
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            ui.report_version = gr.Dropdown(choices=[], value=None, label="Human-eval report of version",
+                                            allow_custom_value=True, elem_id="retrain-report-version")
+            ui.report_link = gr.Markdown()
+            ui.report_file = gr.File(label="Report (HTML)", interactive=False, visible=False)
+        with gr.Column():
+            ui.rollback_version = gr.Dropdown(choices=[], value=None, label="Roll back to version",
+                                              allow_custom_value=True, elem_id="retrain-rollback-version",
+                                              info="An earlier promoted version; the app switches to it "
+                                                   f"within {RELOAD_POLL_S:.0f} s, no restart.")
+            ui.rollback = gr.Button("Roll back", variant="stop")
+    ui.timer = gr.Timer(RETRAIN_POLL_S, active=False)
+    ui.seen = gr.State(None)  # fingerprint of the status this browser shows
+
+    def status_view(status: dict[str, Any]) -> dict:
+        reports = [r["version"] for r in status["reports"]]
+        return {ui.status: retrain_status_markdown(status, services.predictor.version),
+                ui.runs: retrain_runs_table(status["recent_runs"]),
+                ui.versions: retrain_versions_table(status["versions"], reports),
+                ui.report_version: gr.Dropdown(choices=reports),
+                ui.rollback_version: gr.Dropdown(choices=rollback_choices(status["versions"])),
+                ui.seen: status_fingerprint(status)}
+
+    @user_errors
+    def retrain_status(session_data: dict):
+        require_operator(session_data)
+        return status_view(services.retrain_status())
+
+    def poll_retrain_status(session_data: dict, seen: str | None):
+        """The timer's tick: never an error in the page, nothing redrawn unless the status changed."""
+        if not session_data.get("operator"):
+            return gr.skip()
+        try:
+            status = services.retrain_status()
+        except Exception:  # a busy or unreachable database; the next tick tries again
+            log.warning("retrain status poll failed", exc_info=True)
+            return gr.skip()
+        return gr.skip() if status_fingerprint(status) == seen else status_view(status)
+
+    @user_errors
+    def retrain_now(session_data: dict):
+        require_operator(session_data)
+        started = services.trigger_retrain()
+        if started["started"]:
+            notice = f"Retrain run {started['run_id']} started; its progress shows above."
+        else:
+            notice = f"⚠ A retrain is already running (run {started['run_id']}): no second run was started."
+        return {ui.notice: notice, **status_view(services.retrain_status())}
+
+    @user_errors
+    def retrain_rollback(version: str | None, session_data: dict):
+        require_operator(session_data)
+        version = (version or "").strip()
+        if not version:
+            raise UserInputError("Choose the version to roll back to.")
+        result = services.rollback(version)
+        if result["previous"] == result["current_version"]:
+            notice = f"`{version}` is already the current version; nothing changed."
+        else:
+            notice = (f"↩ **Rolled back:** the current version is now `{result['current_version']}` (was "
+                      f"`{result['previous']}`); this server switches to it within {RELOAD_POLL_S:.0f} s.")
+        status = services.retrain_status()
+        return {**status_view(status), ui.notice: notice,
+                ui.rollback_version: gr.Dropdown(choices=rollback_choices(status["versions"]), value=None)}
+
+    @user_errors
+    def retrain_report(version: str | None, session_data: dict):
+        require_operator(session_data)
+        if not (version or "").strip():
+            return {ui.report_file: gr.File(value=None, visible=False), ui.report_link: ""}
+        entry = services.report(version.strip())
+        link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(entry['html'])})"
+        return {ui.report_file: gr.File(value=entry["html"], visible=True), ui.report_link: link}
+
+    def opened(session_data: dict):
+        if not session_data.get("operator"):
+            return gr.skip()
+        return {**status_view(services.retrain_status()), ui.timer: gr.Timer(active=True)}
+
+    def closed() -> dict:
+        return {ui.timer: gr.Timer(active=False), ui.notice: "", ui.report_link: "",
+                ui.report_file: gr.File(value=None, visible=False)}
+
+    view_outputs = [ui.status, ui.runs, ui.versions, ui.report_version, ui.rollback_version, ui.seen]
+    ui.opened, ui.opened_outputs = opened, view_outputs + [ui.timer]
+    ui.closed, ui.closed_outputs = closed, [ui.timer, ui.notice, ui.report_link, ui.report_file]
+    ui.refresh.click(retrain_status, [session], view_outputs, api_name="retrain_status", concurrency_limit=4)
+    ui.timer.tick(poll_retrain_status, [session, ui.seen], view_outputs, api_name="retrain_poll",
+                  api_visibility="undocumented", queue=False, show_progress="hidden")
+    ui.retrain_now.click(retrain_now, [session], [ui.notice] + view_outputs, api_name="retrain_now",
+                         concurrency_id=RETRAIN_EVENTS, concurrency_limit=1)
+    ui.rollback.click(retrain_rollback, [ui.rollback_version, session], [ui.notice] + view_outputs,
+                      api_name="retrain_rollback", concurrency_id=RETRAIN_EVENTS, concurrency_limit=1)
+    ui.report_version.input(retrain_report, [ui.report_version, session], [ui.report_file, ui.report_link],
+                            api_name="retrain_report", concurrency_limit=4)
+    return ui
 
 
 # ---- launch ---------------------------------------------------------------------------------------
@@ -807,10 +1026,12 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> None:
 def launch_options(config: Config) -> dict[str, Any]:
     """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares."""
     exports_dir = config.storage.home / "exports"  # export_feedback creates it on first use
+    reports_dir = config.storage.home / "reports"  # retrain.report writes <version>/report.html there
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     return {"server_name": config.app.host, "server_port": config.app.port,
-            "max_file_size": config.app.max_upload_mb * 2**20, "allowed_paths": [str(exports_dir)],
+            "max_file_size": config.app.max_upload_mb * 2**20,
+            "allowed_paths": [str(exports_dir), str(reports_dir)],
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
             "show_error": False}
 
@@ -852,6 +1073,11 @@ def build_predictor(config: Config, engine: Engine) -> Predictor:
     return predictor
 
 
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a service manager's stop) ends ``launch()`` like Ctrl-C, so ``main`` can clean up."""
+    raise KeyboardInterrupt
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python app.py", description="Serve the mmapp web page.")
     parser.add_argument("--host", help="interface to bind (default from config: 127.0.0.1)")
@@ -867,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # two lines per lease heartbeat otherwise
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = load_config(args.profile, app=overrides)
     warn_if_no_operator(config)
@@ -879,9 +1106,17 @@ def main(argv: list[str] | None = None) -> int:
         for caption, source in accepted_caption_corrections(engine):
             predictor.add_to_caption_bank(caption, source)
 
-    demo = build_app(config, predictor, engine, blobstore, watcher=ModelWatcher(predictor, engine, on_reload=on_reload))
-    print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}", flush=True)
-    demo.launch(**launch_options(config))
+    retrain_features = functools.partial(PredictorFeatureSource, predictor, config)  # the towers already loaded
+    scheduler = start_scheduler(config, engine, features_factory=retrain_features)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        demo = build_app(config, predictor, engine, blobstore, scheduler=scheduler, retrain_features=retrain_features,
+                         watcher=ModelWatcher(predictor, engine, on_reload=on_reload))
+        print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
+              f"retrain schedule {config.retrain.cron!r}, next {scheduler.next_run_time}", flush=True)
+        demo.launch(**launch_options(config))
+    finally:  # hands the scheduler lease on at once instead of after its TTL
+        scheduler.shutdown()
     return 0
 
 

@@ -115,7 +115,8 @@ class RunningApp:
         return Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
 
 
-def start_app(home: Path, predictor, **app_overrides) -> RunningApp:
+def start_app(home: Path, predictor, *, build_options: dict | None = None, **app_overrides) -> RunningApp:
+    """``build_options``: extra keyword arguments of ``build_app`` (a scheduler, a retrain feature source)."""
     import app as webapp
     from feedback_db.blobstore import BlobStore
     from feedback_db.engine import init_db, make_engine
@@ -125,18 +126,23 @@ def start_app(home: Path, predictor, **app_overrides) -> RunningApp:
     init_db(engine)
     blobstore = BlobStore(home / "uploads")
     watcher = webapp.ModelWatcher(predictor, engine, interval_s=0.2)
-    demo = webapp.build_app(config, predictor, engine, blobstore, watcher=watcher)
+    demo = webapp.build_app(config, predictor, engine, blobstore, watcher=watcher, **(build_options or {}))
     demo.launch(**{**webapp.launch_options(config), "prevent_thread_lock": True, "quiet": True})
     return RunningApp(demo.local_url, demo, engine, config, home, blobstore)
+
+
+def module_home(app_home: Path, tmp_path_factory) -> Path:
+    """A fresh home folder (database, uploads, reports) that shares the session's models and caches."""
+    home = tmp_path_factory.mktemp("app")
+    for shared in ("models", "cache"):
+        (home / shared).symlink_to(app_home / shared, target_is_directory=True)
+    return home
 
 
 @pytest.fixture(scope="module")
 def running_app(predictor, app_home, tmp_path_factory):
     """The app on a free port with its own database and upload store (shared model caches)."""
-    module_home = tmp_path_factory.mktemp("app")
-    for shared in ("models", "cache"):
-        (module_home / shared).symlink_to(app_home / shared, target_is_directory=True)
-    running = start_app(module_home, predictor)
+    running = start_app(module_home(app_home, tmp_path_factory), predictor)
     yield running
     running.demo.close()
     running.engine.dispose()

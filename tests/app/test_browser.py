@@ -143,4 +143,6 @@ def test_operator_page_after_login(page):
     page.get_by_role("button", name="Log in").click()
     wait_for_text(page, "#operator-version", "Model version served")
     page.get_by_text("Recent predictions").first.wait_for()
+    wait_for_text(page, "#retrain-status", "Next scheduled run")  # the retrain panel fills in after login
+    assert page.locator("#retrain-now").is_visible()
     page.screenshot(path=str(ARTIFACTS / "operator.png"), full_page=True)

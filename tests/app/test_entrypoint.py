@@ -9,6 +9,11 @@ import time
 import httpx
 import pytest
 from gradio_client import Client, handle_file
+from sqlalchemy.orm import Session
+
+from feedback_db import repository as repo
+from feedback_db.engine import make_engine
+from retrain.scheduler import SchedulerSettings
 
 from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port
 
@@ -33,12 +38,14 @@ def test_launch_options_are_safe_by_default():
     assert options["server_name"] == "127.0.0.1"
     assert options["max_file_size"] == config.app.max_upload_mb * 2**20
     assert options["enable_monitoring"] is False and options["ssr_mode"] is False
+    assert str(config.storage.home / "reports") in options["allowed_paths"]  # the operator's report links
 
 
 @pytest.mark.server
 def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
     """`python app.py --port P` with a model already current: it warns about the missing operator
-    credentials, registers the served version, and answers a caption request."""
+    credentials, registers the served version, answers a caption request, runs the retrain
+    scheduler, and on SIGTERM hands the scheduler's lease back instead of leaving it to expire."""
     home = tmp_path / "home"
     home.mkdir()
     for shared in ("models", "cache"):
@@ -67,8 +74,13 @@ def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
         assert details["caption"] and details["model_version"] == TEST_VERSION
         output = log.read_text()
         assert "WARNING: no operator credentials are set" in output
-        assert f"serving model {TEST_VERSION!r}" in output
+        assert f"serving model {TEST_VERSION!r}" in output and "retrain schedule" in output
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert server.returncode == 0, log.read_text()[-3000:]
     assert (home / "mmapp.db").is_file() and any((home / "uploads").rglob("*.jpg"))
+    engine = make_engine(f"sqlite:///{home / 'mmapp.db'}")
+    with Session(engine) as s:
+        assert repo.lock_holder(s, SchedulerSettings().lease_name) is None
+    engine.dispose()

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -879,7 +880,9 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
         require_operator(session_data)
         if fmt not in EXPORT_FORMATS:
             raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
-        folder = services.read(lambda s: export_feedback(s, services.exports_dir, fmt, services.blobstore))
+        # A random folder per export: the exports dir is servable, so a path must not be guessable.
+        out_dir = services.exports_dir / secrets.token_urlsafe(16)
+        folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore))
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
         shutil.rmtree(folder)
         return {ui.export_file: gr.File(value=archive, visible=True)}
@@ -994,8 +997,13 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
         if not (version or "").strip():
             return {ui.report_file: gr.File(value=None, visible=False), ui.report_link: ""}
         entry = services.report(version.strip())
-        link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(entry['html'])})"
-        return {ui.report_file: gr.File(value=entry["html"], visible=True), ui.report_link: link}
+        # Served from a random folder: report paths (reports/<version>/) are guessable, and a report
+        # quotes users' corrections, so only a logged-in operator gets a link to one.
+        shared = services.exports_dir / secrets.token_urlsafe(16)
+        shared.mkdir(parents=True)
+        html = shutil.copy2(entry["html"], shared / f"report-{entry['version']}.html")
+        link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))})"
+        return {ui.report_file: gr.File(value=str(html), visible=True), ui.report_link: link}
 
     def opened(session_data: dict):
         if not session_data.get("operator"):
@@ -1026,12 +1034,11 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
 def launch_options(config: Config) -> dict[str, Any]:
     """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares."""
     exports_dir = config.storage.home / "exports"  # export_feedback creates it on first use
-    reports_dir = config.storage.home / "reports"  # retrain.report writes <version>/report.html there
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     return {"server_name": config.app.host, "server_port": config.app.port,
             "max_file_size": config.app.max_upload_mb * 2**20,
-            "allowed_paths": [str(exports_dir), str(reports_dir)],
+            "allowed_paths": [str(exports_dir)],
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
             "show_error": False}
 

@@ -58,10 +58,11 @@ class EmbeddingCache:
         np.savez(buf, **arrays)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
         try:
+            # No fsync: the rename already makes a crashed process leave no partial entry, and after a
+            # power loss an unreadable entry is recomputed (get() treats it as missing). Saves ~10-40 ms
+            # per upload on the request path.
             with os.fdopen(fd, "wb") as fh:
                 fh.write(buf.getvalue())
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,6 @@ import ipaddress
 import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest

@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from feedback_db.models import Correction, ModelVersion, RejectedItem, RetrainRun
 from mmapp.model_store import ModelStore

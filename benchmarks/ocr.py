@@ -25,20 +25,7 @@ from PIL import Image
 
 from mmapp.data.memes import GRIM_PHRASES, UPBEAT_PHRASES, compose_caption, meme_text, render_meme
 from mmapp.encoders.ocr import OCRConfig, RapidOCRReader
-
-
-def edit_distance(a: Sequence, b: Sequence) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        diag, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
-    return row[-1]
-
-
-def word_accuracy(reference: str, hypothesis: str) -> float:
-    ref, hyp = reference.upper().split(), hypothesis.upper().split()
-    return max(0.0, 1.0 - edit_distance(ref, hyp) / max(1, len(ref)))
+from mmapp.evaluation import word_accuracy
 
 
 def sample_pictures(clipart: Path | None, limit: int = 12) -> list[Image.Image]:

@@ -284,3 +284,20 @@ def ablation_deltas(metrics_by_mode: dict[str, dict]) -> dict:
     return {f"fused_minus_{mode}": {metric: float(fused[metric] - metrics_by_mode[mode][metric])
                                     for metric in ABLATION_METRICS}
             for mode in ABLATION_MODES[1:]}
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two sequences (characters or words)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
+    return row[-1]
+
+
+def word_accuracy(reference: str, hypothesis: str) -> float:
+    """1 - word error rate (case-insensitive), floored at 0: the OCR metric."""
+    ref, hyp = reference.upper().split(), hypothesis.upper().split()
+    return max(0.0, 1.0 - edit_distance(ref, hyp) / max(1, len(ref)))
+

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmapp.evaluation import edit_distance
 from mmapp.encoders.ocr import (
     OCRConfig,
     OCRLine,
@@ -17,15 +18,6 @@ from mmapp.encoders.ocr import (
 
 CHARSET = ["blank", "A", "B", "C", "-", " "]  # RapidOCR layout: blank first, space last
 SPACE = len(CHARSET) - 1
-
-
-def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        diag, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
-    return row[-1]
 
 
 def ctc_probs(columns: list[tuple[int, float]]) -> np.ndarray:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mmapp.cache import EmbeddingCache, text_key
 from mmapp.encoders import ImageFeatures
-from mmapp.imageio import ImageLimits, load_image
+from mmapp.imageio import ImageLimits, load_image, sha256_bytes
 
 
 class Embedder:
@@ -54,11 +54,14 @@ class Embedder:
             batch = [Path(p) for p in paths[start:start + chunk]]
             batch_keys, pending = [], {}
             for p in batch:
-                key, entry = self._cached_file_key(p)
+                if p.stat().st_size > limits.max_bytes:
+                    load_image(p, limits=limits, name=str(p))  # raises the size error naming the file
+                data = p.read_bytes()  # read once: hashed for the cache key, decoded only on a miss
+                key = sha256_bytes(data)
                 batch_keys.append(key)
-                if entry is None:
-                    pending[p] = key
-            decoded = {p: load_image(p, limits=limits, name=str(p)) for p in pending}
+                if self.cache is None or self.cache.get(self.image_encoder.identity, key) is None:
+                    pending[p] = data
+            decoded = {p: load_image(data, limits=limits, name=str(p)) for p, data in pending.items()}
             images = [decoded[p].image if p in decoded else None for p in batch]
             out = self.images(images, batch_keys)
             feats.append(out.features)
@@ -70,13 +73,6 @@ class Embedder:
         if not feats:
             return ImageFeatures(torch.empty(0, self.image_encoder.dim), None), []
         return ImageFeatures(torch.cat(feats), torch.cat(probs) if probs else None), keys
-
-    def _cached_file_key(self, path: Path):
-        from mmapp.imageio import sha256_bytes
-
-        key = sha256_bytes(path.read_bytes())
-        entry = self.cache.get(self.image_encoder.identity, key) if self.cache else None
-        return key, entry
 
     def texts(self, texts: Sequence[str], *, progress: bool = False) -> torch.Tensor:
         """(B, D_txt) unit-norm text embeddings."""

@@ -197,6 +197,16 @@ class AppServices:
             raise UserInputError(str(exc)) from exc
         return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3)
 
+    def submit_feedback(self, result: dict, request_id: str | None, session: dict, *,
+                        scores: dict[str, int | None], comment: str | None, corrections: dict[str, str],
+                        hint: str) -> dict[str, Any]:
+        """A form's rating/corrections for ``result``: refuse an empty form, derive the idempotency key, store."""
+        if not corrections and not comment and all(v is None for v in scores.values()):
+            raise UserInputError(f"Nothing to save yet: move a rating slider, {hint} or write a comment.")
+        key = feedback_request_id(request_id, result, {**scores, "comment": comment, **corrections})
+        return self.store_feedback(prediction_id=result["prediction_id"], request_id=key, session=session,
+                                   scores=scores, comment=comment, corrections=corrections)
+
     def store_feedback(self, *, prediction_id: int, request_id: str, session: dict, scores: dict[str, int | None],
                        comment: str | None, corrections: dict[str, str]) -> dict[str, Any]:
         """Rating and corrections of one prediction, all or nothing; a repeated ``request_id`` stores nothing new."""
@@ -599,11 +609,8 @@ def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespa
         scores = {"coherence": score_or_none(coherence), "relevance": score_or_none(relevance),
                   "detail": score_or_none(detail)}
         corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
-        if not corrections and not comment and all(v is None for v in scores.values()):
-            raise UserInputError("Nothing to save yet: move a rating slider, correct the caption or write a comment.")
-        key = feedback_request_id(request_id, result, {**scores, "comment": comment, **corrections})
-        saved = services.store_feedback(prediction_id=result["prediction_id"], request_id=key, session=session_data,
-                                        scores=scores, comment=comment, corrections=corrections)
+        saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
+                                         corrections=corrections, hint="correct the caption")
         return {ui.status: saved_markdown(saved)}
 
     def clear_caption():
@@ -748,12 +755,8 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
             if corrected_label not in predictor.labels:
                 raise UserInputError(f"unknown label {corrected_label!r}; choose one of {list(predictor.labels)}")
             corrections["label"] = corrected_label
-        if not corrections and not comment and all(v is None for v in scores.values()):
-            raise UserInputError("Nothing to save yet: move a rating slider, correct the text or label, "
-                                 "or write a comment.")
-        key = feedback_request_id(request_id, result, {**scores, "comment": comment, **corrections})
-        saved = services.store_feedback(prediction_id=result["prediction_id"], request_id=key, session=session_data,
-                                        scores=scores, comment=comment, corrections=corrections)
+        saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
+                                         corrections=corrections, hint="correct the text or label")
         return {ui.status: saved_markdown(saved)}
 
     def clear_meme():

@@ -65,7 +65,7 @@ class TowerFinetuneResult:
 def finetune_with_unfrozen_blocks(encoder, model: AlignmentModel, images: Sequence[ImageSource],
                                   captions_emb: torch.Tensor, text_to_image: np.ndarray, *,
                                   class_text: torch.Tensor | None, top_t: int, config: TrainConfig,
-                                  n_blocks: int, val: CaptionedImages | None = None,
+                                  n_blocks: int | None = None, val: CaptionedImages | None = None,
                                   tower_lr_factor: float = 0.1, progress: bool = False) -> TowerFinetuneResult:
     """Train the last ``n_blocks`` tower blocks (+ head) and a copy of ``model`` with symmetric InfoNCE.
 
@@ -80,6 +80,7 @@ def finetune_with_unfrozen_blocks(encoder, model: AlignmentModel, images: Sequen
     mode (on error, its original weights). Its ``identity`` still names the base weights: features
     cached under it are stale for the fine-tuned tower.
     """
+    n_blocks = config.unfreeze_last_n if n_blocks is None else n_blocks  # the config's knob by default
     if n_blocks <= 0:
         raise ValueError(f"n_blocks must be >= 1, got {n_blocks}; to train with frozen towers use "
                          "mmapp.training.train_alignment on cached features")

@@ -41,18 +41,19 @@ HELDOUT_CATEGORIES = ("signs_and_symbols/flags", "transportation/roadsigns", "re
 N_USERS = 25
 
 
-def in_heldout(category: str) -> bool:
+def in_heldout(category: str, heldout: tuple[str, ...] = HELDOUT_CATEGORIES) -> bool:
     # Pirate flags stay in: the meme set uses them as "grim" pictures.
     if category.startswith("signs_and_symbols/flags/historic/pirates"):
         return False
-    return any(category == c or category.startswith(c + "/") for c in HELDOUT_CATEGORIES)
+    return any(category == c or category.startswith(c + "/") for c in heldout)
 
 
 def _bucket(key: str) -> float:
     return int.from_bytes(hashlib.sha256(f"flywheel-sim:{key}".encode()).digest()[:8], "big") / 2.0 ** 64
 
 
-def prepare_home(source_home: Path, home: Path, *, fresh: bool) -> dict:
+def prepare_home(source_home: Path, home: Path, *, fresh: bool,
+                 heldout: tuple[str, ...] = HELDOUT_CATEGORIES) -> dict:
     """Sim home: bootstrap TSVs without the held-out categories; items.jsonl kept whole (the meme set
     renders pictures only, never their captions); embedding cache hard-linked from the main home."""
     from mmapp.data.pairs import Pair, read_pairs, write_pairs_tsv
@@ -63,14 +64,19 @@ def prepare_home(source_home: Path, home: Path, *, fresh: bool) -> dict:
     if not (src / "items.jsonl").is_file():
         raise SystemExit(f"no bootstrap corpus under {src}: run `python -m mmapp import openclipart` first")
     dst = home / "datasets" / "openclipart"
+    marker = home / "heldout_categories.json"
+    if marker.is_file() and json.loads(marker.read_text()) != list(heldout):
+        raise SystemExit(f"{home} was built holding out {json.loads(marker.read_text())}, not {list(heldout)}: "
+                         "pass --fresh or another --home")
     dst.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(list(heldout)))
     items = [json.loads(line) for line in (src / "items.jsonl").read_text().splitlines() if line.strip()]
     category = {str(Path(i["png_path"]).resolve()): i["category"] for i in items}
-    heldout_items = [i for i in items if in_heldout(i["category"])]
+    heldout_items = [i for i in items if in_heldout(i["category"], heldout)]
     if not (dst / "train.tsv").is_file():
         for split in ("train", "val", "test"):
             pairs = [p for p in read_pairs(src / f"{split}.tsv")
-                     if not in_heldout(category.get(str(Path(p.image_path).resolve()), ""))]
+                     if not in_heldout(category.get(str(Path(p.image_path).resolve()), ""), heldout)]
             write_pairs_tsv(pairs, dst / f"{split}.tsv")
         shutil.copy2(src / "items.jsonl", dst / "items.jsonl")
         for name in ("memes",):
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timing", type=int, default=1000, help="corrections for the timing run (0 = skip)")
     parser.add_argument("--fresh", action="store_true", help="delete the sim home first")
     parser.add_argument("--sample-report", default=str(REPO / "docs" / "flywheel_sample"))
+    parser.add_argument("--categories", default=",".join(HELDOUT_CATEGORIES),
+                        help="comma-separated Open Clip Art categories to hold out of the bootstrap (with subcategories)")
     parser.add_argument("--direct", action="store_true", help="store feedback with repository calls, not the web app")
     args = parser.parse_args(argv)
 
@@ -265,11 +273,12 @@ def main(argv=None) -> int:
     home = Path(args.home).resolve()
     source_home = Path(args.source_home) if args.source_home else load_config().storage.home
     t0 = time.monotonic()
-    split = prepare_home(source_home, home, fresh=args.fresh)
+    heldout = tuple(c.strip().strip("/") for c in args.categories.split(",") if c.strip())
+    split = prepare_home(source_home, home, fresh=args.fresh, heldout=heldout)
     config = load_config(storage={"home": str(home)})
     seed_everything(config.train.seed)
     say = lambda msg: print(f"[sim {time.monotonic() - t0:6.0f}s] {msg}", flush=True)
-    say(f"held out {split['n_heldout_items']} items of {HELDOUT_CATEGORIES}: "
+    say(f"held out {split['n_heldout_items']} items of {heldout}: "
         f"{len(split['feed'])} to feed, {len(split['eval'])} to evaluate")
 
     predictor = Predictor.from_config(config)
@@ -294,7 +303,7 @@ def main(argv=None) -> int:
         return {"heldout_categories": r1(evaluate_retrieval(space, eval_feats)),
                 "bootstrap_test": r1(evaluate_retrieval(space, test_feats))}
 
-    results.update({"heldout_categories": list(HELDOUT_CATEGORIES), "n_feed": 0, "n_eval": len(split["eval"])})
+    results.update({"heldout_categories": list(heldout), "n_feed": 0, "n_eval": len(split["eval"])})
     results["before"] = measure("bootstrap")
 
     # --- honest corrections -------------------------------------------------------------------

@@ -9,6 +9,10 @@
 * Served score = ``mix * bridge_score + (1 - mix) * projected_score`` with ``mix`` chosen on
   held-out data, after centering each side (hubness reduction): clip-art training must not make
   real photos worse than the bridge.
+* Local mix (set by a retrain, see :class:`LocalMix`): near the images users have taught the
+  model, the mix may lean further on the projections than the global ``mix`` allows; elsewhere
+  (real photos, say) the global mix holds. "Near" is the image tower's cosine similarity to those
+  images (mean of the k nearest), ramped linearly between two thresholds.
 No database, no UI here.
 """
 from __future__ import annotations
@@ -91,6 +95,40 @@ class AlignmentModel(nn.Module):
 
 
 @dataclass
+class LocalMix:
+    """A per-image mix near users' taught images: ``mix_i = global + (near_mix - global) * ramp(support_i)``.
+
+    ``support_i`` is the mean cosine of image i's tower features to its ``k`` nearest ``reference``
+    rows; ``ramp`` is 0 at or below ``lo``, 1 at or above ``hi``, linear between.
+    """
+
+    reference: torch.Tensor  # (M, D_img) unit-norm tower features of the images users taught
+    near_mix: float
+    lo: float
+    hi: float
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.reference.ndim != 2 or self.reference.shape[0] == 0:
+            raise ValueError(f"local mix reference must be a non-empty (M, D) matrix, got {tuple(self.reference.shape)}")
+        if not (0.0 <= self.near_mix <= 1.0 and self.lo < self.hi and self.k >= 1):
+            raise ValueError(f"bad local mix: near_mix {self.near_mix}, lo {self.lo}, hi {self.hi}, k {self.k}")
+
+    def support(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) mean cosine to the k nearest reference images."""
+        sims = F.normalize(features.float(), dim=-1) @ self.reference.float().T  # (N, M)
+        return sims.topk(min(self.k, sims.shape[1]), dim=1).values.mean(1)
+
+    def weight(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) in [0, 1]: how far each image is inside the taught neighbourhood."""
+        return ((self.support(features) - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
+
+    def meta(self) -> dict:
+        return {"near_mix": self.near_mix, "lo": self.lo, "hi": self.hi, "k": self.k,
+                "reference_images": int(self.reference.shape[0])}
+
+
+@dataclass
 class JointSpace:
     """What a served model version uses to score images against texts.
 
@@ -105,6 +143,7 @@ class JointSpace:
     bridge_center_txt: torch.Tensor | None = None  # (D_txt,) mean text embedding over training captions
     joint_center_img: torch.Tensor | None = None  # (J,)
     joint_center_txt: torch.Tensor | None = None  # (J,)
+    local: LocalMix | None = None  # per-image mix near users' taught images (None: global mix only)
 
     @property
     def has_bridge(self) -> bool:
@@ -124,6 +163,8 @@ class JointSpace:
         if self.model is not None:
             with torch.inference_mode():
                 out["joint"] = _center(self.model.encode_image(features, b), self.joint_center_img)
+            if self.local is not None:
+                out["local_weight"] = self.local.weight(features)  # (N,)
         return out
 
     def text_views(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -137,12 +178,17 @@ class JointSpace:
 
     def similarity(self, image_views: dict[str, torch.Tensor], text_views: dict[str, torch.Tensor],
                    mix: float | None = None) -> torch.Tensor:
-        """(N_img, N_txt) served score."""
-        mix = self.mix if mix is None else mix
+        """(N_img, N_txt) served score. An explicit ``mix`` applies to every image (no local mix)."""
         if self.model is None:
             return image_views["bridge"] @ text_views["bridge"].T
         joint = image_views["joint"] @ text_views["joint"].T
-        if not self.has_bridge or mix == 0.0:
+        if not self.has_bridge:
+            return joint
+        if mix is None:
+            mix = self.mix
+            if self.local is not None and "local_weight" in image_views:
+                mix = (mix + (self.local.near_mix - mix) * image_views["local_weight"])[:, None]  # (N_img, 1)
+        if not torch.is_tensor(mix) and mix == 0.0:
             return joint
         return mix * (image_views["bridge"] @ text_views["bridge"].T) + (1 - mix) * joint
 
@@ -154,11 +200,16 @@ class JointSpace:
         }.items() if v is not None}
         if self.model is not None:
             tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        if self.local is not None:
+            tensors["local_reference"] = self.local.reference.half()  # 2 bytes a value is ample for cosines
         return tensors
 
     def meta(self) -> dict:
-        return {"top_t": self.top_t, "mix": self.mix,
-                "alignment": asdict(self.model.config) if self.model is not None else None}
+        out = {"top_t": self.top_t, "mix": self.mix,
+               "alignment": asdict(self.model.config) if self.model is not None else None}
+        if self.local is not None:
+            out["local_mix"] = {k: v for k, v in self.local.meta().items() if k != "reference_images"}
+        return out
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "JointSpace":
@@ -167,11 +218,16 @@ class JointSpace:
             model = AlignmentModel(AlignmentConfig(**meta["alignment"]))
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             model.eval()
+        local = None
+        if meta.get("local_mix"):
+            if "local_reference" not in tensors:
+                raise ValueError("model meta has a local mix but its weights have no local_reference tensor")
+            local = LocalMix(tensors["local_reference"].float(), **meta["local_mix"])
         return cls(class_text=tensors.get("class_text"), top_t=int(meta["top_t"]), model=model,
                    mix=float(meta["mix"]), bridge_center_img=tensors.get("bridge_center_img"),
                    bridge_center_txt=tensors.get("bridge_center_txt"),
                    joint_center_img=tensors.get("joint_center_img"),
-                   joint_center_txt=tensors.get("joint_center_txt"))
+                   joint_center_txt=tensors.get("joint_center_txt"), local=local)
 
 
 def _center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, conse
+from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse
 from mmapp.losses import info_nce
 
 
@@ -188,6 +188,73 @@ def choose_mix(space: JointSpace, heldout: Sequence[tuple[str, PairFeatures]], *
     allowed = [r for r in rows if r["allowed"]]
     best = max(allowed, key=lambda r: (round(r["objective"], 6), r["mix"]))
     return float(best["mix"]), rows
+
+
+LOCAL_THRESHOLDS = tuple(round(0.45 + 0.05 * i, 2) for i in range(8))  # cosine where the ramp starts
+LOCAL_WIDTHS = (0.05, 0.1)
+
+
+def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequence[tuple[str, PairFeatures]], *,
+                     guard: tuple[str, PairFeatures] | None = None, k: int = 5,
+                     thresholds: Sequence[float] = LOCAL_THRESHOLDS, widths: Sequence[float] = LOCAL_WIDTHS,
+                     step: float = 0.05) -> tuple[LocalMix | None, list[dict]]:
+    """A per-image mix near ``reference`` (users' taught images), or None when none beats the global mix.
+
+    The global ``space.mix`` was chosen for every image, so the real-photo guard held it near the
+    bridge even where users have shown the projections what the pictures mean. Here the mix may go
+    lower, but only for images whose tower features are close to the taught ones: each candidate
+    (near mix, ramp thresholds) must raise the same held-out objective as :func:`choose_mix` (mean
+    R@1 over ``heldout``, which should include users' pairs NOT in ``reference``) and keep the guard's
+    MRR at or above the pure bridge's. Ties go to the mix closer to the global one, then to the
+    narrower neighbourhood (higher threshold).
+    """
+    if space.model is None or not space.has_bridge or reference.shape[0] == 0:
+        return None, []
+    reference = F.normalize(reference.float(), dim=-1)
+    base_local = space.local
+    pre = {}
+    for name, feats in [*heldout, *([guard] if guard else [])]:
+        space.local = None
+        vi = space.image_views(feats.image_features, feats.class_probs)
+        vt = space.text_views(feats.text)
+        probe = LocalMix(reference, near_mix=0.0, lo=0.0, hi=1.0, k=k)
+        pre[name] = (vi["bridge"] @ vt["bridge"].T, vi["joint"] @ vt["joint"].T,
+                     probe.support(feats.image_features), feats.text_to_image)
+    space.local = base_local
+
+    def scores(name: str, near: float, lo: float, hi: float, metric=mean_r1) -> float:
+        bridge, joint, support, t2i = pre[name]
+        w = ((support - lo) / (hi - lo)).clamp(0.0, 1.0)[:, None]
+        mix = space.mix + (near - space.mix) * w
+        return metric(mix * bridge + (1 - mix) * joint, t2i)
+
+    def objective(near: float, lo: float, hi: float) -> float:
+        return float(np.mean([scores(name, near, lo, hi) for name, _ in heldout]))
+
+    baseline = objective(space.mix, 0.0, 1.0)
+    guard_floor = scores(guard[0], 1.0, 0.0, 1.0, mean_mrr) if guard else None
+    rows, best = [], None
+    nears = [round(space.mix - step * i, 4) for i in range(int(space.mix / step + 1e-9) + 1)]
+    for near in nears:
+        for lo in thresholds:
+            for width in widths:
+                hi = round(lo + width, 4)
+                row = {"near_mix": near, "lo": lo, "hi": hi, "objective": objective(near, lo, hi)}
+                if guard:
+                    row[f"{guard[0]}_mrr"] = scores(guard[0], near, lo, hi, mean_mrr)
+                    row["allowed"] = row[f"{guard[0]}_mrr"] >= guard_floor - 1e-9
+                else:
+                    row["allowed"] = True
+                rows.append(row)
+                if row["allowed"] and row["objective"] > baseline + 1e-9:
+                    key = (round(row["objective"], 6), near, lo)
+                    if best is None or key > best[0]:
+                        best = (key, row)
+    table = [{"baseline_objective": baseline}, *rows]
+    if best is None:
+        return None, table
+    r = best[1]
+    return LocalMix(reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
 
 
 @dataclass

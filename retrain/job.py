@@ -585,7 +585,13 @@ def _set_report_path(engine: Engine, run_id: int, version: Optional[str], path: 
 
 
 def _strip_history(info: dict) -> dict:
-    return {part: {k: v for k, v in d.items() if k not in ("history", "mix_table")} for part, d in info.items()}
+    """Training info without the per-epoch history and the mix search tables (too long for a manifest)."""
+    def strip(d: dict) -> dict:
+        out = {k: v for k, v in d.items() if k not in ("history", "mix_table")}
+        if isinstance(out.get("local_mix"), dict):
+            out["local_mix"] = {k: v for k, v in out["local_mix"].items() if k != "table"}
+        return out
+    return {part: strip(d) for part, d in info.items()}
 
 
 def _manifest(config, *, run_id, version, parent, selection, replay_idx, features, stats, candidate_info, flat,

@@ -18,7 +18,8 @@ import torch
 
 from mmapp.config import TrainConfig
 from mmapp.joint import JointSpace
-from mmapp.training import PairFeatures, choose_mix, train_alignment, train_fusion_head, with_centers
+from mmapp.training import (PairFeatures, choose_local_mix, choose_mix, train_alignment, train_fusion_head,
+                            with_centers)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class FineTuneSettings:
     fusion_epochs: int = 15
     user_share_of_batch: float = 0.5  # expected share of users' items in a batch (rest: replay)
     max_repeat: int = 8  # users' pairs are repeated at most this often to reach that share
+    # Local mix (mmapp.joint.LocalMix): the taught images it remembers, newest kept. 0 = global mix only.
+    local_reference_max: int = 4096
 
 
 @dataclass
@@ -159,9 +162,20 @@ def _fine_tune_space(current: JointSpace, data: TrainingSet, train_config: Train
         heldout.append(("users_tune", data.tune_pairs))
     guard = ("photos", data.guard) if data.guard is not None else None
     space.mix, table = choose_mix(space, heldout, guard=guard)
+    local_info: dict = {"skipped": "disabled (local_reference_max 0)"}
+    if settings.local_reference_max > 0:
+        # Remember the images users taught (earlier runs' first, then this run's fit images); the
+        # tune images stay out so that they can judge the neighbourhood fairly.
+        parts = [current.local.reference.float()] if current.local is not None else []
+        reference = torch.cat([*parts, data.user_pairs.image_features.float()])[-settings.local_reference_max:]
+        space.local, local_table = choose_local_mix(space, reference, heldout, guard=guard)
+        local_info = ({**space.local.meta(), "table": local_table} if space.local is not None
+                      else {"skipped": "no local mix beat the global one on the held-out objective",
+                            "table": local_table})
     return space, {"user_pairs": n_user, "replay_pairs": n_replay, "repeats": repeats,
                    "epochs": settings.epochs, "lr": config.lr, "mix": space.mix, "mix_table": table,
-                   "history": result.history, "seconds": round(time.monotonic() - started, 2)}
+                   "local_mix": local_info, "history": result.history,
+                   "seconds": round(time.monotonic() - started, 2)}
 
 
 def _fine_tune_head(current, data: TrainingSet, train_config: TrainConfig,

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from mmapp.cache import EmbeddingCache, text_key
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, conse
+from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse
 from mmapp.model_store import ModelStore
-from mmapp.training import PairFeatures, choose_mix, mean_mrr, mean_r1, train_alignment, with_centers
+from mmapp.training import (PairFeatures, choose_local_mix, choose_mix, mean_mrr, mean_r1, train_alignment,
+                            with_centers)
 
 
 def synthetic_pairs(n: int, seed: int, *, n_classes: int = 50, d_img: int = 32, d_txt: int = 16) -> tuple[PairFeatures, torch.Tensor]:
@@ -61,6 +62,60 @@ def test_training_beats_the_bridge_and_mix_never_hurts_the_guard():
     assert chosen["allowed"] and chosen["guard_mrr"] >= table[-1]["guard_mrr"] - 1e-9  # mix=1.0 is the bridge
 
 
+def other_domain_pairs(n: int, seed: int, class_text: torch.Tensor) -> PairFeatures:
+    """Like synthetic_pairs but the image tower sees another domain (another feature mixing): the
+    class probabilities (the bridge) still work, projections trained on the first domain do not."""
+    g = torch.Generator().manual_seed(seed)
+    latent = F.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    img = latent @ torch.randn(16, 32, generator=torch.Generator().manual_seed(123)) + 0.05 * torch.randn(n, 32, generator=g)
+    text = F.normalize(latent + 0.1 * torch.randn(n, 16, generator=g), dim=-1)
+    return PairFeatures(img, (latent @ class_text.T * 10).softmax(-1), text, np.arange(n))
+
+
+def test_local_mix_leans_on_the_projections_only_near_the_taught_images():
+    feats, class_text = synthetic_pairs(8, 0)
+    model = AlignmentModel(AlignmentConfig(image_dim=32, text_dim=16, bridge_dim=16, joint_dim=16)).eval()
+    with torch.no_grad():
+        model.image_mlp[-1].weight.normal_()  # projections that differ from the bridge
+    space = with_centers(JointSpace(class_text, 5, model, mix=0.8), feats)
+    space.local = LocalMix(F.normalize(feats.image_features[:4], dim=-1), near_mix=0.1, lo=0.9, hi=0.95, k=1)
+    far = -feats.image_features[4:]  # cosine -1 to their own originals: outside the neighbourhood
+    images = torch.cat([feats.image_features[:4], far])
+    probs = torch.cat([feats.class_probs[:4], feats.class_probs[4:]])
+    vi, vt = space.image_views(images, probs), space.text_views(feats.text)
+    torch.testing.assert_close(vi["local_weight"][:4], torch.ones(4))
+    served = space.similarity(vi, vt)
+    torch.testing.assert_close(served[:4], space.similarity(vi, vt, mix=0.1)[:4])  # taught: near mix
+    torch.testing.assert_close(served[4:], space.similarity(vi, vt, mix=0.8)[4:])  # elsewhere: global mix
+    with pytest.raises(ValueError, match="bad local mix"):
+        LocalMix(feats.image_features, near_mix=0.2, lo=0.5, hi=0.5)
+
+
+def test_choose_local_mix_helps_the_taught_domain_and_spares_the_guard():
+    train, class_text = synthetic_pairs(512, 1)
+    val, _ = synthetic_pairs(128, 2)
+    result = train_alignment(train, val, class_text=class_text, top_t=5,
+                             config=TrainConfig(epochs=8, batch_size=64, lr=3e-3), joint_dim=16)
+    space = with_centers(JointSpace(class_text, 5, result.model), train)
+    guard = other_domain_pairs(40, 3, class_text)
+    space.mix, _ = choose_mix(space, [("val", val)], guard=("guard", guard))
+    assert space.mix >= 0.5  # the guard holds the global mix near the bridge
+    local, table = choose_local_mix(space, train.image_features, [("val", val)], guard=("guard", guard))
+    assert local is not None and local.near_mix < space.mix
+    vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)
+    before = mean_r1(space.similarity(vi, vt), val.text_to_image)
+    gi, gt = space.image_views(guard.image_features, guard.class_probs), space.text_views(guard.text)
+    guard_floor = mean_mrr(space.similarity(gi, gt, mix=1.0), guard.text_to_image)
+    space.local = local
+    vi, gi = space.image_views(val.image_features, val.class_probs), space.image_views(guard.image_features, guard.class_probs)
+    assert mean_r1(space.similarity(vi, vt), val.text_to_image) > before
+    assert mean_mrr(space.similarity(gi, gt), guard.text_to_image) >= guard_floor - 1e-9
+    # Taught images unlike anything held out: no local mix is worth having.
+    space.local = None
+    none, _ = choose_local_mix(space, guard.image_features, [("val", val)], guard=("guard", guard))
+    assert none is None
+
+
 def test_mean_mrr_matches_a_naive_loop():
     g = torch.Generator().manual_seed(0)
     sim = torch.randn(6, 9, generator=g)
@@ -100,6 +155,7 @@ def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
     feats, class_text = synthetic_pairs(32, 0)
     model = AlignmentModel(AlignmentConfig(image_dim=32, text_dim=16, bridge_dim=16, joint_dim=8)).eval()
     space = with_centers(JointSpace(class_text, 5, model, mix=0.3), feats)
+    space.local = LocalMix(F.normalize(feats.image_features[:10], dim=-1), near_mix=0.05, lo=0.5, hi=0.6)
     fcfg = FusionConfig(image_dim=32, text_dim=16, num_labels=3)
     head = create_fusion_head("concat", fcfg).eval()
     store = ModelStore(tmp_path)
@@ -112,7 +168,8 @@ def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
     vi = loaded.space.image_views(feats.image_features, feats.class_probs)
     vt = loaded.space.text_views(feats.text)
     vi0, vt0 = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
-    torch.testing.assert_close(loaded.space.similarity(vi, vt), space.similarity(vi0, vt0))
+    torch.testing.assert_close(loaded.space.similarity(vi, vt), space.similarity(vi0, vt0), atol=1e-3, rtol=0)
+    assert loaded.space.local.meta() == space.local.meta()
     with torch.inference_mode():
         torch.testing.assert_close(loaded.fusion_head(feats.image_features, feats.text).logits,
                                    head(feats.image_features, feats.text).logits)

@@ -16,7 +16,7 @@
 
 ``--direct`` skips the web layer and calls the same feedback_db repository functions the app's
 handlers call (faster; for when the app cannot start). Prints the numbers; writes them to
-``<home>/flywheel_sim.json`` and copies the first retrain's report to ``docs/flywheel_sample/``.
+``<home>/flywheel_sim.json`` and copies the honest and the poisoned retrain's reports to ``docs/flywheel_sample/``.
 
     python benchmarks/flywheel_sim.py [--home DIR] [--feed 300] [--timing 1000] [--fresh] [--direct]
 """
@@ -356,11 +356,13 @@ def main(argv=None) -> int:
     app.close()
     results["total_seconds"] = round(time.monotonic() - t0, 1)
     (home / "flywheel_sim.json").write_text(json.dumps(results, indent=2, default=str))
-    if first.report and "html" in first.report and args.sample_report:
+    if args.sample_report:
         out = Path(args.sample_report)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(first.report["html"], out / "report.html")
-        shutil.copy2(first.report["json"], out / "report.json")
+        for outcome, stem in ((first, "report"), (second, "report_poisoned_refused")):
+            for kind in ("html", "json"):
+                if outcome.report and kind in outcome.report:
+                    shutil.copy2(outcome.report[kind], out / f"{stem}.{kind}")
         (out / "flywheel_sim.json").write_text(json.dumps(results, indent=2, default=str))
     print_summary(results)
     return 0
@@ -369,6 +371,8 @@ def main(argv=None) -> int:
 def _outcome(o) -> dict:
     return {"status": o.status, "message": o.message, "version": o.version, "seconds": o.seconds,
             "cleaning": o.stats.get("cleaning"), "stage_seconds": o.stats.get("stage_seconds"),
+            "score_mix": {k: v for k, v in ((o.stats.get("training") or {}).get("alignment") or {}).items()
+                          if k in ("mix", "local_mix")},
             "gate_metrics": o.metrics}
 
 
@@ -418,6 +422,7 @@ def print_summary(r: dict) -> None:
     h = r["retrain_honest"]
     print(f"retrain on honest corrections: {h['status']} ({h['seconds']:.1f} s) — {h['message']}")
     print(f"  cleaning: {h['cleaning']}")
+    print(f"  served score mix: {h.get('score_mix')}")
     p, pr = r["retrain_poison"], r["poison_rejected"]
     print(f"poisoned corrections: {pr['rejected']}/{pr['n']} rejected ({pr['share_rejected']:.0%}), "
           f"reasons {pr['reasons']}, {pr['used']} used")

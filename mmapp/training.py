@@ -203,10 +203,10 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     The global ``space.mix`` was chosen for every image, so the real-photo guard held it near the
     bridge even where users have shown the projections what the pictures mean. Here the mix may go
     lower, but only for images whose tower features are close to the taught ones: each candidate
-    (near mix, ramp thresholds) must raise the same held-out objective as :func:`choose_mix` (mean
-    R@1 over ``heldout``, which should include users' pairs NOT in ``reference``) and keep the guard's
-    MRR at or above the pure bridge's. Ties go to the mix closer to the global one, then to the
-    narrower neighbourhood (higher threshold).
+    (near mix, ramp thresholds) must raise the mean reciprocal rank over ``heldout`` (which should
+    include users' pairs NOT in ``reference``; MRR because those are few and R@1 would be too
+    coarse) and keep the guard's MRR at or above the pure bridge's, as :func:`choose_mix` does.
+    Ties go to the mix closer to the global one, then to the narrower neighbourhood (higher threshold).
     """
     if space.model is None or not space.has_bridge or reference.shape[0] == 0:
         return None, []
@@ -229,10 +229,10 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
         return metric(mix * bridge + (1 - mix) * joint, t2i)
 
     def objective(near: float, lo: float, hi: float) -> float:
-        return float(np.mean([scores(name, near, lo, hi) for name, _ in heldout]))
+        return float(np.mean([scores(name, near, lo, hi, mean_mrr) for name, _ in heldout]))
 
     baseline = objective(space.mix, 0.0, 1.0)
-    guard_floor = scores(guard[0], 1.0, 0.0, 1.0, mean_mrr) if guard else None
+    guard_floor = mean_mrr(pre[guard[0]][0], pre[guard[0]][3]) if guard else None  # the pure bridge
     rows, best = [], None
     nears = [round(space.mix - step * i, 4) for i in range(int(space.mix / step + 1e-9) + 1)]
     for near in nears:
@@ -250,7 +250,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
                     key = (round(row["objective"], 6), near, lo)
                     if best is None or key > best[0]:
                         best = (key, row)
-    table = [{"baseline_objective": baseline}, *rows]
+    table = [{"baseline_objective": baseline, "guard_floor": guard_floor}, *rows]
     if best is None:
         return None, table
     r = best[1]

@@ -102,6 +102,8 @@ def test_choose_local_mix_helps_the_taught_domain_and_spares_the_guard():
     assert space.mix >= 0.5  # the guard holds the global mix near the bridge
     local, table = choose_local_mix(space, train.image_features, [("val", val)], guard=("guard", guard))
     assert local is not None and local.near_mix < space.mix
+    # Where the neighbourhood leaves the guard images out, the guard sees the global mix it accepted.
+    assert all(r["allowed"] for r in table[1:] if r["lo"] >= 0.8)
     vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)
     before = mean_r1(space.similarity(vi, vt), val.text_to_image)
     gi, gt = space.image_views(guard.image_features, guard.class_probs), space.text_views(guard.text)
@@ -110,6 +112,10 @@ def test_choose_local_mix_helps_the_taught_domain_and_spares_the_guard():
     vi, gi = space.image_views(val.image_features, val.class_probs), space.image_views(guard.image_features, guard.class_probs)
     assert mean_r1(space.similarity(vi, vt), val.text_to_image) > before
     assert mean_mrr(space.similarity(gi, gt), guard.text_to_image) >= guard_floor - 1e-9
+    # The guard's floor is the pure bridge, whatever the global mix.
+    space.local, space.mix = None, 0.3
+    _, table = choose_local_mix(space, train.image_features, [("val", val)], guard=("guard", guard))
+    assert table[0]["guard_floor"] == pytest.approx(guard_floor)
     # Taught images unlike anything held out: no local mix is worth having.
     space.local = None
     none, _ = choose_local_mix(space, guard.image_features, [("val", val)], guard=("guard", guard))

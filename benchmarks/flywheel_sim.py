@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Clip-art kinds the ImageNet bridge barely knows (food and animals it knows: nothing to teach).
-# Seven categories, 848 items, so that ~480 can be fed and ~360 evaluated: with flags, road signs
-# and music alone (488 items, 208 evaluated) the intervals were too wide to separate (docs/flywheel.md).
+# Clip-art kinds the ImageNet bridge barely knows. Seven categories, 848 items, so that ~480 can be
+# fed and ~360 evaluated: with flags, road signs and music alone (488 items, 208 evaluated) the
+# intervals were too wide to separate. Other sets, with their results: docs/flywheel.md.
 HELDOUT_CATEGORIES = ("signs_and_symbols/flags", "transportation/roadsigns", "recreation/music",
                       "signs_and_symbols/map_symbols", "signs_and_symbols/weather", "computer", "office")
 N_USERS = 25

@@ -102,7 +102,7 @@ class LocalMix:
     rows; ``ramp`` is 0 at or below ``lo``, 1 at or above ``hi``, linear between.
     """
 
-    reference: torch.Tensor  # (M, D_img) unit-norm tower features of the images users taught
+    reference: torch.Tensor  # (M, D_img) tower features of the images users taught (normalised here)
     near_mix: float
     lo: float
     hi: float
@@ -113,10 +113,11 @@ class LocalMix:
             raise ValueError(f"local mix reference must be a non-empty (M, D) matrix, got {tuple(self.reference.shape)}")
         if not (0.0 <= self.near_mix <= 1.0 and self.lo < self.hi and self.k >= 1):
             raise ValueError(f"bad local mix: near_mix {self.near_mix}, lo {self.lo}, hi {self.hi}, k {self.k}")
+        self.reference = F.normalize(self.reference.float(), dim=-1)
 
     def support(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) mean cosine to the k nearest reference images."""
-        sims = F.normalize(features.float(), dim=-1) @ self.reference.float().T  # (N, M)
+        sims = F.normalize(features.float(), dim=-1) @ self.reference.T  # (N, M)
         return sims.topk(min(self.k, sims.shape[1]), dim=1).values.mean(1)
 
     def weight(self, features: torch.Tensor) -> torch.Tensor:

@@ -210,17 +210,13 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     """
     if space.model is None or not space.has_bridge or reference.shape[0] == 0:
         return None, []
-    reference = F.normalize(reference.float(), dim=-1)
-    base_local = space.local
-    pre = {}
+    probe = LocalMix(reference, near_mix=0.0, lo=0.0, hi=1.0, k=k)  # only for its support()
+    pre = {}  # name -> (bridge scores, projection scores, each image's support, caption -> image)
     for name, feats in [*heldout, *([guard] if guard else [])]:
-        space.local = None
         vi = space.image_views(feats.image_features, feats.class_probs)
         vt = space.text_views(feats.text)
-        probe = LocalMix(reference, near_mix=0.0, lo=0.0, hi=1.0, k=k)
         pre[name] = (vi["bridge"] @ vt["bridge"].T, vi["joint"] @ vt["joint"].T,
                      probe.support(feats.image_features), feats.text_to_image)
-    space.local = base_local
 
     def scores(name: str, near: float, lo: float, hi: float, metric=mean_r1) -> float:
         bridge, joint, support, t2i = pre[name]
@@ -254,7 +250,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     if best is None:
         return None, table
     r = best[1]
-    return LocalMix(reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
+    return LocalMix(probe.reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
 
 
 @dataclass

@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     temperature_init: float = 0.07  # InfoNCE temperature at start; learnable
     modality_dropout: float = 0.3  # per-modality drop probability when training fusion heads
-    unfreeze_last_n: int = 0  # image-tower blocks mmapp.finetune trains (0 = towers frozen; GPU advised)
+    unfreeze_last_n: int = 0  # image-tower blocks mmapp.finetune trains (0 = frozen; GPU advised; not the retrain job)
     label_smoothing: float = 0.0
 
 

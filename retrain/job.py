@@ -302,6 +302,7 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
                                           "rejected": cleaning.counts(),
                                           "unknown_label": len(unknown_labels)},
                              "replay_images": int(len(replay_idx)), "agreement_scored_by": agreement_how,
+                             "towers": _towers_note(config),
                              "encoded_on_cache_miss": getattr(features, "encoded_on_miss", None)}
     if not train_items:
         message = "nothing to learn from after cleaning: every new item was rejected or held back"
@@ -582,6 +583,17 @@ def _set_report_path(engine: Engine, run_id: int, version: Optional[str], path: 
                 if row is not None:
                     row.report_path = path
     retry_on_busy(write)
+
+
+def _towers_note(config) -> str:
+    """What this run does with the encoder towers, said in the stats, manifest and report."""
+    n = config.train.unfreeze_last_n
+    if n <= 0:
+        return "frozen (features from the embedding cache)"
+    log.warning("train.unfreeze_last_n=%d is not applied by the retrain job: it trains on cached features "
+                "with frozen towers (mmapp.finetune unfreezes blocks, outside this job)", n)
+    return (f"frozen: train.unfreeze_last_n={n} is honoured by mmapp.finetune only, not by this job "
+            "(a fine-tuned tower would need its own cache identity, re-encoded sets and fusion head)")
 
 
 def _strip_history(info: dict) -> dict:

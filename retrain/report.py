@@ -113,7 +113,8 @@ def _summary(row: Optional[ModelVersion], run: Optional[RetrainRun]) -> dict[str
                    started_at=run.started_at, finished_at=run.finished_at, selection=st.get("selection"),
                    cleaning=st.get("cleaning"), parent_version=out.get("parent_version") or st.get("current_version"),
                    data_snapshot_sha256=out.get("data_snapshot_sha256") or st.get("data_snapshot_sha256"),
-                   stage_seconds=st.get("stage_seconds"), manifest_path=st.get("manifest_path"))
+                   stage_seconds=st.get("stage_seconds"), manifest_path=st.get("manifest_path"),
+                   towers=st.get("towers"))
         alignment = (st.get("training") or {}).get("alignment") or {}
         if "mix" in alignment:  # the served score: bridge weight everywhere, and near the taught images
             out["score_mix"] = {"bridge_weight": alignment["mix"], "near_taught_images": alignment.get("local_mix")}

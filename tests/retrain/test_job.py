@@ -1,6 +1,7 @@
 """The retrain run end to end on the synthetic world: real SQLite file, real model folders."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -59,6 +60,17 @@ def test_new_concepts_are_learned_and_promoted(config, engine, source, home):
     assert manifest["metrics"]["candidate"] and manifest["config"]["retrain"]["replay_size"] == 120
     assert store.load(out.version).meta["manifest"]["version"] == out.version
     assert Path(out.report["html"]).is_file()
+    local = out.stats["training"]["alignment"]["local_mix"]  # chosen, or skipped with the reason
+    assert "near_mix" in local or local.get("skipped")
+    assert out.stats["towers"].startswith("frozen")
+
+
+def test_a_requested_unfreeze_is_reported_not_silently_dropped(config, engine, source, caplog):
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, unfreeze_last_n=2))
+    feed_new_concepts(engine, source, 60)
+    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    assert "unfreeze_last_n=2" in out.stats["towers"]
+    assert "unfreeze_last_n=2 is not applied" in caplog.text
 
 
 def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engine, source):

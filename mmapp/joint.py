@@ -94,6 +94,11 @@ class AlignmentModel(nn.Module):
         return F.normalize(self.text_proj(text) + self.text_mlp(text), dim=-1)  # (B, J)
 
 
+def ramp(support: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """0 at or below ``lo``, 1 at or above ``hi``, linear between."""
+    return ((support - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
 @dataclass
 class LocalMix:
     """A per-image mix near users' taught images: ``mix_i = global + (near_mix - global) * ramp(support_i)``.
@@ -122,7 +127,7 @@ class LocalMix:
 
     def weight(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) in [0, 1]: how far each image is inside the taught neighbourhood."""
-        return ((self.support(features) - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
+        return ramp(self.support(features), self.lo, self.hi)
 
     def meta(self) -> dict:
         return {"near_mix": self.near_mix, "lo": self.lo, "hi": self.hi, "k": self.k,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse
+from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse, ramp
 from mmapp.losses import info_nce
 
 
@@ -220,7 +220,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
 
     def scores(name: str, near: float, lo: float, hi: float, metric=mean_r1) -> float:
         bridge, joint, support, t2i = pre[name]
-        w = ((support - lo) / (hi - lo)).clamp(0.0, 1.0)[:, None]
+        w = ramp(support, lo, hi)[:, None]
         mix = space.mix + (near - space.mix) * w
         return metric(mix * bridge + (1 - mix) * joint, t2i)
 

@@ -197,6 +197,11 @@ class AppServices:
             raise UserInputError(str(exc)) from exc
         return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3)
 
+    def rating_inputs(self, coherence, relevance, detail, comment: str) -> tuple[dict[str, int | None], str]:
+        """The three rating sliders (0 = not rated) and the comment box of a feedback form, checked."""
+        scores = dict(zip(repo.RATING_SCORES, map(score_or_none, (coherence, relevance, detail))))
+        return scores, self.check_text(comment, "comment").strip()
+
     def submit_feedback(self, result: dict, request_id: str | None, session: dict, *,
                         scores: dict[str, int | None], comment: str | None, corrections: dict[str, str],
                         hint: str) -> dict[str, Any]:
@@ -605,9 +610,7 @@ def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespa
         if not result:
             raise UserInputError("Upload an image first: there is no caption to rate yet.")
         corrected = " ".join(services.check_text(corrected, "corrected caption").split())
-        comment = services.check_text(comment, "comment").strip()
-        scores = {"coherence": score_or_none(coherence), "relevance": score_or_none(relevance),
-                  "detail": score_or_none(detail)}
+        scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
         corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
         saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
                                          corrections=corrections, hint="correct the caption")
@@ -745,9 +748,7 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
         if not result:
             raise UserInputError("Upload a meme first: there is no analysis to rate yet.")
         corrected_text = " ".join(services.check_text(corrected_text, "corrected text").split())
-        comment = services.check_text(comment, "comment").strip()
-        scores = {"coherence": score_or_none(coherence), "relevance": score_or_none(relevance),
-                  "detail": score_or_none(detail)}
+        scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
         corrections = {}
         if corrected_text and corrected_text != " ".join((result.get("ocr_text") or "").split()):
             corrections["ocr_text"] = corrected_text

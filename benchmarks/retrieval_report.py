@@ -26,8 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     config = load_config()
     predictor = Predictor.from_config(config, version=args.version)
-    model = predictor.store.load(predictor.version)
-    served = model.space
+    served = predictor.space
     sets = {"openclipart_test": dataset_dir(config) / "test.tsv", "real_photos": PHOTOS_TSV}
     spaces = {
         "chance": None,
@@ -42,12 +41,8 @@ def main() -> None:
         for name, space in spaces.items():
             if space is None:
                 continue
-            mix = 0.0 if name.startswith("projections") else None
-            if mix is not None:
-                saved, space.mix = space.mix, mix
-            rows[name] = evaluate_retrieval(space, feats)
-            if mix is not None:
-                space.mix = saved
+            mix = 0.0 if name.startswith("projections") else None  # explicit: no local mix either
+            rows[name] = evaluate_retrieval(space, feats, mix=mix)
         results["sets"][set_name] = {"pairs": str(path), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2))

@@ -129,6 +129,11 @@ class LocalMix:
         """(N,) in [0, 1]: how far each image is inside the taught neighbourhood."""
         return ramp(self.support(features), self.lo, self.hi)
 
+    @staticmethod
+    def per_image_mix(global_mix: float, near_mix: float, weight: torch.Tensor) -> torch.Tensor:
+        """(N, 1) bridge weight of each image: the global mix, moved towards ``near_mix`` by ``weight``."""
+        return (global_mix + (near_mix - global_mix) * weight)[:, None]
+
     def meta(self) -> dict:
         return {"near_mix": self.near_mix, "lo": self.lo, "hi": self.hi, "k": self.k,
                 "reference_images": int(self.reference.shape[0])}
@@ -193,7 +198,7 @@ class JointSpace:
         if mix is None:
             mix = self.mix
             if self.local is not None and "local_weight" in image_views:
-                mix = (mix + (self.local.near_mix - mix) * image_views["local_weight"])[:, None]  # (N_img, 1)
+                mix = LocalMix.per_image_mix(mix, self.local.near_mix, image_views["local_weight"])
         if not torch.is_tensor(mix) and mix == 0.0:
             return joint
         return mix * (image_views["bridge"] @ text_views["bridge"].T) + (1 - mix) * joint

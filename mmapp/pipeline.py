@@ -110,15 +110,17 @@ def embed_pairs_file(embedder, path: Path, *, progress: bool = False) -> Embedde
 # ---- evaluation --------------------------------------------------------------------------------
 
 def evaluate_retrieval(space: JointSpace, feats: PairFeatures, *, max_images: int = 1000,
-                       n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """R@1/5/10 both ways, median rank, bootstrap 95% intervals, over at most ``max_images`` candidates."""
+                       n_bootstrap: int = 1000, seed: int = 0, mix: float | None = None) -> dict:
+    """R@1/5/10 both ways, median rank, bootstrap 95% intervals, over at most ``max_images`` candidates.
+
+    ``mix`` overrides the served score mix for every image (e.g. 0.0: projections only)."""
     n_img = feats.image_features.shape[0]
     idx = subsample_candidates(n_img, max_images=max_images, seed=seed)
     text_idx, t2i = select_candidates(idx, feats.text_to_image)
     img_views = space.image_views(feats.image_features[idx],
                                   None if feats.class_probs is None else feats.class_probs[idx])
     txt_views = space.text_views(feats.text[text_idx])
-    sim = space.similarity(img_views, txt_views).numpy()
+    sim = space.similarity(img_views, txt_views, mix=mix).numpy()
     report = retrieval_metrics(sim, t2i, n_bootstrap=n_bootstrap, seed=seed).to_dict()
     report["n_images_total"] = int(n_img)
     return report

@@ -220,8 +220,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
 
     def scores(name: str, near: float, lo: float, hi: float, metric=mean_r1) -> float:
         bridge, joint, support, t2i = pre[name]
-        w = ramp(support, lo, hi)[:, None]
-        mix = space.mix + (near - space.mix) * w
+        mix = LocalMix.per_image_mix(space.mix, near, ramp(support, lo, hi))
         return metric(mix * bridge + (1 - mix) * joint, t2i)
 
     def objective(near: float, lo: float, hi: float) -> float:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 from feedback_db.models import RetrainRun
+from mmapp.evaluation import subsample_candidates
 from mmapp.model_store import ModelStore, ModelVersion
 from mmapp.joint import JointSpace
 from mmapp.training import PairFeatures, train_alignment, with_centers
@@ -417,9 +418,7 @@ def _item_features(items: list[FeedbackItem], features: FeatureSource, blob_root
 
 
 def _agreement_bank(replay: PairFeatures, size: int, seed: int) -> torch.Tensor:
-    n = replay.text.shape[0]
-    idx = np.random.default_rng(seed + 1).choice(n, size=min(size, n), replace=False)
-    return replay.text[np.sort(idx)]  # (B, D_txt)
+    return replay.text[subsample_candidates(replay.text.shape[0], size, seed + 1)]  # (B, D_txt)
 
 
 def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _ItemFeatures, replay: PairFeatures,
@@ -523,9 +522,7 @@ def _meme_split(memes, split: str) -> LabelledMemes | None:
 
 def _cap_images(feats: PairFeatures, max_images: int, seed: int) -> PairFeatures:
     n = feats.image_features.shape[0]
-    if n <= max_images:
-        return feats
-    return feats.subset_images(np.sort(np.random.default_rng(seed + 3).choice(n, size=max_images, replace=False)))
+    return feats if n <= max_images else feats.subset_images(subsample_candidates(n, max_images, seed + 3))
 
 
 def _caption_temperature(space, val: PairFeatures, current: ModelVersion) -> float:

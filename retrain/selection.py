@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.models import Correction, Prediction, Rating, Upload
+from mmapp.evaluation import subsample_candidates
 
 HELDOUT_FRACTION = 0.2  # of images; changing it reshuffles the held-out set, so it is a constant
 TUNE_FRACTION = 0.15  # of the training side: picks the score mix and the fusion head's best epoch
@@ -173,9 +174,7 @@ def replay_sample(n_images: int, size: int, seed: int) -> np.ndarray:
     """Sorted image indices of the bootstrap train split to replay: ``size`` of them, seeded."""
     if size <= 0 or n_images == 0:
         return np.zeros(0, dtype=np.int64)
-    if size >= n_images:
-        return np.arange(n_images)
-    return np.sort(np.random.default_rng(seed).choice(n_images, size=size, replace=False))
+    return subsample_candidates(n_images, size, seed)
 
 
 def split_items(items: Sequence[FeedbackItem]) -> tuple[list[FeedbackItem], list[FeedbackItem]]:

@@ -48,11 +48,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing: a unique temp file, fsynced, renamed, folder fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -136,4 +138,4 @@ class ModelStore:
         if not self.exists(version):
             raise FileNotFoundError(f"cannot make {version!r} current: no such version under {self.root}")
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.root / "current.json", {"version": version, "set_at": time.time()})
+        write_text_atomic(self.root / "current.json", json.dumps({"version": version, "set_at": time.time()}, indent=2))

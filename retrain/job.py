@@ -31,7 +31,7 @@ from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 from feedback_db.models import RetrainRun
 from mmapp.evaluation import subsample_candidates
-from mmapp.model_store import ModelStore, ModelVersion
+from mmapp.model_store import ModelStore, ModelVersion, write_text_atomic
 from mmapp.joint import JointSpace
 from mmapp.training import PairFeatures, train_alignment, with_centers
 
@@ -352,7 +352,7 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
                          replay_idx=replay_idx, features=features, stats=stats, candidate_info=candidate.info,
                          flat=flat, decision=decision.to_dict(), cleaning=cleaning)
     run_dir = config.storage.home / "retrain" / "runs" / f"{run_id:04d}"
-    _write_json(run_dir / "manifest.json", manifest)
+    write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
     stats.update(gate=decision.to_dict(), metrics=nested, flat_metrics=flat, targets=list(targets),
                  training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
@@ -626,8 +626,3 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ import html
 import io
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 from feedback_db.models import Correction, ModelVersion, Prediction, Rating, RejectedItem, RetrainRun
+from mmapp.model_store import write_text_atomic
 
 SCORES = ("coherence", "relevance", "detail")
 SECTIONS = ("summary", "gate", "ratings", "agreement", "corrections", "retrieval", "ablation", "rejected", "examples")
@@ -43,8 +43,8 @@ def build_report(config, engine: Engine, version: Optional[str] = None) -> dict[
     folder = report_dir(config, data["version"])
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "html": folder / "report.html"}
-    _write_atomic(paths["json"], json.dumps(data, indent=2, default=str))
-    _write_atomic(paths["html"], render_html(data))
+    write_text_atomic(paths["json"], json.dumps(data, indent=2, default=str))
+    write_text_atomic(paths["html"], render_html(data))
     return paths
 
 
@@ -473,9 +473,3 @@ def render_html(data: dict[str, Any]) -> str:
              "img{max-width:100%}section{margin-bottom:2em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>mmapp report {v}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

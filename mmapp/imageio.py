@@ -385,14 +385,18 @@ def _to_rgb(im: Image.Image, where: str) -> Image.Image:
     if mode in ("I", "F") or mode.startswith("I;16"):
         return _high_depth_gray_to_rgb(im).convert("RGB")
     try:
-        if im.has_transparency_data:  # alpha band, tRNS/"transparency", or an RGBA palette
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
         # 1, L, P, CMYK (Adobe-inverted JPEG CMYK is undone by the JPEG plugin), YCbCr, RGBX, ...
-        return im.convert("RGB")
+        return flatten_on_white(im)
     except ValueError as exc:  # e.g. LAB: Pillow has no direct conversion
         raise ImageDecodeError(f"{where}: cannot convert {mode} image to RGB ({exc})") from exc
+
+
+def flatten_on_white(im: Image.Image) -> Image.Image:
+    """RGB copy with any transparency (alpha band, tRNS, RGBA palette) composited on white."""
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _high_depth_gray_to_rgb(im: Image.Image) -> Image.Image:

@@ -37,6 +37,8 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mmapp.imageio import flatten_on_white
+
 LABELS = ("positive", "sarcastic", "dark humor")
 IMAGE_VALENCES = ("cheerful", "grim")
 TEXT_VALENCES = ("upbeat", "grim")
@@ -247,15 +249,6 @@ def _line_height(font: ImageFont.FreeTypeFont) -> int:
     return ascent + descent + _stroke(font.size)
 
 
-def _on_white(image: Image.Image) -> Image.Image:
-    """RGB copy with any transparency composited on white (clip art is mostly transparent PNG)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def render_meme(image: Image.Image, top: str = "", bottom: str = "", *,
                 font_path: str | os.PathLike | None = None, size: int = 512) -> Image.Image:
     """Classic meme: ``image`` letterboxed on a white ``size`` x ``size`` square, captions in upper-case
@@ -263,7 +256,7 @@ def render_meme(image: Image.Image, top: str = "", bottom: str = "", *,
     if size < 64:
         raise ValueError(f"meme size must be at least 64 px, got {size}")
     canvas = Image.new("RGB", (size, size), "white")
-    picture = _on_white(image)
+    picture = flatten_on_white(image)
     scale = size / max(picture.size)
     picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
                              Image.Resampling.LANCZOS)

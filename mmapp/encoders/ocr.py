@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mmapp.imageio import flatten_on_white
+
 
 @dataclass(frozen=True)
 class OCRConfig:
@@ -106,7 +108,7 @@ class RapidOCRReader:
         """Text of ``image``; ``seconds`` excludes the one-off model load of the first call."""
         engine = self.engine  # loaded outside the timed region
         start = time.perf_counter()
-        rgb = np.asarray(_on_white(image))
+        rgb = np.asarray(flatten_on_white(image))
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # (H, W, 3), what RapidOCR's models expect
         boxes = self._detect(bgr)
         lines: list[OCRLine] = []
@@ -242,10 +244,3 @@ def _join(lines: Sequence[OCRLine], block_gap: float) -> str:
         out += "\n" if cur.box[1] - prev.box[3] > block_gap * height else " "
         out += cur.text
     return out
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")

@@ -44,7 +44,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from feedback_db.blobstore import BlobStore
-from feedback_db.engine import init_db, make_engine, retry_on_busy
+from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_busy
 from feedback_db.export import EXPORT_FORMATS, export_feedback
 from feedback_db.models import Correction
 from feedback_db import repository as repo
@@ -87,7 +87,7 @@ class ModelWatcher:
     def __init__(self, predictor: Predictor, engine: Engine, *, interval_s: float = RELOAD_POLL_S,
                  on_reload: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.predictor = predictor
-        self.engine = engine.execution_options(sqlite_begin="DEFERRED")
+        self.engine = read_only_engine(engine)
         self.interval_s = interval_s
         self.on_reload = on_reload
         self.clock = clock
@@ -148,7 +148,7 @@ class AppServices:
 
     def __post_init__(self) -> None:
         self.limits = image_limits(self.config)
-        self.read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        self.read_engine = read_only_engine(self.engine)
         if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
             self.retrain_features = functools.partial(PredictorFeatureSource, self.predictor, self.config)
 
@@ -345,7 +345,7 @@ def register_served_version(engine: Engine, store: ModelStore, version: str) -> 
 
 def accepted_caption_corrections(engine: Engine) -> list[tuple[str, str]]:
     """Caption corrections a retrain accepted ('used'): they join the caption bank."""
-    with Session(engine.execution_options(sqlite_begin="DEFERRED")) as s, s.begin():
+    with Session(read_only_engine(engine)) as s, s.begin():
         rows = s.scalars(select(Correction.value).where(Correction.field == "caption", Correction.status == "used"))
         return [(value, "correction") for value in dict.fromkeys(rows)]
 

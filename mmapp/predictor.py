@@ -125,7 +125,7 @@ class Predictor:
         return self._model.space if self._model else self.bridge_space()
 
     def load_version(self, version: str) -> None:
-        """Load ``version`` (or the bridge) and re-embed the caption bank; atomic for readers."""
+        """Load ``version`` (or the bridge) and project the caption bank into its space; atomic for readers."""
         if version == BRIDGE:
             space = self.bridge_space()
             model = ModelVersion(BRIDGE, space, None, None, {"labels": []})
@@ -137,9 +137,12 @@ class Predictor:
                                  f"but this server runs {self.embedder.identity}")
         with self._lock:
             self._model = model
-            bank = list(zip(self._bank_texts, self._bank_sources)) + self._pending_bank
-            self._pending_bank = []
-            self._set_bank(bank)
+            if self._bank_raw is None or self._pending_bank:
+                bank = list(zip(self._bank_texts, self._bank_sources)) + self._pending_bank
+                self._pending_bank = []
+                self._set_bank(bank)
+            else:  # same texts, new projections: no need to read 3,500 embeddings back from the cache
+                self._bank_views = model.space.text_views(self._bank_raw)
 
     # ---- caption bank -------------------------------------------------------------------------
     def set_caption_bank(self, captions: Sequence[tuple[str, str]]) -> None:
@@ -174,22 +177,19 @@ class Predictor:
         self._bank_views = self.space.text_views(self._bank_raw) if self._bank_raw is not None else {}
 
     # ---- inference ----------------------------------------------------------------------------
-    def _image_views(self, image: DecodedImage):
-        feats = self.embedder.images([image.image], [image.sha256])
-        return feats, self.space.image_views(feats.features, feats.class_probs)
-
     def caption(self, image: DecodedImage, *, k: int = 4) -> CaptionResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock:  # one consistent version + bank; the encoding below runs outside the lock
             model, bank_views, texts, sources = self._model, self._bank_views, self._bank_texts, self._bank_sources
             bank_raw = self._bank_raw
-            _, views = self._image_views(image)
-            timings["encode_image"] = (time.perf_counter() - t0) * 1e3
-            t1 = time.perf_counter()
-            if not texts:
-                raise RuntimeError("the caption bank is empty: build the bootstrap model first (python app.py does)")
-            scores = model.space.similarity(views, bank_views)[0]  # (N_bank,)
+        if not texts:
+            raise RuntimeError("the caption bank is empty: build the bootstrap model first (python app.py does)")
+        feats = self.embedder.images([image.image], [image.sha256])
+        views = model.space.image_views(feats.features, feats.class_probs)
+        timings["encode_image"] = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        scores = model.space.similarity(views, bank_views)[0]  # (N_bank,)
         temperature = float(model.meta.get("caption_temperature", UNCALIBRATED_TEMPERATURE))
         probs = torch.softmax(scores / temperature, dim=0)
         top = probs.topk(min(k, len(texts)))

@@ -6,7 +6,7 @@ both under the encoder's identity (name + weights hash).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -52,18 +52,12 @@ class Embedder:
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
         for start in range(0, len(paths), chunk):
             batch = [Path(p) for p in paths[start:start + chunk]]
-            batch_keys, pending = [], {}
             for p in batch:
                 if p.stat().st_size > limits.max_bytes:
                     load_image(p, limits=limits, name=str(p))  # raises the size error naming the file
-                data = p.read_bytes()  # read once: hashed for the cache key, decoded only on a miss
-                key = sha256_bytes(data)
-                batch_keys.append(key)
-                if self.cache is None or self.cache.get(self.image_encoder.identity, key) is None:
-                    pending[p] = data
-            decoded = {p: load_image(data, limits=limits, name=str(p)) for p, data in pending.items()}
-            images = [decoded[p].image if p in decoded else None for p in batch]
-            out = self.images(images, batch_keys)
+            datas = [p.read_bytes() for p in batch]  # read once: hashed for the cache key, decoded on a miss
+            batch_keys = [sha256_bytes(d) for d in datas]
+            out = self.images(_DecodeOnAccess(batch, datas, limits), batch_keys)
             feats.append(out.features)
             if out.class_probs is not None:
                 probs.append(out.class_probs)
@@ -101,3 +95,18 @@ def _stack_image_entries(entries: Iterable[dict[str, np.ndarray]]) -> ImageFeatu
     has_probs = all("class_probs" in e for e in entries)
     probs = torch.from_numpy(np.stack([e["class_probs"] for e in entries])) if has_probs else None
     return ImageFeatures(features=feats, class_probs=probs)
+
+
+class _DecodeOnAccess(Sequence):
+    """Image bytes that are decoded only when the cache asks for them (a miss)."""
+
+    def __init__(self, paths: Sequence[Path], datas: Sequence[bytes], limits: ImageLimits):
+        self.paths, self.datas, self.limits = paths, datas, limits
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        if not 0 <= i < len(self.datas):
+            raise IndexError(i)
+        return load_image(self.datas[i], limits=self.limits, name=str(self.paths[i])).image

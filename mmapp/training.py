@@ -229,7 +229,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     baseline = objective(space.mix, 0.0, 1.0)
     guard_floor = mean_mrr(pre[guard[0]][0], pre[guard[0]][3]) if guard else None  # the pure bridge
     rows, best = [], None
-    nears = [round(space.mix - step * i, 4) for i in range(int(space.mix / step + 1e-9) + 1)]
+    nears = [max(0.0, round(space.mix - step * i, 4)) for i in range(int(space.mix / step + 1e-9) + 1)]  # no -0.0
     for near in nears:
         for lo in thresholds:
             for width in widths:

@@ -32,8 +32,7 @@ from feedback_db.engine import retry_on_busy
 from feedback_db.models import RetrainRun
 from mmapp.evaluation import subsample_candidates
 from mmapp.model_store import ModelStore, ModelVersion, write_text_atomic
-from mmapp.joint import JointSpace
-from mmapp.training import PairFeatures, train_alignment, with_centers
+from mmapp.training import PairFeatures
 
 from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
 from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
@@ -42,8 +41,7 @@ from retrain.features import FeatureSource, ImageRef
 from retrain.gates import GateSpec, decide
 from retrain.promotion import adopt_store_current, promote_version, sync_pointer
 from retrain.selection import FeedbackItem, Selection, hash_fraction, load_feedback, replay_sample, split_items
-from retrain.train import (FineTuneSettings, LabelledMemes, TrainingSet, balance_repeats, concat_pairs, fine_tune,
-                           repeat_captions)
+from retrain.train import (FineTuneSettings, LabelledMemes, TrainingSet, fit_projections, fine_tune)
 
 log = logging.getLogger(__name__)
 
@@ -441,20 +439,14 @@ def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _I
     heldout_rows = [i for i in pair_rows if items[i].heldout]
     heldout_scores = []
     replay_fit = _cap_images(replay, 1000, seed + 4)
-    config_fit = dataclasses.replace(config.train, lr=config.train.lr * settings.clean_lr_scale,
-                                     epochs=settings.clean_epochs)
     joint_dim = current.space.model.config.joint_dim if current.space.model is not None else config.model.joint_dim
+    row_of = {item.item_id: i for i, item in enumerate(items)}
     for k in (0, 1):
-        fit = [i for i in train_rows if fold[i] != k]
-        fit_pairs = _rows_as_pairs(f, fit)
-        repeats = balance_repeats(len(fit), len(replay_fit.text_to_image), settings.fine_tune.user_share_of_batch,
-                                  settings.fine_tune.max_repeat)
-        result = train_alignment(concat_pairs(replay_fit, repeat_captions(fit_pairs, repeats)), None,
-                                 class_text=current.space.class_text, top_t=current.space.top_t, config=config_fit,
-                                 joint_dim=joint_dim, init=current.space.model, epochs=settings.clean_epochs)
-        # Projections only (mix 0): the bridge part is what the current model already scored.
-        scorer = with_centers(JointSpace(current.space.class_text, current.space.top_t, result.model, mix=0.0),
-                              concat_pairs(replay_fit, fit_pairs))
+        fit_pairs = _pairs_of([items[i] for i in train_rows if fold[i] != k], row_of, f)  # one row per image
+        scorer, _, _ = fit_projections(current.space, replay_fit, fit_pairs, config.train, settings.fine_tune,
+                                       epochs=settings.clean_epochs, lr_scale=settings.clean_lr_scale,
+                                       joint_dim=joint_dim)
+        scorer.mix = 0.0  # projections only: the bridge part is what the current model already scored
         scored = [i for i in train_rows if fold[i] == k]
         out[scored] = _agreement(scorer, _subset(f, scored), bank)
         if heldout_rows:
@@ -467,11 +459,6 @@ def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _I
 def _subset(f: _ItemFeatures, rows: list[int]) -> _ItemFeatures:
     idx = torch.tensor(rows, dtype=torch.long)
     return _ItemFeatures(f.image[idx], None if f.class_probs is None else f.class_probs[idx], f.text[idx])
-
-
-def _rows_as_pairs(f: _ItemFeatures, rows: list[int]) -> PairFeatures:
-    sub = _subset(f, rows)
-    return PairFeatures(sub.image, sub.class_probs, sub.text, np.arange(len(rows)))
 
 
 def _agreement(space, feats: _ItemFeatures, bank: torch.Tensor) -> np.ndarray:

@@ -18,8 +18,8 @@ import torch
 
 from mmapp.config import TrainConfig
 from mmapp.joint import JointSpace
-from mmapp.training import (PairFeatures, choose_local_mix, choose_mix, train_alignment, train_fusion_head,
-                            with_centers)
+from mmapp.training import (AlignmentResult, PairFeatures, choose_local_mix, choose_mix, train_alignment,
+                            train_fusion_head, with_centers)
 
 
 @dataclass(frozen=True)
@@ -145,18 +145,29 @@ def fine_tune(current, data: TrainingSet, *, train_config: TrainConfig,
     return CandidateModel(space, head, info)
 
 
+def fit_projections(current: JointSpace, replay: PairFeatures, user_pairs: PairFeatures, train_config: TrainConfig,
+                    settings: FineTuneSettings, *, epochs: int, lr_scale: float,
+                    joint_dim: int) -> tuple[JointSpace, AlignmentResult, int]:
+    """Projections fine-tuned from ``current``'s on replay + users' pairs (users' captions repeated to
+    about ``settings.user_share_of_batch`` of the batch), centered on both. Returns (space with the
+    global mix still to choose, training result, repeats)."""
+    repeats = balance_repeats(len(user_pairs.text_to_image), len(replay.text_to_image),
+                              settings.user_share_of_batch, settings.max_repeat)
+    config = dataclasses.replace(train_config, lr=train_config.lr * lr_scale, epochs=epochs)
+    result = train_alignment(concat_pairs(replay, repeat_captions(user_pairs, repeats)), None,
+                             class_text=current.class_text, top_t=current.top_t, config=config,
+                             joint_dim=joint_dim, init=current.model)
+    space = with_centers(JointSpace(current.class_text, current.top_t, result.model), concat_pairs(replay, user_pairs))
+    return space, result, repeats
+
+
 def _fine_tune_space(current: JointSpace, data: TrainingSet, train_config: TrainConfig,
                      settings: FineTuneSettings) -> tuple[JointSpace, dict]:
     started = time.monotonic()
     n_user, n_replay = len(data.user_pairs.text_to_image), len(data.replay.text_to_image)
-    repeats = balance_repeats(n_user, n_replay, settings.user_share_of_batch, settings.max_repeat)
-    train = concat_pairs(data.replay, repeat_captions(data.user_pairs, repeats))
-    config = dataclasses.replace(train_config, lr=train_config.lr * settings.lr_scale, epochs=settings.epochs)
     joint_dim = current.model.config.joint_dim if current.model is not None else 256
-    result = train_alignment(train, None, class_text=current.class_text, top_t=current.top_t, config=config,
-                             joint_dim=joint_dim, init=current.model, epochs=settings.epochs)
-    space = with_centers(JointSpace(current.class_text, current.top_t, result.model),
-                         concat_pairs(data.replay, data.user_pairs))
+    space, result, repeats = fit_projections(current, data.replay, data.user_pairs, train_config, settings,
+                                             epochs=settings.epochs, lr_scale=settings.lr_scale, joint_dim=joint_dim)
     heldout = [("bootstrap_val", data.val)]
     if data.tune_pairs is not None and data.tune_pairs.image_features.shape[0] >= 2:
         heldout.append(("users_tune", data.tune_pairs))
@@ -173,7 +184,8 @@ def _fine_tune_space(current: JointSpace, data: TrainingSet, train_config: Train
                       else {"skipped": "no local mix beat the global one on the held-out objective",
                             "table": local_table})
     return space, {"user_pairs": n_user, "replay_pairs": n_replay, "repeats": repeats,
-                   "epochs": settings.epochs, "lr": config.lr, "mix": space.mix, "mix_table": table,
+                   "epochs": settings.epochs, "lr": train_config.lr * settings.lr_scale, "mix": space.mix,
+                   "mix_table": table,
                    "local_mix": local_info, "history": result.history,
                    "seconds": round(time.monotonic() - started, 2)}
 

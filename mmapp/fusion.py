@@ -216,7 +216,6 @@ _FUSION_HEADS: dict[str, type[_FusionHead]] = {
     "concat": ConcatFusionHead,
     "cross-attention": CrossAttentionFusionHead,
 }
-DEFAULT_FUSION_HEAD = "concat"
 
 
 def list_fusion_heads() -> list[str]:

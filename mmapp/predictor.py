@@ -16,7 +16,7 @@ import torch
 
 from mmapp.cache import EmbeddingCache, text_key
 from mmapp.config import Config
-from mmapp.device import Placement, resolve_placement
+from mmapp.device import resolve_placement
 from mmapp.embedder import Embedder
 from mmapp.encoders import EncoderOptions, create_encoder
 from mmapp.encoders.image import imagenet_class_names
@@ -60,14 +60,12 @@ class MemeResult:
 
 class Predictor:
     def __init__(self, *, embedder: Embedder, ocr: Callable[[], object], store: ModelStore, top_t: int,
-                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.1,
-                 placement: Placement | None = None):
+                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.1):
         self.embedder = embedder
         self._ocr_factory = ocr  # built on first use: captioning alone never loads the OCR models
         self._ocr = None
         self.store = store
         self.top_t = top_t
-        self.placement = placement or resolve_placement("cpu")
         self.confidence_floor = confidence_floor
         self._lock = threading.RLock()
         self._model: ModelVersion | None = None
@@ -91,7 +89,7 @@ class Predictor:
                             text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
                             cache=EmbeddingCache(home / "cache" / "embeddings"))
         predictor = cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"), store=ModelStore(home / "models"),
-                        top_t=config.model.bridge_top_t, caption_bank=caption_bank, placement=placement,
+                        top_t=config.model.bridge_top_t, caption_bank=caption_bank,
                         confidence_floor=config.model.caption_confidence_floor)
         predictor.load_version(version or predictor.store.current() or BRIDGE)
         return predictor

@@ -20,7 +20,7 @@ from retrain import report as _report
 from retrain.promotion import adopt_store_current, current_version_name, rollback_version
 from retrain.scheduler import SchedulerSettings, cron_trigger, trigger_now
 
-__all__ = ["trigger_retrain", "retrain_status", "list_reports", "rollback", "list_versions", "current_version_name"]
+__all__ = ["trigger_retrain", "retrain_status", "list_reports", "rollback", "current_version_name"]
 
 
 def _iso(v: Any) -> Any:
@@ -85,11 +85,6 @@ def list_reports(config) -> list[dict[str, Any]]:
     return _report.list_reports(config)
 
 
-def list_versions(engine: Engine) -> list[dict[str, Any]]:
-    def read() -> list[dict[str, Any]]:
-        with Session(engine) as s, s.begin():
-            return [version_as_dict(v) for v in repo.list_versions(s)]
-    return retry_on_busy(read)
 
 
 def rollback(config, engine: Engine, version: Optional[str] = None) -> dict[str, Any]:

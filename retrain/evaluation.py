@@ -31,7 +31,6 @@ class EvalSets:
     heldout_pairs: PairFeatures | None = None  # users' held-out pairs (clean)
     memes_test: LabelledMemes | None = None  # the bootstrap meme set's test split
     heldout_labels: LabelledMemes | None = None  # users' held-out label corrections (clean)
-    extra: dict[str, PairFeatures] | None = None  # more retrieval sets to report (not gated)
 
 
 def retrieval(space: JointSpace, feats: PairFeatures, *, n_bootstrap: int, max_images: int = 1000) -> dict:
@@ -61,8 +60,6 @@ def evaluate_model(space: JointSpace, head: torch.nn.Module | None, labels: list
     out: dict = {BOOTSTRAP_TEST: retrieval(space, sets.bootstrap_test, n_bootstrap=n_bootstrap)}
     if sets.heldout_pairs is not None and sets.heldout_pairs.image_features.shape[0] >= 2:
         out[HELDOUT_PAIRS] = retrieval(space, sets.heldout_pairs, n_bootstrap=n_bootstrap)
-    for name, feats in (sets.extra or {}).items():
-        out[name] = retrieval(space, feats, n_bootstrap=n_bootstrap)
     if head is not None and sets.memes_test is not None and len(sets.memes_test):
         out[MEMES] = memes_metrics(head, sets.memes_test, labels, n_bootstrap=n_bootstrap)
     if head is not None and sets.heldout_labels is not None and len(sets.heldout_labels):

@@ -181,14 +181,6 @@ class RetrainScheduler:
             log.exception("scheduled retrain for %s failed", slot.isoformat())
         return True
 
-    def status(self) -> dict[str, Any]:
-        def read() -> dict[str, Any]:
-            with Session(self.engine) as s, s.begin():
-                holder = repo.lock_holder(s, self.settings.lease_name)
-                return {"last_slot": repo.get_scheduler_state(s, self.settings.name),
-                        "leader": holder.owner if holder is not None else None}
-        return {"cron": self.config.retrain.cron, "owner": self.owner, "is_leader": self.is_leader,
-                "next_run_time": self.next_run_time, **retry_on_busy(read)}
 
 
 def start_scheduler(config, engine: Engine, run_fn: Optional[RunFn] = None, *,

@@ -50,10 +50,11 @@ from feedback_db.models import Correction
 from feedback_db import repository as repo
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
-from mmapp.model_store import BRIDGE, ModelStore
+from mmapp.model_store import ModelStore
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
 from retrain import api as retrain_api
 from retrain.features import FeatureSource, PredictorFeatureSource
+from retrain.promotion import adopt_store_current
 from retrain.scheduler import RetrainScheduler, start_scheduler
 
 log = logging.getLogger("mmapp.app")
@@ -318,29 +319,6 @@ def ablation_from_toggles(use_image: bool, use_text: bool) -> str | None:
     if not use_image and not use_text:
         raise UserInputError("Keep at least one of 'use image' and 'use text' checked.")
     return "image" if not use_image else "text" if not use_text else None
-
-
-def served_version_sha256(store: ModelStore, version: str) -> str:
-    digest = hashlib.sha256()
-    with open(store.path(version) / "weights.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def register_served_version(engine: Engine, store: ModelStore, version: str) -> None:
-    """Make the registry agree with what this server starts with when the registry has no current version."""
-    if version == BRIDGE:
-        return
-    with Session(engine) as s, s.begin():
-        if repo.current_version(s) is not None:
-            return
-        meta = json.loads((store.path(version) / "meta.json").read_text())
-        repo.register_version(s, version=version, path=str(store.path(version)),
-                              sha256=served_version_sha256(store, version),
-                              metrics=meta.get("metrics") or {}, manifest={"encoders": meta.get("encoders"),
-                                                                            "code_version": meta.get("code_version")})
-        repo.promote(s, version)
 
 
 def accepted_caption_corrections(engine: Engine) -> list[tuple[str, str]]:
@@ -1078,7 +1056,7 @@ def build_predictor(config: Config, engine: Engine) -> Predictor:
         predictor.set_caption_bank(bank_from_items(config))
     else:
         predictor = Predictor.from_config(config, version=version, caption_bank=bank_from_items(config))
-    register_served_version(engine, store, predictor.version)
+    adopt_store_current(engine, store)  # the registry learns what this server starts with
     for caption, source in accepted_caption_corrections(engine):
         predictor.add_to_caption_bank(caption, source)
     return predictor

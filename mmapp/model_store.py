@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmapp.encoders.base import file_sha256
 from mmapp.fusion import FusionConfig, create_fusion_head
 from mmapp.joint import JointSpace
 
@@ -67,6 +68,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 class ModelStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+
+    def weights_sha256(self, version: str) -> str:
+        """sha256 of a saved version's weights file (what the registry records)."""
+        return file_sha256(self.path(version) / "weights.safetensors")
 
     def path(self, version: str) -> Path:
         if not VERSION_RE.match(version) or version == BRIDGE:

@@ -10,9 +10,8 @@ A folder written by a run that died before step 2 is never registered, so it is 
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sqlalchemy import Engine
@@ -23,18 +22,6 @@ from feedback_db.engine import retry_on_busy
 from mmapp.model_store import ModelStore
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def version_sha256(store: ModelStore, version: str) -> str:
-    return file_sha256(store.path(version) / "weights.safetensors")
 
 
 def current_version_name(engine: Engine) -> Optional[str]:
@@ -56,7 +43,8 @@ def sync_pointer(engine: Engine, store: ModelStore) -> Optional[str]:
 
 def adopt_store_current(engine: Engine, store: ModelStore) -> Optional[str]:
     """Register the version ``current.json`` names when the registry has no current one yet (the
-    bootstrap model is built on disk before any database exists). Idempotent; returns the current name."""
+    bootstrap model is built on disk before any database exists; the app adopts what it starts with).
+    Metrics, encoders and code version come from the version's meta. Idempotent; returns the current name."""
     def adopt() -> Optional[str]:
         with Session(engine) as s, s.begin():
             row = repo.current_version(s)
@@ -65,9 +53,11 @@ def adopt_store_current(engine: Engine, store: ModelStore) -> Optional[str]:
             name = store.current()
             if name is None or not store.exists(name):
                 return None
-            meta_manifest = {"adopted_from": str(store.path(name))}
-            repo.register_version(s, version=name, path=str(store.path(name)), sha256=version_sha256(store, name),
-                                  manifest=meta_manifest, metrics={})
+            meta = json.loads((store.path(name) / "meta.json").read_text())
+            manifest = {"adopted_from": str(store.path(name)), "encoders": meta.get("encoders"),
+                        "code_version": meta.get("code_version")}
+            repo.register_version(s, version=name, path=str(store.path(name)), sha256=store.weights_sha256(name),
+                                  manifest=manifest, metrics=meta.get("metrics") or {})
             s.flush()
             repo.promote(s, name)
             return name
@@ -81,7 +71,7 @@ def promote_version(engine: Engine, store: ModelStore, *, version: str, parent_v
     ``in_transaction(session)`` and the pointer file."""
     if not store.exists(version):
         raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
-    sha = version_sha256(store, version)
+    sha = store.weights_sha256(version)
 
     def commit() -> None:
         with Session(engine) as s, s.begin():

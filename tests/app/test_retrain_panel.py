@@ -44,11 +44,12 @@ def held_features(predictor, app_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrain_app(predictor, held_features):
-    import app as webapp
-
     features, home = held_features
     running = start_app(home, predictor, build_options={"retrain_features": features})
-    webapp.register_served_version(running.engine, predictor.store, TEST_VERSION)  # as main() does
+    from retrain.promotion import adopt_store_current
+
+    assert predictor.store.current() == TEST_VERSION
+    adopt_store_current(running.engine, predictor.store)  # as main() does
     yield running
     features.release.set()
     running.demo.close()

@@ -1057,8 +1057,7 @@ def build_predictor(config: Config, engine: Engine) -> Predictor:
     else:
         predictor = Predictor.from_config(config, version=version, caption_bank=bank_from_items(config))
     adopt_store_current(engine, store)  # the registry learns what this server starts with
-    for caption, source in accepted_caption_corrections(engine):
-        predictor.add_to_caption_bank(caption, source)
+    predictor.add_to_caption_bank(accepted_caption_corrections(engine))
     return predictor
 
 
@@ -1092,8 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = build_predictor(config, engine)
 
     def on_reload(version: str) -> None:
-        for caption, source in accepted_caption_corrections(engine):
-            predictor.add_to_caption_bank(caption, source)
+        predictor.add_to_caption_bank(accepted_caption_corrections(engine))
 
     retrain_features = functools.partial(PredictorFeatureSource, predictor, config)  # the towers already loaded
     scheduler = start_scheduler(config, engine, features_factory=retrain_features)

@@ -148,13 +148,19 @@ class Predictor:
         with self._lock:
             self._set_bank(list(captions))
 
-    def add_to_caption_bank(self, caption: str, source: str = "correction") -> None:
+    def add_to_caption_bank(self, captions: Sequence[tuple[str, str]]) -> None:
+        """Append (caption, source) pairs the bank lacks (whitespace-normalised), embedded in one batch."""
         with self._lock:
-            if caption in self._bank_texts:
+            new: dict[str, str] = {}
+            for text, source in captions:
+                text = " ".join(text.split())
+                if text and text not in new and text not in self._bank_texts:
+                    new[text] = source
+            if not new:
                 return
-            raw = self.embedder.texts([caption])
-            self._bank_texts.append(caption)
-            self._bank_sources.append(source)
+            raw = self.embedder.texts(list(new))
+            self._bank_texts = self._bank_texts + list(new)  # new lists: a caption() snapshot stays consistent
+            self._bank_sources = self._bank_sources + list(new.values())
             self._bank_raw = torch.cat([self._bank_raw, raw]) if self._bank_raw is not None else raw
             views = self.space.text_views(raw)
             self._bank_views = {k: torch.cat([self._bank_views[k], v]) for k, v in views.items()} \

@@ -104,3 +104,13 @@ def test_cli_reports_a_tsv_line_without_tab(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(tmp_path), "embed", "--pairs", str(bad)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "bad.tsv:1" in out.stderr
+
+
+def test_corrections_join_the_caption_bank_once_in_one_batch(predictor):
+    before = len(predictor._bank_texts)
+    added = "a  photo of a bell tower on a hill"  # what the bridge sees in the temple photo
+    predictor.add_to_caption_bank([(added, "correction"), (" ".join(added.split()), "correction"), (BANK[0][0], "x")])
+    assert len(predictor._bank_texts) == before + 1 and predictor._bank_raw.shape[0] == before + 1
+    assert all(v.shape[0] == before + 1 for v in predictor._bank_views.values())
+    result = predictor.caption(load_image(PHOTOS / "temple.jpg"))
+    assert " ".join(added.split()) in [result.caption] + [a for a, _ in result.alternatives]

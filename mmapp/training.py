@@ -164,23 +164,22 @@ def choose_mix(space: JointSpace, heldout: Sequence[tuple[str, PairFeatures]], *
     exists); MRR rather than R@1 because a guard set of a few dozen photos makes R@1 too coarse.
     Ties go to the larger mix (closer to the bridge, which needs no training data).
     """
-    def views(feats: PairFeatures):
-        return space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
-
-    def score(mix: float, feats: PairFeatures, metric=mean_r1) -> float:
-        vi, vt = views(feats)
-        return metric(space.similarity(vi, vt, mix=mix), feats.text_to_image)
-
     if not space.has_bridge or space.model is None:
         return (0.0 if space.model is not None else 1.0), []
+    parts = _score_parts(space, [*heldout, *([guard] if guard else [])])
+
+    def score(mix: float, name: str, metric=mean_r1) -> float:
+        bridge, joint, t2i = parts[name]
+        return metric(mix * bridge + (1 - mix) * joint, t2i)
+
     rows = []
-    guard_floor = score(1.0, guard[1], mean_mrr) if guard else None
+    guard_floor = score(1.0, guard[0], mean_mrr) if guard else None
     for mix in grid:
-        row = {"mix": mix, **{name: score(mix, f) for name, f in heldout}}
+        row = {"mix": mix, **{name: score(mix, name) for name, _ in heldout}}
         row["objective"] = float(np.mean([row[name] for name, _ in heldout]))
         if guard:
-            row[f"{guard[0]}_r1"] = score(mix, guard[1])
-            row[f"{guard[0]}_mrr"] = score(mix, guard[1], mean_mrr)
+            row[f"{guard[0]}_r1"] = score(mix, guard[0])
+            row[f"{guard[0]}_mrr"] = score(mix, guard[0], mean_mrr)
             row["allowed"] = row[f"{guard[0]}_mrr"] >= guard_floor - 1e-9
         else:
             row["allowed"] = True
@@ -188,6 +187,16 @@ def choose_mix(space: JointSpace, heldout: Sequence[tuple[str, PairFeatures]], *
     allowed = [r for r in rows if r["allowed"]]
     best = max(allowed, key=lambda r: (round(r["objective"], 6), r["mix"]))
     return float(best["mix"]), rows
+
+
+def _score_parts(space: JointSpace, sets: Sequence[tuple[str, PairFeatures]]) -> dict[str, tuple]:
+    """name -> (bridge scores, projection scores, caption -> image): every mix of a search is a
+    weighted sum of these two matrices, so the towers' projections run once per set, not per mix."""
+    out = {}
+    for name, feats in sets:
+        vi, vt = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
+        out[name] = (vi["bridge"] @ vt["bridge"].T, vi["joint"] @ vt["joint"].T, feats.text_to_image)
+    return out
 
 
 LOCAL_THRESHOLDS = tuple(round(0.45 + 0.05 * i, 2) for i in range(8))  # cosine where the ramp starts
@@ -211,23 +220,20 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     if space.model is None or not space.has_bridge or reference.shape[0] == 0:
         return None, []
     probe = LocalMix(reference, near_mix=0.0, lo=0.0, hi=1.0, k=k)  # only for its support()
-    pre = {}  # name -> (bridge scores, projection scores, each image's support, caption -> image)
-    for name, feats in [*heldout, *([guard] if guard else [])]:
-        vi = space.image_views(feats.image_features, feats.class_probs)
-        vt = space.text_views(feats.text)
-        pre[name] = (vi["bridge"] @ vt["bridge"].T, vi["joint"] @ vt["joint"].T,
-                     probe.support(feats.image_features), feats.text_to_image)
+    sets = [*heldout, *([guard] if guard else [])]
+    parts = _score_parts(space, sets)
+    support = {name: probe.support(feats.image_features) for name, feats in sets}
 
     def scores(name: str, near: float, lo: float, hi: float, metric=mean_r1) -> float:
-        bridge, joint, support, t2i = pre[name]
-        mix = LocalMix.per_image_mix(space.mix, near, ramp(support, lo, hi))
+        bridge, joint, t2i = parts[name]
+        mix = LocalMix.per_image_mix(space.mix, near, ramp(support[name], lo, hi))
         return metric(mix * bridge + (1 - mix) * joint, t2i)
 
     def objective(near: float, lo: float, hi: float) -> float:
         return float(np.mean([scores(name, near, lo, hi, mean_mrr) for name, _ in heldout]))
 
     baseline = objective(space.mix, 0.0, 1.0)
-    guard_floor = mean_mrr(pre[guard[0]][0], pre[guard[0]][3]) if guard else None  # the pure bridge
+    guard_floor = mean_mrr(parts[guard[0]][0], parts[guard[0]][2]) if guard else None  # the pure bridge
     rows, best = [], None
     nears = [max(0.0, round(space.mix - step * i, 4)) for i in range(int(space.mix / step + 1e-9) + 1)]  # no -0.0
     for near in nears:

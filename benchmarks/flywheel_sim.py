@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     app = DirectFeedback(home, engine, predictor) if args.direct else AppFeedback(home, engine, predictor, config)
     results["via"] = "repository functions" if args.direct else "app.py through gradio_client"
     eval_feats = embed_pairs(predictor.embedder, split["eval"]).features
-    test_feats = features.corpus("test").features
+    test_feats = features.corpus("test")
     rng = np.random.default_rng(0)
 
     def measure(version: str) -> dict:

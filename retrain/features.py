@@ -7,7 +7,6 @@ runs the image tower. Tests inject a synthetic source instead.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -23,15 +22,6 @@ from mmapp.training import PairFeatures
 class ImageRef:
     sha256: str  # content hash: the embedding cache key
     path: Path | None = None  # the blob to decode on a cache miss
-
-
-@dataclass
-class CorpusSplit:
-    """One split of the bootstrap corpus with its captions and the category of each caption's item."""
-
-    features: PairFeatures
-    captions: list[str]
-    categories: list[str]  # (N_txt,)
 
 
 @dataclass
@@ -51,7 +41,7 @@ class FeatureSource(Protocol):
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor: ...  # (B, D_txt) unit norm
 
-    def corpus(self, split: str) -> CorpusSplit: ...
+    def corpus(self, split: str) -> PairFeatures: ...  # a split of the bootstrap corpus
 
     def memes(self) -> MemeSet | None: ...
 
@@ -85,7 +75,7 @@ class PredictorFeatureSource:
     predictor: object  # mmapp.predictor.Predictor
     config: object  # mmapp.config.Config
     encoded_on_miss: int = 0  # uploads that had to be decoded and encoded (cache misses)
-    _corpus: dict[str, CorpusSplit] = field(default_factory=dict, repr=False)
+    _corpus: dict[str, PairFeatures] = field(default_factory=dict, repr=False)
     _memes: MemeSet | None = field(default=None, repr=False)
 
     @property
@@ -101,17 +91,13 @@ class PredictorFeatureSource:
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.predictor.embedder.texts(list(texts))
 
-    def corpus(self, split: str) -> CorpusSplit:
+    def corpus(self, split: str) -> PairFeatures:
         if split not in self._corpus:
             from mmapp.data.pairs import read_pairs
             from mmapp.pipeline import dataset_dir, embed_pairs
 
-            folder = dataset_dir(self.config)
-            pairs = read_pairs(folder / f"{split}.tsv")
-            categories = _item_categories(folder / "items.jsonl")
-            emb = embed_pairs(self.predictor.embedder, pairs)
-            self._corpus[split] = CorpusSplit(emb.features, emb.captions,
-                                              [categories.get(str(Path(p.image_path).resolve()), "") for p in pairs])
+            self._corpus[split] = embed_pairs(self.predictor.embedder,
+                                              read_pairs(dataset_dir(self.config) / f"{split}.tsv")).features
         return self._corpus[split]
 
     def memes(self) -> MemeSet | None:
@@ -128,15 +114,3 @@ class PredictorFeatureSource:
         if not PHOTOS_TSV.is_file():
             return None
         return embed_pairs_file(self.predictor.embedder, PHOTOS_TSV).features
-
-
-def _item_categories(path: Path) -> dict[str, str]:
-    """Resolved image path -> Open Clip Art category, from the corpus' items.jsonl."""
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            out[str(Path(d["png_path"]).resolve())] = d.get("category", "")
-    return out

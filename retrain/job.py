@@ -271,8 +271,8 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
     stage("features")
     seed = config.train.seed
     corpus_train = features.corpus("train")
-    replay_idx = replay_sample(corpus_train.features.image_features.shape[0], config.retrain.replay_size, seed)
-    replay = corpus_train.features.subset_images(replay_idx)
+    replay_idx = replay_sample(corpus_train.image_features.shape[0], config.retrain.replay_size, seed)
+    replay = corpus_train.subset_images(replay_idx)
     items = selection.train + selection.heldout
     item_feats = _item_features(items, features, config.storage.home / handle.settings.uploads_dir)
     handle.check()
@@ -315,7 +315,7 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
     memes = features.memes()
     data = TrainingSet(
         replay=replay,
-        val=_cap_images(features.corpus("val").features, 1000, seed),
+        val=_cap_images(features.corpus("val"), 1000, seed),
         user_pairs=_pairs_of([i for i in fit if i.kind == "pair"], row_of, item_feats),
         tune_pairs=_pairs_of([i for i in tune if i.kind == "pair"], row_of, item_feats),
         guard=features.guard(),
@@ -328,7 +328,7 @@ def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, 
     handle.check()
 
     stage("evaluate")
-    sets = EvalSets(bootstrap_test=features.corpus("test").features,
+    sets = EvalSets(bootstrap_test=features.corpus("test"),
                     heldout_pairs=_pairs_of([i for i in heldout_items if i.kind == "pair"], row_of, item_feats),
                     memes_test=_meme_split(memes, "test"),
                     heldout_labels=_labels_of([i for i in heldout_items if i.kind == "label"], row_of, item_feats,

@@ -26,7 +26,7 @@ from mmapp.encoders import ImageFeatures
 from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace
 from mmapp.model_store import ModelStore
 from mmapp.training import PairFeatures, train_alignment, train_fusion_head, with_centers
-from retrain.features import CorpusSplit, ImageRef, MemeSet
+from retrain.features import ImageRef, MemeSet
 
 D_IMG, D_TXT, N_CONCEPTS, N_CORPUS = 32, 16, 30, 24
 LABELS = ("positive", "sarcastic", "dark humor")
@@ -95,17 +95,16 @@ class SyntheticSource:
     def texts(self, texts) -> torch.Tensor:
         return F.normalize(torch.from_numpy(np.stack([self.text_vec(t) for t in texts])), dim=-1)
 
-    def corpus(self, split: str) -> CorpusSplit:
+    def corpus(self, split: str) -> PairFeatures:
         offset, per_concept = {"train": (0, 10), "val": (1000, 4), "test": (2000, 5)}[split]
-        shas, caps, cats = [], [], []
+        shas, caps = [], []
         for k in range(N_CORPUS):
             for i in range(offset, offset + per_concept):
                 self.concept_of[image_sha(k, i)] = k
                 shas.append(image_sha(k, i))
                 caps.append(caption(k, i))
-                cats.append(f"concept{k}")
         img = self.images([ImageRef(s) for s in shas])
-        return CorpusSplit(PairFeatures(img.features, None, self.texts(caps), np.arange(len(shas))), caps, cats)
+        return PairFeatures(img.features, None, self.texts(caps), np.arange(len(shas)))
 
     def memes(self) -> MemeSet:
         g = np.random.default_rng(7)
@@ -140,7 +139,7 @@ def build_bootstrap_home(home: Path, source: SyntheticSource) -> None:
     """Train a bootstrap model on the synthetic corpus, save it as current, create the database."""
     torch.manual_seed(0)
     config = make_config(home)
-    train, val = source.corpus("train").features, source.corpus("val").features
+    train, val = source.corpus("train"), source.corpus("val")
     init = AlignmentModel(AlignmentConfig(image_dim=D_IMG, text_dim=D_TXT, joint_dim=16, hidden_dim=64))
     result = train_alignment(train, val, class_text=None, top_t=10, config=config.train, joint_dim=16, init=init)
     space = with_centers(JointSpace(None, 10, result.model, mix=0.0), train)

@@ -208,17 +208,24 @@ def meme_features(predictor, config: Config, *, progress: bool = True) -> MemeFe
 def evaluate_memes(head, feats: MemeFeatures, labels: Sequence[str], split: str = "test",
                    n_bootstrap: int = 1000) -> dict:
     """Macro-F1/AUROC for fused, image-only and text-only predictions on one split."""
+    mask = torch.as_tensor(feats.splits == split)
+    return ablation_metrics(head, feats.image[mask], feats.text[mask], feats.labels[mask], labels,
+                            n_bootstrap=n_bootstrap)
+
+
+def ablation_metrics(head, image: torch.Tensor, text: torch.Tensor, y: torch.Tensor, labels: Sequence[str], *,
+                     n_bootstrap: int = 1000) -> dict:
+    """Macro-F1/AUROC of ``head`` fused, image-only and text-only, and the deltas between them."""
     from mmapp.evaluation import ablation_deltas
 
-    mask = torch.as_tensor(feats.splits == split)
-    img, txt, y = feats.image[mask], feats.text[mask], feats.labels[mask].numpy()
     out = {}
+    head.eval()
     with torch.inference_mode():
-        for mode, (a, b) in {"fused": (img, txt), "image_only": (img, None), "text_only": (None, txt)}.items():
+        for mode, (a, b) in {"fused": (image, text), "image_only": (image, None), "text_only": (None, text)}.items():
             probs = head(a, b).logits.softmax(-1).numpy()
-            out[mode] = classification_metrics(probs, y, list(labels), n_bootstrap=n_bootstrap)
+            out[mode] = classification_metrics(probs, y.numpy(), list(labels), n_bootstrap=n_bootstrap)
     out["ablation"] = ablation_deltas(out)
-    out["n"] = int(mask.sum())
+    out["n"] = len(y)
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmapp.evaluation import ablation_deltas, classification_metrics
+from mmapp.evaluation import classification_metrics
 from mmapp.joint import JointSpace
 from mmapp.training import PairFeatures
 
@@ -41,17 +41,9 @@ def retrieval(space: JointSpace, feats: PairFeatures, *, n_bootstrap: int, max_i
 
 def memes_metrics(head: torch.nn.Module, memes: LabelledMemes, labels: list[str], *, n_bootstrap: int) -> dict:
     """Macro-F1/AUROC fused, image-only and text-only, and the ablation deltas between them."""
-    y = memes.labels.numpy()
-    out = {}
-    head.eval()
-    with torch.inference_mode():
-        for mode, (img, txt) in {"fused": (memes.image, memes.text), "image_only": (memes.image, None),
-                                 "text_only": (None, memes.text)}.items():
-            probs = head(img, txt).logits.softmax(-1).numpy()
-            out[mode] = classification_metrics(probs, y, labels, n_bootstrap=n_bootstrap)
-    out["ablation"] = ablation_deltas(out)
-    out["n"] = len(y)
-    return out
+    from mmapp.pipeline import ablation_metrics
+
+    return ablation_metrics(head, memes.image, memes.text, memes.labels, labels, n_bootstrap=n_bootstrap)
 
 
 def evaluate_model(space: JointSpace, head: torch.nn.Module | None, labels: list[str], sets: EvalSets, *,

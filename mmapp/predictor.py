@@ -103,7 +103,7 @@ class Predictor:
 
     def class_text(self) -> torch.Tensor | None:
         """(1000, D_txt) ImageNet prompt embeddings, or None when the image tower has no ImageNet head."""
-        if self._class_text is None and getattr(self.embedder.image_encoder, "name", "").startswith("efficientnet"):
+        if self._class_text is None and getattr(self.embedder.image_encoder, "has_imagenet_head", False):
             self._class_text = class_prompt_embeddings(imagenet_class_names(), self.embedder.texts)
         return self._class_text
 

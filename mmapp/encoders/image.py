@@ -60,6 +60,7 @@ class EfficientNetLiteEncoder:
 
     kind = "image"
     dim = 1280
+    has_imagenet_head = True  # class_probs over ImageNet-1k: the ConSE bridge works on it
 
     def __init__(self, name: str, *, placement: Placement, batch_size: int = 32):
         if name not in EFFICIENTNET_LITE:

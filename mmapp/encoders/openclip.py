@@ -94,6 +94,7 @@ def shared_backbone(model_name: str, pretrained: str, placement: Placement) -> O
 
 class OpenCLIPImageEncoder:
     kind = "image"
+    has_imagenet_head = False  # no classifier: no ConSE bridge, projections only
 
     def __init__(self, backbone: OpenCLIPBackbone, *, batch_size: int = 32):
         self.backbone = backbone

@@ -523,6 +523,165 @@ def mark_corrections(
     return result.rowcount
 
 
+# --- queries for retraining and its report ----------------------------------------------------
+
+
+def used_caption_corrections(s: Session) -> list[str]:
+    """Distinct values of caption corrections a retrain accepted (status 'used'), oldest first."""
+    rows = s.scalars(
+        select(Correction.value)
+        .where(Correction.field == "caption", Correction.status == "used")
+        .order_by(Correction.id)
+    )
+    return list(dict.fromkeys(rows))
+
+
+def latest_ocr_text(s: Session, prediction_ids: Iterable[int]) -> dict[int, str]:
+    """For each prediction that has one, the value of its latest non-rejected 'ocr_text' correction."""
+    ids = list(prediction_ids)
+    if not ids:
+        return {}
+    latest = (
+        select(Correction.prediction_id, func.max(Correction.id).label("correction_id"))
+        .where(Correction.field == "ocr_text", Correction.status != "rejected", Correction.prediction_id.in_(ids))
+        .group_by(Correction.prediction_id)
+        .subquery()
+    )
+    rows = s.execute(
+        select(Correction.prediction_id, Correction.value).join(latest, Correction.id == latest.c.correction_id)
+    )
+    return {prediction_id: value for prediction_id, value in rows}
+
+
+def well_rated_captions(s: Session, *, min_rating: float) -> list[dict[str, Any]]:
+    """Caption predictions nobody corrected whose ratings average at least ``min_rating``, by prediction id.
+
+    A rating's score is the mean of its coherence and relevance (either one alone if the other is
+    missing); ratings with neither are ignored. ``rated_at`` is the latest rating's time; ``user`` and
+    ``session_id`` are the first rater's.
+    """
+    corrected = select(Correction.prediction_id).where(Correction.field == "caption")
+    score = (
+        func.coalesce(Rating.coherence, Rating.relevance) + func.coalesce(Rating.relevance, Rating.coherence)
+    ) / 2.0
+    rows = s.execute(
+        select(Prediction, Upload, func.avg(score), func.max(Rating.created_at), func.min(Rating.id))
+        .join(Rating, Rating.prediction_id == Prediction.id)
+        .join(Upload, Upload.sha256 == Prediction.image_sha256)
+        .where(
+            Prediction.kind == "caption",
+            Prediction.id.not_in(corrected),
+            Rating.coherence.is_not(None) | Rating.relevance.is_not(None),
+        )
+        .group_by(Prediction.id, Upload.sha256)
+        .having(func.avg(score) >= min_rating)
+        .order_by(Prediction.id)
+    ).all()
+    out = []
+    for p, u, mean_score, rated_at, first_rating_id in rows:
+        first = s.get(Rating, first_rating_id)
+        out.append(
+            {
+                "prediction_id": p.id,
+                "outputs": p.outputs,
+                "model_version": p.model_version,
+                "image_sha256": u.sha256,
+                "image_relpath": u.relpath,
+                "mean_score": float(mean_score),
+                "rated_at": rated_at,
+                "user": first.user,
+                "session_id": first.session_id,
+            }
+        )
+    return out
+
+
+def ratings_with_outputs(s: Session) -> list[dict[str, Any]]:
+    """Every rating with what was rated (its prediction's version, kind, image, ablation and output), oldest first."""
+    rows = s.execute(select(Rating, Prediction).join(Rating.prediction).order_by(Rating.id)).all()
+    return [
+        {
+            "rating_id": r.id,
+            "prediction_id": r.prediction_id,
+            "model_version": p.model_version,
+            "kind": p.kind,
+            "image_sha256": p.image_sha256,
+            "ablation": p.ablation,
+            "output": output_summary(p.outputs),
+            "user": r.user,
+            "session_id": r.session_id,
+            "created_at": r.created_at,
+            **{score: getattr(r, score) for score in RATING_SCORES},
+        }
+        for r, p in rows
+    ]
+
+
+def correction_counts_per_version(s: Session) -> dict[str, dict[str, Any]]:
+    """Per model version that made predictions: how many it made, how many of them received at least
+    one correction, and corrections per field. Versions in name order."""
+    predictions = dict(
+        s.execute(select(Prediction.model_version, func.count(Prediction.id)).group_by(Prediction.model_version)).all()
+    )
+    corrected = dict(
+        s.execute(
+            select(Prediction.model_version, func.count(func.distinct(Correction.prediction_id)))
+            .join(Correction.prediction)
+            .group_by(Prediction.model_version)
+        ).all()
+    )
+    by_field: dict[str, dict[str, int]] = {}
+    for version, field, n in s.execute(
+        select(Prediction.model_version, Correction.field, func.count(Correction.id))
+        .join(Correction.prediction)
+        .group_by(Prediction.model_version, Correction.field)
+    ):
+        by_field.setdefault(version, {})[field] = n
+    return {
+        version: {
+            "predictions": n,
+            "corrected_predictions": corrected.get(version, 0),
+            "by_field": by_field.get(version, {}),
+        }
+        for version, n in sorted(predictions.items())
+    }
+
+
+def corrections_with_outputs(
+    s: Session,
+    *,
+    correction_ids: Optional[Iterable[int]] = None,
+    used_in_version: Optional[str] = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Corrections beside what the model had said, oldest first, at most ``limit``. ``correction_ids``
+    restricts to those ids (an empty list matches none); ``used_in_version`` to corrections a retrain
+    used for that version. Both filters apply together."""
+    _check_limit(limit)
+    query = select(Correction, Prediction).join(Correction.prediction)
+    if correction_ids is not None:
+        query = query.where(Correction.id.in_(list(correction_ids)))
+    if used_in_version is not None:
+        query = query.where(Correction.used_in_version == used_in_version)
+    return [
+        {
+            "correction_id": c.id,
+            "field": c.field,
+            "value": c.value,
+            "status": c.status,
+            "used_in_version": c.used_in_version,
+            "user": c.user,
+            "session_id": c.session_id,
+            "prediction_id": p.id,
+            "kind": p.kind,
+            "output": output_summary(p.outputs),
+            "input_text": p.input_text,
+            "model_version": p.model_version,
+        }
+        for c, p in s.execute(query.order_by(Correction.id).limit(limit))
+    ]
+
+
 # --- model registry ---------------------------------------------------------------------------
 
 
@@ -833,6 +992,31 @@ def recent_retrain_runs(s: Session, limit: int = 20) -> list[RetrainRun]:
     return list(s.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(limit)))
 
 
+def all_retrain_runs(s: Session) -> list[RetrainRun]:
+    """Every retrain run, oldest first."""
+    return list(s.scalars(select(RetrainRun).order_by(RetrainRun.id)))
+
+
+def latest_run_for_candidate(s: Session, version: str) -> Optional[RetrainRun]:
+    """The newest retrain run whose candidate was ``version`` (registered or refused), or None."""
+    return s.scalars(
+        select(RetrainRun).where(RetrainRun.candidate_version == version).order_by(RetrainRun.id.desc()).limit(1)
+    ).one_or_none()
+
+
+def set_run_report_path(s: Session, run_id: int, path: str, *, version: Optional[str] = None) -> RetrainRun:
+    """Record where the run's report was written, and on the registered ``version`` too when given
+    (a version name that is not registered is left alone: a refused candidate has no row)."""
+    _check_key("report_path", path, 1024)
+    run = _require_run(s, run_id)
+    run.report_path = path
+    if version is not None:
+        row = get_version(s, version)
+        if row is not None:
+            row.report_path = path
+    return run
+
+
 def fail_stale_retrain_runs(s: Session, *, older_than_s: float, now: Optional[datetime] = None) -> int:
     """Mark 'running' runs whose heartbeat is older than ``older_than_s`` as failed (their worker died)."""
     now = _check_aware("now", now) or utcnow()
@@ -856,3 +1040,16 @@ def record_rejected_item(
     s.add(item)
     s.flush()
     return item
+
+
+def rejected_items(
+    s: Session, *, run_id: Optional[int] = None, correction_ids: Optional[Iterable[int]] = None
+) -> list[RejectedItem]:
+    """Items retrain runs held back, in the order they were recorded; ``run_id`` restricts to one run,
+    ``correction_ids`` to those corrections (an empty list matches none)."""
+    query = select(RejectedItem).order_by(RejectedItem.id)
+    if run_id is not None:
+        query = query.where(RejectedItem.run_id == run_id)
+    if correction_ids is not None:
+        query = query.where(RejectedItem.correction_id.in_(list(correction_ids)))
+    return list(s.scalars(query))

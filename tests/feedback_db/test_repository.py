@@ -251,3 +251,196 @@ def test_corrections_since_datetime_version_and_status(engine, store):
         assert s.get(Correction, old_id).used_in_version == "v1"
         with pytest.raises(ValueError, match="'v9'"):
             repo.corrections_since(s, "v9")
+
+
+# --- queries for retraining and its report ----------------------------------------------------
+
+
+def test_used_caption_corrections_are_distinct_accepted_captions_oldest_first(engine, store, meme_id, caption_id):
+    with Session(engine) as s, s.begin():
+        other = add_prediction(s, add_upload(s, store, tag="dog"), kind="caption", label="dog").id
+        ids = {}
+        for key, pid, field, value in [
+            ("dog", caption_id, "caption", "a dog"),
+            ("cat", other, "caption", "a cat"),
+            ("dog again", other, "caption", "a dog"),
+            ("not yet", caption_id, "caption", "not used yet"),
+            ("refused", caption_id, "caption", "refused"),
+            ("ocr", meme_id, "ocr_text", "used but not a caption"),
+        ]:
+            ids[key] = repo.record_correction(
+                s, request_id=key, prediction_id=pid, field=field, value=value, session_id="s"
+            ).id
+        repo.mark_corrections(s, [ids[k] for k in ("dog", "cat", "dog again", "ocr")], status="used", used_in_version="v1")
+        repo.mark_corrections(s, [ids["refused"]], status="rejected")
+    with Session(engine) as s:
+        assert repo.used_caption_corrections(s) == ["a dog", "a cat"]
+
+
+def test_latest_ocr_text_takes_the_newest_fix_that_was_not_rejected(engine, store):
+    with Session(engine) as s, s.begin():
+        a, b, c = (add_prediction(s, add_upload(s, store, tag=t)).id for t in "abc")
+        fixes = {
+            value: repo.record_correction(
+                s, request_id=value, prediction_id=pid, field="ocr_text", value=value, session_id="s"
+            ).id
+            for pid, value in [(a, "first"), (a, "second"), (a, "third, rejected"), (b, "only fix")]
+        }
+        repo.mark_corrections(s, [fixes["third, rejected"]], status="rejected")
+        repo.record_correction(s, request_id="l", prediction_id=c, field="label", value="positive", session_id="s")
+    with Session(engine) as s:
+        assert repo.latest_ocr_text(s, {a, b, c}) == {a: "second", b: "only fix"}
+        assert repo.latest_ocr_text(s, [b]) == {b: "only fix"}
+        assert repo.latest_ocr_text(s, []) == {}
+
+
+def test_well_rated_captions_average_coherence_and_relevance_and_skip_corrected_ones(engine, store):
+    t1 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+    t2 = t1 + timedelta(hours=1)
+    with Session(engine) as s, s.begin():
+        def caption(tag):
+            return add_prediction(s, add_upload(s, store, tag=tag), kind="caption", label=tag, model_version="v3")
+
+        def rate(p, key, user, created_at=t1, **scores):
+            repo.record_rating(s, request_id=key, prediction_id=p.id, session_id=f"s-{user}", user=user,
+                               created_at=created_at, **scores)
+
+        good, low, corrected, detail_only = (caption(t) for t in ("good", "low", "corrected", "detail"))
+        meme = add_prediction(s, add_upload(s, store, tag="meme"))
+        rate(good, "g1", "alice", coherence=5, relevance=4)  # 4.5
+        rate(good, "g2", None, created_at=t2, relevance=4)  # 4.0 (relevance alone)
+        rate(low, "l1", "carl", coherence=3, relevance=3, detail=5)
+        rate(corrected, "c1", "dan", coherence=5, relevance=5)
+        repo.record_correction(s, request_id="fix", prediction_id=corrected.id, field="caption", value="x", session_id="s")
+        rate(detail_only, "d1", "eve", detail=5)
+        rate(meme, "m1", "fay", coherence=5, relevance=5)
+        good_id, low_id, good_sha = good.id, low.id, good.image_sha256
+    with Session(engine) as s:
+        [row] = repo.well_rated_captions(s, min_rating=4.0)
+        assert row == {
+            "prediction_id": good_id, "outputs": {"caption": "a photo of good"}, "model_version": "v3",
+            "image_sha256": good_sha, "image_relpath": f"{good_sha[:2]}/{good_sha}.png", "mean_score": 4.25,
+            "rated_at": t2, "user": "alice", "session_id": "s-alice",
+        }
+        assert row["rated_at"].utcoffset() == timedelta(0)
+        assert [r["prediction_id"] for r in repo.well_rated_captions(s, min_rating=3.0)] == [good_id, low_id]
+        assert repo.well_rated_captions(s, min_rating=4.3) == []
+
+
+def test_ratings_with_outputs_describe_what_was_rated(engine, store, caption_id):
+    with Session(engine) as s, s.begin():
+        meme = add_prediction(s, add_upload(s, store, tag="m"), ablation="text", model_version="v2")
+        first = repo.record_rating(s, request_id="r1", prediction_id=caption_id, session_id="s1", user="ann", coherence=4)
+        second = repo.record_rating(s, request_id="r2", prediction_id=meme.id, session_id="s2", detail=2)
+        ids, meme_id, meme_sha = (first.id, second.id), meme.id, meme.image_sha256
+    with Session(engine) as s:
+        rows = repo.ratings_with_outputs(s)
+    assert [r["rating_id"] for r in rows] == list(ids)
+    assert {k: rows[0][k] for k in ("prediction_id", "kind", "output", "ablation", "user", "coherence", "detail")} == {
+        "prediction_id": caption_id, "kind": "caption", "output": "a photo of cat", "ablation": None, "user": "ann",
+        "coherence": 4, "detail": None,
+    }
+    assert {k: rows[1][k] for k in ("prediction_id", "model_version", "image_sha256", "ablation", "output", "user",
+                                    "session_id", "detail", "relevance")} == {
+        "prediction_id": meme_id, "model_version": "v2", "image_sha256": meme_sha, "ablation": "text",
+        "output": "sarcastic", "user": None, "session_id": "s2", "detail": 2, "relevance": None,
+    }
+
+
+def test_correction_counts_per_version_count_corrected_predictions_once(engine, store):
+    with Session(engine) as s, s.begin():
+        upload = add_upload(s, store)
+        p1, p2, _ = (add_prediction(s, upload, model_version="v0") for _ in range(3))
+        add_prediction(s, upload, kind="caption", model_version="v1")
+        for key, pid, field, value in [("a", p1.id, "label", "positive"), ("b", p1.id, "ocr_text", "hi"),
+                                       ("c", p2.id, "label", "dark humor")]:
+            repo.record_correction(s, request_id=key, prediction_id=pid, field=field, value=value, session_id="s")
+    with Session(engine) as s:
+        counts = repo.correction_counts_per_version(s)
+    assert counts == {
+        "v0": {"predictions": 3, "corrected_predictions": 2, "by_field": {"label": 2, "ocr_text": 1}},
+        "v1": {"predictions": 1, "corrected_predictions": 0, "by_field": {}},
+    }
+    assert list(counts) == ["v0", "v1"]
+
+
+def test_corrections_with_outputs_filter_by_ids_and_version(engine, store, caption_id):
+    with Session(engine) as s, s.begin():
+        meme = add_prediction(s, add_upload(s, store, tag="m"), input_text="WHEN IT WORKS")
+        a = repo.record_correction(s, request_id="a", prediction_id=meme.id, field="label", value="positive", session_id="s")
+        b = repo.record_correction(
+            s, request_id="b", prediction_id=caption_id, field="caption", value="a dog", session_id="s2", user="ann"
+        )
+        c = repo.record_correction(s, request_id="c", prediction_id=caption_id, field="caption", value="a cat", session_id="s")
+        repo.mark_corrections(s, [a.id, c.id], status="used", used_in_version="v1")
+        a, b, c = a.id, b.id, c.id
+    with Session(engine) as s:
+        [row] = repo.corrections_with_outputs(s, correction_ids=[b])
+        assert {k: row[k] for k in ("correction_id", "field", "value", "status", "user", "session_id", "kind",
+                                    "output", "prediction_id", "used_in_version")} == {
+            "correction_id": b, "field": "caption", "value": "a dog", "status": "new", "user": "ann",
+            "session_id": "s2", "kind": "caption", "output": "a photo of cat", "prediction_id": caption_id,
+            "used_in_version": None,
+        }
+        used = repo.corrections_with_outputs(s, used_in_version="v1")
+        assert [r["correction_id"] for r in used] == [a, c]
+        assert (used[0]["output"], used[0]["input_text"], used[0]["model_version"]) == ("sarcastic", "WHEN IT WORKS", "v0")
+        assert [r["correction_id"] for r in repo.corrections_with_outputs(s, used_in_version="v1", limit=1)] == [a]
+        assert [r["correction_id"] for r in repo.corrections_with_outputs(s, correction_ids=[a, b], used_in_version="v1")] == [a]
+        assert repo.corrections_with_outputs(s, correction_ids=[]) == []
+        assert len(repo.corrections_with_outputs(s)) == 3
+        with pytest.raises(ValueError, match="limit.*0"):
+            repo.corrections_with_outputs(s, limit=0)
+
+
+def test_retrain_runs_oldest_first_and_latest_run_for_a_candidate(engine):
+    with Session(engine) as s, s.begin():
+        runs = [repo.start_retrain_run(s, trigger="cli", owner=f"host:{i}").id for i in range(3)]
+        for run_id, candidate in zip(runs, ("v1", "v2", "v1")):
+            repo.update_retrain_run(s, run_id, candidate_version=candidate)
+    with Session(engine) as s:
+        assert [r.id for r in repo.all_retrain_runs(s)] == runs
+        assert repo.latest_run_for_candidate(s, "v1").id == runs[2]
+        assert repo.latest_run_for_candidate(s, "v2").id == runs[1]
+        assert repo.latest_run_for_candidate(s, "v9") is None
+
+
+def test_set_run_report_path_on_the_run_and_its_registered_version(engine):
+    with Session(engine) as s, s.begin():
+        repo.register_version(s, version="v1", path="/m/v1", sha256="1" * 64)
+        promoted, refused, other = (repo.start_retrain_run(s, trigger="cli", owner="h:1").id for _ in range(3))
+    with Session(engine) as s, s.begin():
+        repo.set_run_report_path(s, promoted, "/reports/v1/report.html", version="v1")
+        repo.set_run_report_path(s, refused, "/reports/v2/report.html", version="v2")  # a refused candidate: no row
+        repo.set_run_report_path(s, other, "/reports/other/report.html")
+        with pytest.raises(ValueError, match="unknown retrain run id 999"):
+            repo.set_run_report_path(s, 999, "/x.html")
+        with pytest.raises(ValueError, match="report_path.*''"):
+            repo.set_run_report_path(s, promoted, "")
+    with Session(engine) as s:
+        assert [r.report_path for r in repo.all_retrain_runs(s)] == [
+            "/reports/v1/report.html", "/reports/v2/report.html", "/reports/other/report.html"
+        ]
+        assert repo.get_version(s, "v1").report_path == "/reports/v1/report.html"
+        assert repo.get_version(s, "v2") is None
+
+
+def test_rejected_items_by_run_and_by_correction(engine, meme_id):
+    with Session(engine) as s, s.begin():
+        c1, c2 = (
+            repo.record_correction(s, request_id=k, prediction_id=meme_id, field="label", value="positive", session_id="s").id
+            for k in ("c1", "c2")
+        )
+        r1, r2 = (repo.start_retrain_run(s, trigger="cli", owner="h:1").id for _ in range(2))
+        items = [
+            repo.record_rejected_item(s, run_id=run, correction_id=c, reason=reason).id
+            for run, c, reason in [(r1, c1, "outlier"), (r1, None, "user_share"), (r2, c2, "near_duplicate"),
+                                   (r2, c1, "outlier")]
+        ]
+    with Session(engine) as s:
+        assert [(i.id, i.reason) for i in repo.rejected_items(s, run_id=r1)] == [(items[0], "outlier"),
+                                                                               (items[1], "user_share")]
+        assert [i.id for i in repo.rejected_items(s, correction_ids=[c1])] == [items[0], items[3]]
+        assert [i.id for i in repo.rejected_items(s, run_id=r2, correction_ids=[c1])] == [items[3]]
+        assert repo.rejected_items(s, correction_ids=[]) == []
+        assert [i.id for i in repo.rejected_items(s)] == items

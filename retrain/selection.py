@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
-from feedback_db.models import Correction, Prediction, Rating, Upload
 from mmapp.evaluation import subsample_candidates
 
 HELDOUT_FRACTION = 0.2  # of images; changing it reshuffles the held-out set, so it is a constant
@@ -92,7 +90,7 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
     items: list[FeedbackItem] = []
     ignored: dict[str, int] = {}
     rows = repo.corrections_since(s, None, statuses=("new",))
-    ocr_fix = _latest_ocr_text(s, {r["prediction_id"] for r in rows if r["field"] == "label"})
+    ocr_fix = repo.latest_ocr_text(s, {r["prediction_id"] for r in rows if r["field"] == "label"})
     for r in rows:
         if r["field"] == "ocr_text":
             ignored["ocr_text (used as the meme text of label corrections)"] = \
@@ -123,51 +121,19 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
     return Selection(train, heldout, ignored)
 
 
-def _latest_ocr_text(s: Session, prediction_ids: Iterable[int]) -> dict[int, str]:
-    ids = list(prediction_ids)
-    if not ids:
-        return {}
-    latest = (select(Correction.prediction_id, func.max(Correction.id).label("correction_id"))
-              .where(Correction.field == "ocr_text", Correction.status != "rejected",
-                     Correction.prediction_id.in_(ids))
-              .group_by(Correction.prediction_id)).subquery()
-    rows = s.execute(select(Correction.prediction_id, Correction.value)
-                     .join(latest, Correction.id == latest.c.correction_id))
-    return {pid: value for pid, value in rows}
-
-
 def _rated_pairs(s: Session, min_rating: float) -> list[tuple[FeedbackItem, datetime]]:
     """Caption predictions rated well on average (coherence and relevance), with no caption correction."""
-    corrected = select(Correction.prediction_id).where(Correction.field == "caption")
-    score = (func.coalesce(Rating.coherence, Rating.relevance) + func.coalesce(Rating.relevance, Rating.coherence)) / 2.0
-    rows = s.execute(
-        select(Prediction, Upload, func.avg(score), func.max(Rating.created_at), func.min(Rating.id))
-        .join(Rating, Rating.prediction_id == Prediction.id)
-        .join(Upload, Upload.sha256 == Prediction.image_sha256)
-        .where(Prediction.kind == "caption", Prediction.id.not_in(corrected),
-               (Rating.coherence.is_not(None)) | (Rating.relevance.is_not(None)))
-        .group_by(Prediction.id, Upload.sha256)
-        .having(func.avg(score) >= min_rating)
-        .order_by(Prediction.id)
-    ).all()
     out = []
-    for p, u, _, rated_at, first_rating in rows:
-        caption = p.outputs.get("caption")
+    for r in repo.well_rated_captions(s, min_rating=min_rating):
+        caption = r["outputs"].get("caption")
         if not isinstance(caption, str) or not caption.strip():
             continue
-        rater = s.get(Rating, first_rating)
         out.append((FeedbackItem(
-            item_id=f"rated:{p.id}", kind="pair", prediction_id=p.id, correction_id=None,
-            image_sha256=u.sha256, image_relpath=u.relpath, text=caption, label=None,
-            user=_who(rater.user, rater.session_id), created_at=rated_at, predicted=caption,
-            model_version=p.model_version), _aware(rated_at)))
+            item_id=f"rated:{r['prediction_id']}", kind="pair", prediction_id=r["prediction_id"], correction_id=None,
+            image_sha256=r["image_sha256"], image_relpath=r["image_relpath"], text=caption, label=None,
+            user=_who(r["user"], r["session_id"]), created_at=r["rated_at"], predicted=caption,
+            model_version=r["model_version"]), r["rated_at"]))
     return out
-
-
-def _aware(dt: datetime) -> datetime:
-    from datetime import timezone
-
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 def replay_sample(n_images: int, size: int, seed: int) -> np.ndarray:

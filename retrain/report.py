@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
-from feedback_db.models import Correction, ModelVersion, Prediction, Rating, RejectedItem, RetrainRun
+from feedback_db.models import ModelVersion, RetrainRun
 from mmapp.model_store import write_text_atomic
 
 SCORES = ("coherence", "relevance", "detail")
@@ -74,8 +74,7 @@ def collect(engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
                 raise ValueError("no current model version to report on; pass a version")
             version = row.version
         row = repo.get_version(s, version)
-        run = s.scalars(select(RetrainRun).where(RetrainRun.candidate_version == version)
-                        .order_by(RetrainRun.id.desc()).limit(1)).one_or_none()
+        run = repo.latest_run_for_candidate(s, version)
         if row is None and run is None:
             known = [v.version for v in repo.list_versions(s)]
             raise ValueError(f"unknown model version {version!r}: neither registered nor a run's candidate; "
@@ -122,13 +121,12 @@ def _summary(row: Optional[ModelVersion], run: Optional[RetrainRun]) -> dict[str
 
 
 def _ratings(s: Session) -> list[dict[str, Any]]:
-    rows = s.execute(select(Rating, Prediction).join(Rating.prediction)).all()
     # The rated *item* is what the raters saw: one image, one model version, one output. Two people
     # who upload the same picture get separate prediction rows but rate the same thing.
-    return [{"prediction_id": r.prediction_id, "version": p.model_version, "kind": p.kind,
-             "item": f"{p.image_sha256}|{p.model_version}|{p.ablation}|{repo.output_summary(p.outputs)}",
-             "rater": r.user or f"session:{r.session_id}", **{score: getattr(r, score) for score in SCORES}}
-            for r, p in rows]
+    return [{"prediction_id": r["prediction_id"], "version": r["model_version"], "kind": r["kind"],
+             "item": f"{r['image_sha256']}|{r['model_version']}|{r['ablation']}|{r['output']}",
+             "rater": r["user"] or f"session:{r['session_id']}", **{score: r[score] for score in SCORES}}
+            for r in repo.ratings_with_outputs(s)]
 
 
 def mean_interval(values: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -191,20 +189,12 @@ def agreement_summary(ratings: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _correction_rates(s: Session) -> dict[str, Any]:
-    predictions = dict(s.execute(select(Prediction.model_version, func.count(Prediction.id))
-                                 .group_by(Prediction.model_version)).all())
-    corrected = dict(s.execute(select(Prediction.model_version, func.count(func.distinct(Correction.prediction_id)))
-                               .join(Correction.prediction).group_by(Prediction.model_version)).all())
-    by_field: dict[str, dict[str, int]] = defaultdict(dict)
-    for v, field, n in s.execute(select(Prediction.model_version, Correction.field, func.count(Correction.id))
-                                 .join(Correction.prediction).group_by(Prediction.model_version, Correction.field)):
-        by_field[v][field] = n
     out = {}
-    for v, n in sorted(predictions.items()):
-        k = corrected.get(v, 0)
+    for v, counts in repo.correction_counts_per_version(s).items():
+        n, k = counts["predictions"], counts["corrected_predictions"]
         lo, hi = _wilson(k, n)
         out[v] = {"predictions": n, "corrected_predictions": k, "rate": k / n if n else None, "ci": [lo, hi],
-                  "by_field": by_field.get(v, {})}
+                  "by_field": counts["by_field"]}
     return out
 
 
@@ -234,7 +224,7 @@ def _retrieval_over_versions(s: Session, version: str, run: Optional[RetrainRun]
         summary = _retrieval_summary(row.metrics)
         if summary:
             series[row.version] = summary
-    for r in s.scalars(select(RetrainRun).order_by(RetrainRun.id)):
+    for r in repo.all_retrain_runs(s):
         st = r.stats or {}
         cur, metrics = st.get("current_version"), st.get("metrics") or {}
         if cur and cur not in series and _retrieval_summary(metrics.get("current")):
@@ -268,7 +258,7 @@ def _ablation(stats: dict) -> Optional[dict]:
 def _rejected(s: Session, run: Optional[RetrainRun]) -> dict[str, Any]:
     if run is None:
         return {"counts": {}, "items": []}
-    rows = list(s.scalars(select(RejectedItem).where(RejectedItem.run_id == run.id).order_by(RejectedItem.id)))
+    rows = repo.rejected_items(s, run_id=run.id)
     items = [{"reason": r.reason, "correction_id": r.correction_id, **{k: r.detail.get(k) for k in
               ("item_id", "kind", "text", "label", "user", "final", "heldout")},
               "why": {k: v for k, v in r.detail.items()
@@ -278,20 +268,17 @@ def _rejected(s: Session, run: Optional[RetrainRun]) -> dict[str, Any]:
 
 
 def _examples(s: Session, version: str, run: Optional[RetrainRun], stats: dict) -> list[dict[str, Any]]:
-    query = select(Correction, Prediction).join(Correction.prediction)
-    ids: list[int] = []
     if run is not None and run.status != "promoted":
         manifest = _load_json(stats.get("manifest_path"))
         rejected = set((manifest or {}).get("data", {}).get("rejected", {}))
         ids = [int(i.split(":")[1]) for i in (manifest or {}).get("data", {}).get("train_items", [])
                if i.startswith("correction:") and i not in rejected]
-        query = query.where(Correction.id.in_(ids))
+        rows = repo.corrections_with_outputs(s, correction_ids=ids, limit=N_EXAMPLES)
     else:
-        query = query.where(Correction.used_in_version == version)
-    rows = s.execute(query.order_by(Correction.id).limit(N_EXAMPLES)).all()
-    return [{"correction_id": c.id, "field": c.field, "predicted": repo.output_summary(p.outputs),
-             "corrected": c.value, "meme_text": p.input_text if p.kind == "meme" else None,
-             "model_version": p.model_version, "user": c.user or f"session:{c.session_id}"} for c, p in rows]
+        rows = repo.corrections_with_outputs(s, used_in_version=version, limit=N_EXAMPLES)
+    return [{"correction_id": r["correction_id"], "field": r["field"], "predicted": r["output"],
+             "corrected": r["value"], "meme_text": r["input_text"] if r["kind"] == "meme" else None,
+             "model_version": r["model_version"], "user": r["user"] or f"session:{r['session_id']}"} for r in rows]
 
 
 def _load_json(path: Optional[str]) -> Optional[dict]:

@@ -395,18 +395,15 @@ def _rejected_share(engine, poison: set[tuple[str, str]]) -> dict:
     """What became of the poisoned corrections, found by (image sha256, caption)."""
     from collections import Counter
 
-    from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from feedback_db.models import Correction, Prediction, RejectedItem
+    from feedback_db import repository as repo
 
-    with Session(engine) as s:
-        rows = s.execute(select(Correction, Prediction.image_sha256).join(Correction.prediction)
-                         .where(Correction.field == "caption")).all()
-        hits = [c for c, sha in rows if (sha, c.value) in poison]
-        ids = [c.id for c in hits]
-        reasons = [r.reason for r in s.scalars(select(RejectedItem).where(RejectedItem.correction_id.in_(ids)))]
-        statuses = [c.status for c in hits]
+    with Session(engine) as s, s.begin():
+        hits = [c for c in repo.corrections_since(s)
+                if c["field"] == "caption" and (c["image_sha256"], c["value"]) in poison]
+        reasons = [r.reason for r in repo.rejected_items(s, correction_ids=[c["correction_id"] for c in hits])]
+        statuses = [c["status"] for c in hits]
     return {"n": len(hits), "rejected": statuses.count("rejected"), "used": statuses.count("used"),
             "share_rejected": statuses.count("rejected") / max(1, len(hits)), "reasons": dict(Counter(reasons))}
 

@@ -5,8 +5,9 @@ predictor (and the bootstrap model on a fresh machine), starts the retrain sched
 page with :func:`build_app` and launches it. Importing this module does nothing but define things: tests call
 ``build_app(config, predictor, engine, blobstore)`` and launch it in-process.
 
-Layout of this file: services the handlers use (no Gradio), then one ``build_*`` function per tab
-(components + named handlers + events), then launch options and ``main``.
+Layout of this file: services the handlers use (no Gradio), then per tab its handlers (plain
+functions: values in, ``{output name: value}`` out, callable without Gradio running) and one
+``build_*`` function (components + events), then launch options and ``main``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -506,11 +508,46 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# How handlers meet widgets. A handler is a module-level function: ``services`` first (bound with
+# functools.partial when the page is built), then the event's input values in the event's order. It returns
+# ``{output name: value}``, or None when nothing changed, and raises UserInputError for what the user can fix;
+# where a property changes rather than a value (visibility, choices, a timer) the value is a
+# ``gr.update(...)``, which is a plain dict too. A name is the ``ui`` attribute of the component in its
+# ``build_*`` function. ``_event_fn`` (via ``_listen``) does the rest: names -> components, None ->
+# ``gr.skip()``, UserInputError -> ``gr.Error``. So a test calls a handler with plain values and reads plain
+# values back, with no Blocks, server or browser; and a handler that returns a name its event does not list
+# fails loudly (KeyError), where a positional tuple would shift every output silently.
+
+def _components(ui: SimpleNamespace, *names: str) -> dict[str, Any]:
+    """The outputs of an event, ``{name: component}`` in the event's order (the order of the API's result)."""
+    return {name: getattr(ui, name) for name in names}
+
+
+def _event_fn(handler: Callable[..., dict[str, Any] | None], outputs: dict[str, Any]) -> Callable:
+    """``handler`` as a Gradio event function over ``outputs`` (see above)."""
+
+    def event_fn(*values):
+        changed = handler(*values)
+        return gr.skip() if changed is None else {outputs[name]: value for name, value in changed.items()}
+
+    # Gradio names the API's parameters after the function's; these are the handler's, less ``services``.
+    event_fn.__signature__ = inspect.signature(handler)
+    event_fn.__name__ = event_fn.__qualname__ = getattr(handler, "func", handler).__name__
+    return user_errors(event_fn)
+
+
+def _listen(trigger: Callable, handler: Callable[..., dict[str, Any] | None], inputs: list | None,
+            outputs: dict[str, Any], **event: Any):
+    """``trigger`` (e.g. ``button.click``) runs ``handler`` on ``inputs`` and updates ``outputs``."""
+    return trigger(_event_fn(handler, outputs), inputs, list(outputs.values()), **event)
+
+
 def _model_event(services: AppServices) -> dict[str, Any]:
     return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": services.config.app.concurrency_limit}
 
 
 _FEEDBACK_EVENT = {"concurrency_id": FEEDBACK_EVENTS, "concurrency_limit": FEEDBACK_CONCURRENCY}
+_FRESH_FORM = {"coherence": 0, "relevance": 0, "detail": 0, "comment": "", "status": ""}  # a new result's empty form
 
 
 def _rating_sliders(prefix: str) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
@@ -526,7 +563,62 @@ def _upload_widgets(label: str) -> tuple[gr.File, gr.Image]:
     return upload, preview
 
 
+def saved_markdown(saved: dict[str, Any]) -> str:
+    parts = []
+    if "rating_id" in saved:
+        parts.append(f"rating #{saved['rating_id']}")
+    parts += [f"{key.removesuffix('_correction_id').replace('_', ' ')} correction #{value}"
+              for key, value in saved.items() if key.endswith("_correction_id")]
+    return f"✔ **Saved** — thank you! ({', '.join(parts)})"
+
+
 # -- caption tab --
+
+def caption_image(services: AppServices, upload: str | None, request_id: str | None,
+                  session_data: dict) -> dict[str, Any]:
+    """Caption an uploaded image and store the prediction; the form below starts empty for it."""
+    if not upload:
+        raise UserInputError("Choose an image to upload first.")
+    services.watcher.maybe_reload()
+    request_id = request_id_or_new(request_id)
+    started = time.perf_counter()
+    decoded = services.decode_upload(upload)
+    decode_ms = (time.perf_counter() - started) * 1e3
+    result = services.predictor.caption(decoded)
+    latency_ms = (time.perf_counter() - started) * 1e3
+    stage_ms = {"decode": decode_ms, **result.timings_ms}
+    stored = services.store_prediction(
+        decoded, request_id=request_id, kind="caption", latency_ms=latency_ms, stage_ms=stage_ms,
+        outputs={"caption": result.caption, "alternatives": result.alternatives, "confidence": result.confidence,
+                 "low_confidence": result.low_confidence, "source": result.source},
+        embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data)
+    state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+             "relpath": stored.relpath, "caption": result.caption}
+    details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
+               "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
+    return {**_FRESH_FORM, "preview": preview_image(decoded), "caption": result.caption,
+            "confidence": confidence_markdown(result),
+            "alternatives": {text: conf for text, conf in result.alternatives},
+            "details": details, "result": state, "upload": None, "corrected": result.caption}
+
+
+def submit_caption_feedback(services: AppServices, coherence, relevance, detail, corrected: str, comment: str,
+                            request_id: str, result: dict | None, session_data: dict) -> dict[str, Any]:
+    """Store the rating and, when the caption was edited, the correction of the caption in ``result``."""
+    if not result:
+        raise UserInputError("Upload an image first: there is no caption to rate yet.")
+    corrected = " ".join(services.check_text(corrected, "corrected caption").split())
+    scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
+    corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
+    saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
+                                     corrections=corrections, hint="correct the caption")
+    return {"status": saved_markdown(saved)}
+
+
+def clear_caption() -> dict[str, Any]:
+    return {**_FRESH_FORM, "preview": None, "caption": "", "confidence": "", "alternatives": None, "details": None,
+            "result": None, "upload": None, "corrected": ""}
+
 
 def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
     ui = SimpleNamespace()
@@ -553,78 +645,112 @@ def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespa
             ui.clear = gr.Button("Clear", variant="secondary")
         ui.status = gr.Markdown(elem_id="caption-status", elem_classes="status-line")
 
-    predictor = services.predictor
-
-    @user_errors
-    def caption_image(upload: str | None, request_id: str | None, session_data: dict):
-        if not upload:
-            raise UserInputError("Choose an image to upload first.")
-        services.watcher.maybe_reload()
-        request_id = request_id_or_new(request_id)
-        started = time.perf_counter()
-        decoded = services.decode_upload(upload)
-        decode_ms = (time.perf_counter() - started) * 1e3
-        result = predictor.caption(decoded)
-        latency_ms = (time.perf_counter() - started) * 1e3
-        stage_ms = {"decode": decode_ms, **result.timings_ms}
-        stored = services.store_prediction(
-            decoded, request_id=request_id, kind="caption", latency_ms=latency_ms, stage_ms=stage_ms,
-            outputs={"caption": result.caption, "alternatives": result.alternatives, "confidence": result.confidence,
-                     "low_confidence": result.low_confidence, "source": result.source},
-            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data)
-        state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
-                 "relpath": stored.relpath, "caption": result.caption}
-        details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
-                   "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
-        return {ui.preview: preview_image(decoded), ui.caption: result.caption,
-                ui.confidence: confidence_markdown(result),
-                ui.alternatives: {text: conf for text, conf in result.alternatives},
-                ui.details: details, ui.result: state, ui.upload: None, ui.corrected: result.caption,
-                ui.coherence: 0, ui.relevance: 0, ui.detail: 0, ui.comment: "", ui.status: ""}
-
-    @user_errors
-    def submit_caption_feedback(coherence, relevance, detail, corrected: str, comment: str, request_id: str,
-                                result: dict | None, session_data: dict):
-        if not result:
-            raise UserInputError("Upload an image first: there is no caption to rate yet.")
-        corrected = " ".join(services.check_text(corrected, "corrected caption").split())
-        scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
-        corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
-        saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
-                                         corrections=corrections, hint="correct the caption")
-        return {ui.status: saved_markdown(saved)}
-
-    def clear_caption():
-        return {ui.preview: None, ui.caption: "", ui.confidence: "", ui.alternatives: None, ui.details: None,
-                ui.result: None, ui.upload: None, ui.corrected: "", ui.comment: "", ui.status: "",
-                ui.coherence: 0, ui.relevance: 0, ui.detail: 0}
-
-    outputs = [ui.preview, ui.caption, ui.confidence, ui.alternatives, ui.details, ui.result, ui.upload,
-               ui.corrected, ui.coherence, ui.relevance, ui.detail, ui.comment, ui.status]
-    ui.upload.upload(caption_image, [ui.upload, ui.request_id, session], outputs, api_name="caption",
-                     **_model_event(services))
-    ui.submit.click(submit_caption_feedback,
-                    [ui.coherence, ui.relevance, ui.detail, ui.corrected, ui.comment, ui.feedback_request_id,
-                     ui.result, session],
-                    [ui.status], api_name="rate_caption", **_FEEDBACK_EVENT)
-    ui.clear.click(clear_caption, None, outputs, api_name="clear_caption", queue=False)
+    outputs = _components(ui, "preview", "caption", "confidence", "alternatives", "details", "result", "upload",
+                          "corrected", "coherence", "relevance", "detail", "comment", "status")
+    _listen(ui.upload.upload, functools.partial(caption_image, services), [ui.upload, ui.request_id, session],
+            outputs, api_name="caption", **_model_event(services))
+    _listen(ui.submit.click, functools.partial(submit_caption_feedback, services),
+            [ui.coherence, ui.relevance, ui.detail, ui.corrected, ui.comment, ui.feedback_request_id, ui.result,
+             session],
+            _components(ui, "status"), api_name="rate_caption", **_FEEDBACK_EVENT)
+    _listen(ui.clear.click, clear_caption, None, outputs, api_name="clear_caption", queue=False)
     return ui
-
-
-def saved_markdown(saved: dict[str, Any]) -> str:
-    parts = []
-    if "rating_id" in saved:
-        parts.append(f"rating #{saved['rating_id']}")
-    parts += [f"{key.removesuffix('_correction_id').replace('_', ' ')} correction #{value}"
-              for key, value in saved.items() if key.endswith("_correction_id")]
-    return f"✔ **Saved** — thank you! ({', '.join(parts)})"
 
 
 # -- meme tab --
 
+def _analyse_meme(services: AppServices, decoded: DecodedImage, text: str | None, ablate: str | None,
+                  request_id: str, session_data: dict, started: float, decode_ms: float,
+                  previous: dict | None) -> dict[str, Any]:
+    """Analyse and store one meme prediction; ``text`` None reads the text with OCR, ``previous`` is the
+    result being re-analysed (its OCR reading is kept)."""
+    result = services.predictor.analyze_meme(decoded, text, ablate=ablate)
+    latency_ms = (time.perf_counter() - started) * 1e3
+    ocr_text = result.ocr_text if result.ocr_text is not None else (previous or {}).get("ocr_text", "")
+    stage_ms = {"decode": decode_ms, **result.timings_ms}
+    stored = services.store_prediction(
+        decoded, request_id=request_id, kind="meme", latency_ms=latency_ms, stage_ms=stage_ms,
+        outputs={"label": result.label, "fused": result.fused, "image_only": result.image_only,
+                 "text_only": result.text_only, "deltas": result.deltas, "ocr_text": ocr_text},
+        embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data,
+        input_text=result.text, ablation=ablate)
+    state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+             "relpath": stored.relpath, "ocr_text": ocr_text, "text": result.text, "label": result.label}
+    details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
+               "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
+    return {**_FRESH_FORM, "text": result.text, "verdict": meme_verdict_markdown(result), "fused": result.fused,
+            "image_only": result.image_only, "text_only": result.text_only or None, "details": details,
+            "result": state, "corrected_text": result.text,
+            "corrected_label": gr.update(choices=list(result.labels), value=None)}
+
+
+def analyze_meme(services: AppServices, upload: str | None, use_image: bool, use_text: bool,
+                 request_id: str | None, session_data: dict) -> dict[str, Any]:
+    """Read the text of an uploaded meme (OCR), analyse it under the toggles' ablation, store the prediction."""
+    if not upload:
+        raise UserInputError("Choose a meme image to upload first.")
+    ablate = ablation_from_toggles(use_image, use_text)
+    services.watcher.maybe_reload()
+    model_ready_for_memes(services.predictor)
+    request_id = request_id_or_new(request_id)
+    started = time.perf_counter()
+    decoded = services.decode_upload(upload)
+    decode_ms = (time.perf_counter() - started) * 1e3
+    if ablate == "image" and not services.predictor.read_text(decoded).strip():  # OCR is cached: analyse reuses it
+        raise UserInputError("No text was found in this meme, so there is nothing to analyse without the image. "
+                             "Keep 'use image' checked, or type the text and re-analyse.")
+    out = _analyse_meme(services, decoded, None, ablate, request_id, session_data, started, decode_ms, None)
+    return {**out, "preview": preview_image(decoded), "upload": None}
+
+
+def reanalyze_meme(services: AppServices, text: str, use_image: bool, use_text: bool, request_id: str | None,
+                   result: dict | None, session_data: dict) -> dict[str, Any]:
+    """Analyse the meme in ``result`` again with the (edited) ``text`` and the toggles; no OCR this time."""
+    if not result:
+        raise UserInputError("Upload a meme first.")
+    ablate = ablation_from_toggles(use_image, use_text)
+    text = services.check_text(text, "meme text").strip()
+    if ablate == "image" and not text:
+        raise UserInputError("Without the image there is nothing left to analyse: the meme text is empty. "
+                             "Type the meme's text or keep 'use image' checked.")
+    services.watcher.maybe_reload()
+    model_ready_for_memes(services.predictor)
+    request_id = request_id_or_new(request_id)
+    started = time.perf_counter()
+    decoded = services.decode_stored(result["relpath"])
+    decode_ms = (time.perf_counter() - started) * 1e3
+    return _analyse_meme(services, decoded, text, ablate, request_id, session_data, started, decode_ms, result)
+
+
+def submit_meme_feedback(services: AppServices, coherence, relevance, detail, corrected_text: str,
+                         corrected_label: str | None, comment: str, request_id: str, result: dict | None,
+                         session_data: dict) -> dict[str, Any]:
+    """Store the rating and the text/label corrections of the analysis in ``result``."""
+    if not result:
+        raise UserInputError("Upload a meme first: there is no analysis to rate yet.")
+    labels = services.predictor.labels
+    corrected_text = " ".join(services.check_text(corrected_text, "corrected text").split())
+    scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
+    corrections = {}
+    if corrected_text and corrected_text != " ".join((result.get("ocr_text") or "").split()):
+        corrections["ocr_text"] = corrected_text
+    if corrected_label:
+        if corrected_label not in labels:
+            raise UserInputError(f"unknown label {corrected_label!r}; choose one of {list(labels)}")
+        corrections["label"] = corrected_label
+    saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
+                                     corrections=corrections, hint="correct the text or label")
+    return {"status": saved_markdown(saved)}
+
+
+def clear_meme() -> dict[str, Any]:
+    return {**_FRESH_FORM, "preview": None, "text": "", "verdict": "", "fused": None, "image_only": None,
+            "text_only": None, "details": None, "result": None, "upload": None, "corrected_text": "",
+            "corrected_label": None, "use_image": True, "use_text": True}
+
+
 def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
     ui = SimpleNamespace()
-    predictor = services.predictor
     max_chars = services.config.app.max_text_chars
     ui.result = gr.State(None)
     gr.Markdown("The meme model was trained on a synthetic set (text rendered on clip art, see `docs/memes.md`): "
@@ -653,8 +779,8 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
         with gr.Row():
             ui.corrected_text = gr.Textbox(label="Corrected text", max_length=max_chars, scale=2,
                                            elem_id="meme-corrected-text")
-            ui.corrected_label = gr.Dropdown(choices=list(predictor.labels), value=None, label="Correct label",
-                                             scale=1, elem_id="meme-corrected-label")
+            ui.corrected_label = gr.Dropdown(choices=list(services.predictor.labels), value=None,
+                                             label="Correct label", scale=1, elem_id="meme-corrected-label")
         ui.comment = gr.Textbox(label="Comment (optional)", lines=2, max_length=max_chars)
         ui.feedback_request_id = gr.Textbox("", visible=False, label="feedback request id")
         with gr.Row():
@@ -662,102 +788,22 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
             ui.clear = gr.Button("Clear", variant="secondary")
         ui.status = gr.Markdown(elem_id="meme-status", elem_classes="status-line")
 
-    def analyse(decoded: DecodedImage, text: str | None, ablate: str | None, request_id: str,
-                session_data: dict, started: float, decode_ms: float, previous: dict | None):
-        result = predictor.analyze_meme(decoded, text, ablate=ablate)
-        latency_ms = (time.perf_counter() - started) * 1e3
-        ocr_text = result.ocr_text if result.ocr_text is not None else (previous or {}).get("ocr_text", "")
-        stage_ms = {"decode": decode_ms, **result.timings_ms}
-        stored = services.store_prediction(
-            decoded, request_id=request_id, kind="meme", latency_ms=latency_ms, stage_ms=stage_ms,
-            outputs={"label": result.label, "fused": result.fused, "image_only": result.image_only,
-                     "text_only": result.text_only, "deltas": result.deltas, "ocr_text": ocr_text},
-            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data,
-            input_text=result.text, ablation=ablate)
-        state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
-                 "relpath": stored.relpath, "ocr_text": ocr_text, "text": result.text, "label": result.label}
-        details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
-                   "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
-        return {ui.text: result.text, ui.verdict: meme_verdict_markdown(result), ui.fused: result.fused,
-                ui.image_only: result.image_only, ui.text_only: result.text_only or None, ui.details: details,
-                ui.result: state, ui.corrected_text: result.text,
-                ui.corrected_label: gr.Dropdown(choices=list(result.labels), value=None),
-                ui.coherence: 0, ui.relevance: 0, ui.detail: 0, ui.comment: "", ui.status: ""}
-
-    @user_errors
-    def analyze_meme(upload: str | None, use_image: bool, use_text: bool, request_id: str | None,
-                     session_data: dict):
-        if not upload:
-            raise UserInputError("Choose a meme image to upload first.")
-        ablate = ablation_from_toggles(use_image, use_text)
-        services.watcher.maybe_reload()
-        model_ready_for_memes(predictor)
-        request_id = request_id_or_new(request_id)
-        started = time.perf_counter()
-        decoded = services.decode_upload(upload)
-        decode_ms = (time.perf_counter() - started) * 1e3
-        if ablate == "image" and not predictor.read_text(decoded).strip():  # OCR is cached: analyse reuses it
-            raise UserInputError("No text was found in this meme, so there is nothing to analyse without the image. "
-                                 "Keep 'use image' checked, or type the text and re-analyse.")
-        out = analyse(decoded, None, ablate, request_id, session_data, started, decode_ms, None)
-        return {**out, ui.preview: preview_image(decoded), ui.upload: None}
-
-    @user_errors
-    def reanalyze_meme(text: str, use_image: bool, use_text: bool, request_id: str | None, result: dict | None,
-                       session_data: dict):
-        if not result:
-            raise UserInputError("Upload a meme first.")
-        ablate = ablation_from_toggles(use_image, use_text)
-        text = services.check_text(text, "meme text").strip()
-        if ablate == "image" and not text:
-            raise UserInputError("Without the image there is nothing left to analyse: the meme text is empty. "
-                                 "Type the meme's text or keep 'use image' checked.")
-        services.watcher.maybe_reload()
-        model_ready_for_memes(predictor)
-        request_id = request_id_or_new(request_id)
-        started = time.perf_counter()
-        decoded = services.decode_stored(result["relpath"])
-        decode_ms = (time.perf_counter() - started) * 1e3
-        return analyse(decoded, text, ablate, request_id, session_data, started, decode_ms, result)
-
-    @user_errors
-    def submit_meme_feedback(coherence, relevance, detail, corrected_text: str, corrected_label: str | None,
-                             comment: str, request_id: str, result: dict | None, session_data: dict):
-        if not result:
-            raise UserInputError("Upload a meme first: there is no analysis to rate yet.")
-        corrected_text = " ".join(services.check_text(corrected_text, "corrected text").split())
-        scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
-        corrections = {}
-        if corrected_text and corrected_text != " ".join((result.get("ocr_text") or "").split()):
-            corrections["ocr_text"] = corrected_text
-        if corrected_label:
-            if corrected_label not in predictor.labels:
-                raise UserInputError(f"unknown label {corrected_label!r}; choose one of {list(predictor.labels)}")
-            corrections["label"] = corrected_label
-        saved = services.submit_feedback(result, request_id, session_data, scores=scores, comment=comment,
-                                         corrections=corrections, hint="correct the text or label")
-        return {ui.status: saved_markdown(saved)}
-
-    def clear_meme():
-        return {ui.preview: None, ui.text: "", ui.verdict: "", ui.fused: None, ui.image_only: None,
-                ui.text_only: None, ui.details: None, ui.result: None, ui.upload: None, ui.corrected_text: "",
-                ui.corrected_label: None, ui.comment: "", ui.status: "", ui.coherence: 0, ui.relevance: 0,
-                ui.detail: 0, ui.use_image: True, ui.use_text: True}
-
-    analysis_outputs = [ui.text, ui.verdict, ui.fused, ui.image_only, ui.text_only, ui.details, ui.result,
-                        ui.corrected_text, ui.corrected_label, ui.coherence, ui.relevance, ui.detail, ui.comment,
-                        ui.status]
-    ui.upload.upload(analyze_meme, [ui.upload, ui.use_image, ui.use_text, ui.request_id, session],
-                     analysis_outputs + [ui.preview, ui.upload], api_name="analyze_meme", **_model_event(services))
-    gr.on([ui.text.submit, ui.reanalyze.click, ui.use_image.input, ui.use_text.input], reanalyze_meme,
-          [ui.text, ui.use_image, ui.use_text, ui.request_id, ui.result, session], analysis_outputs,
-          api_name="reanalyze_meme", trigger_mode="always_last", **_model_event(services))
-    ui.submit.click(submit_meme_feedback,
-                    [ui.coherence, ui.relevance, ui.detail, ui.corrected_text, ui.corrected_label, ui.comment,
-                     ui.feedback_request_id, ui.result, session],
-                    [ui.status], api_name="rate_meme", **_FEEDBACK_EVENT)
-    ui.clear.click(clear_meme, None, analysis_outputs + [ui.preview, ui.upload, ui.use_image, ui.use_text],
-                   api_name="clear_meme", queue=False)
+    analysis = ("text", "verdict", "fused", "image_only", "text_only", "details", "result", "corrected_text",
+                "corrected_label", "coherence", "relevance", "detail", "comment", "status")
+    _listen(ui.upload.upload, functools.partial(analyze_meme, services),
+            [ui.upload, ui.use_image, ui.use_text, ui.request_id, session],
+            _components(ui, *analysis, "preview", "upload"), api_name="analyze_meme", **_model_event(services))
+    _listen(functools.partial(gr.on, [ui.text.submit, ui.reanalyze.click, ui.use_image.input, ui.use_text.input]),
+            functools.partial(reanalyze_meme, services),
+            [ui.text, ui.use_image, ui.use_text, ui.request_id, ui.result, session], _components(ui, *analysis),
+            api_name="reanalyze_meme", trigger_mode="always_last", **_model_event(services))
+    _listen(ui.submit.click, functools.partial(submit_meme_feedback, services),
+            [ui.coherence, ui.relevance, ui.detail, ui.corrected_text, ui.corrected_label, ui.comment,
+             ui.feedback_request_id, ui.result, session],
+            _components(ui, "status"), api_name="rate_meme", **_FEEDBACK_EVENT)
+    _listen(ui.clear.click, clear_meme, None,
+            _components(ui, *analysis, "preview", "upload", "use_image", "use_text"),
+            api_name="clear_meme", queue=False)
     return ui
 
 
@@ -782,10 +828,64 @@ def require_operator(session_data: dict) -> None:
         raise UserInputError("Log in as operator first.")
 
 
+def operator_tables(services: AppServices) -> dict[str, Any]:
+    """The operator panel's version line, recent predictions and feedback, and counts."""
+    predictor = services.predictor
+
+    def query(s: Session) -> dict:
+        row = repo.current_version(s)
+        return {"predictions": repo.recent_predictions(s, 50), "feedback": repo.recent_feedback(s, 50),
+                "per_day": repo.counts_per_day(s, 14), "per_label": repo.counts_per_label(s),
+                "registry": row.version if row else None}
+
+    data = services.read(query)
+    version = (f"**Model version served:** `{predictor.version}` · registry current: "
+               f"`{data['registry'] or 'none'}` · labels: {', '.join(predictor.labels) or '—'}")
+    return {"version": version,
+            "predictions": _table(data["predictions"], PREDICTION_COLUMNS),
+            "feedback": _table(data["feedback"], FEEDBACK_COLUMNS),
+            "per_day": _table(list(reversed(data["per_day"])), ["day", "predictions", "ratings", "corrections"]),
+            "per_label": _table(data["per_label"], ["predicted_label", "corrected_label", "n"])}
+
+
+def operator_login(services: AppServices, user: str, password: str, session_data: dict) -> dict[str, Any]:
+    """Check the credentials; on success the session carries the operator's name and the panel shows."""
+    if not operator_credentials_configured(services.config):
+        raise UserInputError("Operator login is disabled: no operator credentials are configured on this server.")
+    if not check_operator_login(services.config, user, password):
+        time.sleep(1.0)  # slows down guessing
+        raise UserInputError("Wrong user or password.")
+    return {"session": {**session_data, "operator": user}, "login_box": gr.update(visible=False),
+            "panel": gr.update(visible=True), "password": "", "login_status": "", **operator_tables(services)}
+
+
+def operator_refresh(services: AppServices, session_data: dict) -> dict[str, Any]:
+    require_operator(session_data)
+    return operator_tables(services)
+
+
+def operator_logout(session_data: dict) -> dict[str, Any]:
+    return {"session": {**session_data, "operator": None}, "login_box": gr.update(visible=True),
+            "panel": gr.update(visible=False), "export_file": gr.update(value=None, visible=False),
+            **retrain_panel_closed()}
+
+
+def operator_export(services: AppServices, fmt: str, session_data: dict) -> dict[str, Any]:
+    """All feedback and its images in ``fmt``, zipped into a folder only this answer names."""
+    require_operator(session_data)
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    # A random folder per export: the exports dir is servable, so a path must not be guessable.
+    out_dir = services.exports_dir / secrets.token_urlsafe(16)
+    folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore))
+    archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+    shutil.rmtree(folder)
+    return {"export_file": gr.update(value=archive, visible=True)}
+
+
 def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
-    ui = SimpleNamespace()
-    config = services.config
-    enabled = operator_credentials_configured(config)
+    ui = SimpleNamespace(session=session)
+    enabled = operator_credentials_configured(services.config)
     with gr.Column(visible=True, elem_id="operator-login") as ui.login_box:
         if enabled:
             gr.Markdown("### Operator login\nRecent predictions and feedback, counts and exports.")
@@ -818,75 +918,113 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
         with gr.Column(elem_id="retrain-controls") as ui.retrain_column:
             ui.retrain = build_retrain_controls(services, session)
 
-    def operator_tables() -> dict:
-        predictor = services.predictor
-
-        def query(s: Session) -> dict:
-            row = repo.current_version(s)
-            return {"predictions": repo.recent_predictions(s, 50), "feedback": repo.recent_feedback(s, 50),
-                    "per_day": repo.counts_per_day(s, 14), "per_label": repo.counts_per_label(s),
-                    "registry": row.version if row else None}
-
-        data = services.read(query)
-        version = (f"**Model version served:** `{predictor.version}` · registry current: "
-                   f"`{data['registry'] or 'none'}` · labels: {', '.join(predictor.labels) or '—'}")
-        return {ui.version: version,
-                ui.predictions: _table(data["predictions"], PREDICTION_COLUMNS),
-                ui.feedback: _table(data["feedback"], FEEDBACK_COLUMNS),
-                ui.per_day: _table(list(reversed(data["per_day"])), ["day", "predictions", "ratings", "corrections"]),
-                ui.per_label: _table(data["per_label"], ["predicted_label", "corrected_label", "n"])}
-
-    @user_errors
-    def operator_login(user: str, password: str, session_data: dict):
-        if not enabled:
-            raise UserInputError("Operator login is disabled: no operator credentials are configured on this server.")
-        if not check_operator_login(config, user, password):
-            time.sleep(1.0)  # slows down guessing
-            raise UserInputError("Wrong user or password.")
-        session_data = {**session_data, "operator": user}
-        return {session: session_data, ui.login_box: gr.Column(visible=False), ui.panel: gr.Column(visible=True),
-                ui.password: "", ui.login_status: "", **operator_tables()}
-
-    @user_errors
-    def operator_refresh(session_data: dict):
-        require_operator(session_data)
-        return operator_tables()
-
-    def operator_logout(session_data: dict):
-        return {session: {**session_data, "operator": None}, ui.login_box: gr.Column(visible=True),
-                ui.panel: gr.Column(visible=False), ui.export_file: gr.File(value=None, visible=False),
-                **ui.retrain.closed()}
-
-    @user_errors
-    def operator_export(fmt: str, session_data: dict):
-        require_operator(session_data)
-        if fmt not in EXPORT_FORMATS:
-            raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
-        # A random folder per export: the exports dir is servable, so a path must not be guessable.
-        out_dir = services.exports_dir / secrets.token_urlsafe(16)
-        folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore))
-        archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
-        shutil.rmtree(folder)
-        return {ui.export_file: gr.File(value=archive, visible=True)}
-
-    table_outputs = [ui.version, ui.predictions, ui.feedback, ui.per_day, ui.per_label]
+    tables = ("version", "predictions", "feedback", "per_day", "per_label")
+    login_outputs = _components(ui, "session", "login_box", "panel", "password", "login_status", *tables)
+    # One function for the button and the Enter key: the two events share its concurrency group (limit 4).
+    login = _event_fn(functools.partial(operator_login, services), login_outputs)
     logged_in = [
-        ui.login.click(operator_login, [ui.user, ui.password, session],
-                       [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
+        ui.login.click(login, [ui.user, ui.password, session], list(login_outputs.values()),
                        api_name="operator_login", concurrency_limit=4),
-        ui.password.submit(operator_login, [ui.user, ui.password, session],
-                           [session, ui.login_box, ui.panel, ui.password, ui.login_status] + table_outputs,
+        ui.password.submit(login, [ui.user, ui.password, session], list(login_outputs.values()),
                            api_name="operator_login_enter", api_visibility="undocumented", concurrency_limit=4)]
+    opened = _event_fn(functools.partial(retrain_panel_opened, services), ui.retrain.opened_outputs)
     for event, name in zip(logged_in, ("retrain_open", "retrain_open_enter")):  # fill in and start polling
-        event.success(ui.retrain.opened, [session], ui.retrain.opened_outputs, api_name=name,
+        event.success(opened, [session], list(ui.retrain.opened_outputs.values()), api_name=name,
                       api_visibility="private", queue=False)
-    ui.refresh.click(operator_refresh, [session], table_outputs, api_name="operator_refresh", concurrency_limit=4)
-    ui.logout.click(operator_logout, [session],
-                    [session, ui.login_box, ui.panel, ui.export_file] + ui.retrain.closed_outputs,
-                    api_name="operator_logout", queue=False)
-    ui.export.click(operator_export, [ui.export_format, session], [ui.export_file], api_name="operator_export",
-                    concurrency_id="export", concurrency_limit=1)
+    _listen(ui.refresh.click, functools.partial(operator_refresh, services), [session], _components(ui, *tables),
+            api_name="operator_refresh", concurrency_limit=4)
+    _listen(ui.logout.click, operator_logout, [session],
+            {**_components(ui, "session", "login_box", "panel", "export_file"), **ui.retrain.closed_outputs},
+            api_name="operator_logout", queue=False)
+    _listen(ui.export.click, functools.partial(operator_export, services), [ui.export_format, session],
+            _components(ui, "export_file"), api_name="operator_export", concurrency_id="export", concurrency_limit=1)
     return ui
+
+
+# -- retrain controls (inside the operator panel) --
+
+def retrain_view(services: AppServices, status: dict[str, Any]) -> dict[str, Any]:
+    """The panel drawn from a ``retrain.api`` status: status line, runs, versions, dropdowns, fingerprint."""
+    reports = [r["version"] for r in status["reports"]]
+    return {"status": retrain_status_markdown(status, services.predictor.version),
+            "runs": retrain_runs_table(status["recent_runs"]),
+            "versions": retrain_versions_table(status["versions"], reports),
+            "report_version": gr.update(choices=reports),
+            "rollback_version": gr.update(choices=rollback_choices(status["versions"])),
+            "seen": status_fingerprint(status)}
+
+
+def retrain_status(services: AppServices, session_data: dict) -> dict[str, Any]:
+    require_operator(session_data)
+    return retrain_view(services, services.retrain_status())
+
+
+def poll_retrain_status(services: AppServices, session_data: dict, seen: str | None) -> dict[str, Any] | None:
+    """The timer's tick: never an error in the page; None (nothing redrawn) unless the status changed."""
+    if not session_data.get("operator"):
+        return None
+    try:
+        status = services.retrain_status()
+    except Exception:  # a busy or unreachable database; the next tick tries again
+        log.warning("retrain status poll failed", exc_info=True)
+        return None
+    return None if status_fingerprint(status) == seen else retrain_view(services, status)
+
+
+def retrain_now(services: AppServices, session_data: dict) -> dict[str, Any]:
+    """Start a retrain run in the background, or say which run is already going."""
+    require_operator(session_data)
+    started = services.trigger_retrain()
+    if started["started"]:
+        notice = f"Retrain run {started['run_id']} started; its progress shows above."
+    else:
+        notice = f"⚠ A retrain is already running (run {started['run_id']}): no second run was started."
+    return {"notice": notice, **retrain_view(services, services.retrain_status())}
+
+
+def retrain_rollback(services: AppServices, version: str | None, session_data: dict) -> dict[str, Any]:
+    """Make an earlier promoted ``version`` current again; this server follows within RELOAD_POLL_S."""
+    require_operator(session_data)
+    version = (version or "").strip()
+    if not version:
+        raise UserInputError("Choose the version to roll back to.")
+    result = services.rollback(version)
+    if result["previous"] == result["current_version"]:
+        notice = f"`{version}` is already the current version; nothing changed."
+    else:
+        notice = (f"↩ **Rolled back:** the current version is now `{result['current_version']}` (was "
+                  f"`{result['previous']}`); this server switches to it within {RELOAD_POLL_S:.0f} s.")
+    status = services.retrain_status()
+    return {**retrain_view(services, status), "notice": notice,
+            "rollback_version": gr.update(choices=rollback_choices(status["versions"]), value=None)}
+
+
+def retrain_report(services: AppServices, version: str | None, session_data: dict) -> dict[str, Any]:
+    """The human-eval report of ``version`` as a download and a link; nothing for an empty choice."""
+    require_operator(session_data)
+    if not (version or "").strip():
+        return {"report_file": gr.update(value=None, visible=False), "report_link": ""}
+    entry = services.report(version.strip())
+    # Served from a random folder: report paths (reports/<version>/) are guessable, and a report
+    # quotes users' corrections, so only a logged-in operator gets a link to one.
+    shared = services.exports_dir / secrets.token_urlsafe(16)
+    shared.mkdir(parents=True)
+    html = shutil.copy2(entry["html"], shared / f"report-{entry['version']}.html")
+    link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))})"
+    return {"report_file": gr.update(value=str(html), visible=True), "report_link": link}
+
+
+def retrain_panel_opened(services: AppServices, session_data: dict) -> dict[str, Any] | None:
+    """After a login: draw the panel and start the status timer."""
+    if not session_data.get("operator"):
+        return None
+    return {**retrain_view(services, services.retrain_status()), "timer": gr.update(active=True)}
+
+
+def retrain_panel_closed() -> dict[str, Any]:
+    """At logout: stop the timer and forget the notice and report."""
+    return {"timer": gr.update(active=False), "notice": "", "report_link": "",
+            "report_file": gr.update(value=None, visible=False)}
 
 
 def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNamespace:
@@ -894,8 +1032,8 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
 
     A run goes on in a background thread (``retrain.api``); a ``gr.Timer`` re-reads the status every
     ``RETRAIN_POLL_S`` seconds while an operator is logged in and redraws only when it changed.
-    Returns the components plus ``opened``/``closed``, which the login and logout events of the
-    operator tab call with their ``*_outputs``.
+    Returns the components plus ``opened_outputs``/``closed_outputs``, the outputs that the operator
+    tab's login and logout events update with :func:`retrain_panel_opened` / :func:`retrain_panel_closed`.
     """
     ui = SimpleNamespace()
     gr.Markdown("#### Retraining")
@@ -922,92 +1060,22 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
     ui.timer = gr.Timer(RETRAIN_POLL_S, active=False)
     ui.seen = gr.State(None)  # fingerprint of the status this browser shows
 
-    def status_view(status: dict[str, Any]) -> dict:
-        reports = [r["version"] for r in status["reports"]]
-        return {ui.status: retrain_status_markdown(status, services.predictor.version),
-                ui.runs: retrain_runs_table(status["recent_runs"]),
-                ui.versions: retrain_versions_table(status["versions"], reports),
-                ui.report_version: gr.Dropdown(choices=reports),
-                ui.rollback_version: gr.Dropdown(choices=rollback_choices(status["versions"])),
-                ui.seen: status_fingerprint(status)}
-
-    @user_errors
-    def retrain_status(session_data: dict):
-        require_operator(session_data)
-        return status_view(services.retrain_status())
-
-    def poll_retrain_status(session_data: dict, seen: str | None):
-        """The timer's tick: never an error in the page, nothing redrawn unless the status changed."""
-        if not session_data.get("operator"):
-            return gr.skip()
-        try:
-            status = services.retrain_status()
-        except Exception:  # a busy or unreachable database; the next tick tries again
-            log.warning("retrain status poll failed", exc_info=True)
-            return gr.skip()
-        return gr.skip() if status_fingerprint(status) == seen else status_view(status)
-
-    @user_errors
-    def retrain_now(session_data: dict):
-        require_operator(session_data)
-        started = services.trigger_retrain()
-        if started["started"]:
-            notice = f"Retrain run {started['run_id']} started; its progress shows above."
-        else:
-            notice = f"⚠ A retrain is already running (run {started['run_id']}): no second run was started."
-        return {ui.notice: notice, **status_view(services.retrain_status())}
-
-    @user_errors
-    def retrain_rollback(version: str | None, session_data: dict):
-        require_operator(session_data)
-        version = (version or "").strip()
-        if not version:
-            raise UserInputError("Choose the version to roll back to.")
-        result = services.rollback(version)
-        if result["previous"] == result["current_version"]:
-            notice = f"`{version}` is already the current version; nothing changed."
-        else:
-            notice = (f"↩ **Rolled back:** the current version is now `{result['current_version']}` (was "
-                      f"`{result['previous']}`); this server switches to it within {RELOAD_POLL_S:.0f} s.")
-        status = services.retrain_status()
-        return {**status_view(status), ui.notice: notice,
-                ui.rollback_version: gr.Dropdown(choices=rollback_choices(status["versions"]), value=None)}
-
-    @user_errors
-    def retrain_report(version: str | None, session_data: dict):
-        require_operator(session_data)
-        if not (version or "").strip():
-            return {ui.report_file: gr.File(value=None, visible=False), ui.report_link: ""}
-        entry = services.report(version.strip())
-        # Served from a random folder: report paths (reports/<version>/) are guessable, and a report
-        # quotes users' corrections, so only a logged-in operator gets a link to one.
-        shared = services.exports_dir / secrets.token_urlsafe(16)
-        shared.mkdir(parents=True)
-        html = shutil.copy2(entry["html"], shared / f"report-{entry['version']}.html")
-        link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))})"
-        return {ui.report_file: gr.File(value=str(html), visible=True), ui.report_link: link}
-
-    def opened(session_data: dict):
-        if not session_data.get("operator"):
-            return gr.skip()
-        return {**status_view(services.retrain_status()), ui.timer: gr.Timer(active=True)}
-
-    def closed() -> dict:
-        return {ui.timer: gr.Timer(active=False), ui.notice: "", ui.report_link: "",
-                ui.report_file: gr.File(value=None, visible=False)}
-
-    view_outputs = [ui.status, ui.runs, ui.versions, ui.report_version, ui.rollback_version, ui.seen]
-    ui.opened, ui.opened_outputs = opened, view_outputs + [ui.timer]
-    ui.closed, ui.closed_outputs = closed, [ui.timer, ui.notice, ui.report_link, ui.report_file]
-    ui.refresh.click(retrain_status, [session], view_outputs, api_name="retrain_status", concurrency_limit=4)
-    ui.timer.tick(poll_retrain_status, [session, ui.seen], view_outputs, api_name="retrain_poll",
-                  api_visibility="undocumented", queue=False, show_progress="hidden")
-    ui.retrain_now.click(retrain_now, [session], [ui.notice] + view_outputs, api_name="retrain_now",
-                         concurrency_id=RETRAIN_EVENTS, concurrency_limit=1)
-    ui.rollback.click(retrain_rollback, [ui.rollback_version, session], [ui.notice] + view_outputs,
-                      api_name="retrain_rollback", concurrency_id=RETRAIN_EVENTS, concurrency_limit=1)
-    ui.report_version.input(retrain_report, [ui.report_version, session], [ui.report_file, ui.report_link],
-                            api_name="retrain_report", concurrency_limit=4)
+    view = ("status", "runs", "versions", "report_version", "rollback_version", "seen")
+    ui.opened_outputs = _components(ui, *view, "timer")
+    ui.closed_outputs = _components(ui, "timer", "notice", "report_link", "report_file")
+    _listen(ui.refresh.click, functools.partial(retrain_status, services), [session], _components(ui, *view),
+            api_name="retrain_status", concurrency_limit=4)
+    _listen(ui.timer.tick, functools.partial(poll_retrain_status, services), [session, ui.seen],
+            _components(ui, *view), api_name="retrain_poll", api_visibility="undocumented", queue=False,
+            show_progress="hidden")
+    _listen(ui.retrain_now.click, functools.partial(retrain_now, services), [session],
+            _components(ui, "notice", *view), api_name="retrain_now", concurrency_id=RETRAIN_EVENTS,
+            concurrency_limit=1)
+    _listen(ui.rollback.click, functools.partial(retrain_rollback, services), [ui.rollback_version, session],
+            _components(ui, "notice", *view), api_name="retrain_rollback", concurrency_id=RETRAIN_EVENTS,
+            concurrency_limit=1)
+    _listen(ui.report_version.input, functools.partial(retrain_report, services), [ui.report_version, session],
+            _components(ui, "report_file", "report_link"), api_name="retrain_report", concurrency_limit=4)
     return ui
 
 

@@ -1,14 +1,19 @@
-"""Typed, frozen configuration loaded from ``configs/<profile>.yaml`` plus environment overrides.
+"""The one configuration surface: every knob of every component, typed and frozen, one section each.
 
-No I/O happens at import; ``load_config`` reads one YAML file and the environment.
-Environment overrides use ``MMAPP__SECTION__FIELD=value`` (e.g. ``MMAPP__TRAIN__EPOCHS=5``);
+``load_config`` reads ``configs/<profile>.yaml`` and applies environment overrides
+``MMAPP__SECTION__FIELD=value`` (e.g. ``MMAPP__TRAIN__EPOCHS=5``, ``MMAPP__FINETUNE__EPOCHS=8``);
 the most common ones have short names too (``MMAPP_PROFILE``, ``MMAPP_HOME``,
 ``MMAPP_DATABASE_URL``, ``MMAPP_OPERATOR_USER``, ``MMAPP_OPERATOR_PASSWORD``).
+``python -m mmapp config`` prints the effective configuration with secrets redacted
+(:func:`redacted`). Where things live on disk is :class:`mmapp.paths.Paths` (``config.paths``).
+No I/O happens at import.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +21,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from mmapp.paths import Paths
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 PROFILES = ("offline", "clip")
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # data the app ships (not tests/)
+SECRET_FIELDS = (("app", "operator_password"),)  # printed as "***"; database passwords are masked too
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class TrainConfig:
     modality_dropout: float = 0.3  # per-modality drop probability when training fusion heads
     unfreeze_last_n: int = 0  # image-tower blocks mmapp.finetune trains (0 = frozen; GPU advised; not the retrain job)
     label_smoothing: float = 0.0
+    meme_epochs: int = 40  # fusion-head epochs of a model trained from scratch (bootstrap)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,14 @@ class StorageConfig:
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home / 'mmapp.db'}"
+        return self.database_url or f"sqlite:///{Paths(self.home).database}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Hand-captioned real photos (image<TAB>caption) that every choice of score mix must not make
+    # worse than the zero-training bridge. Shipped with the app; a missing file is an error.
+    guard_photos: Path = ASSETS_DIR / "photos" / "captions.tsv"
 
 
 @dataclass(frozen=True)
@@ -74,14 +91,44 @@ class AppConfig:
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    cron: str = "0 3 * * *"  # nightly, server local time
+    cron: str = "0 3 * * *"  # nightly, server local time (scheduler.timezone to pin it)
     replay_size: int = 2000  # bootstrap pairs mixed into each fine-tune
     label_quorum: int = 2  # raters that must agree on a label correction when several rated it
     max_user_share: float = 0.3  # poisoning guard: at most this share of accepted items per user
     outlier_z: float = -2.5  # robust z-score of image-text similarity below which a pair is held back
-    near_duplicate_cos: float = 0.98
+    near_duplicate_cos: float = 0.98  # image AND text cosine at or above this = near duplicate
+    min_agreement: float = 1.0  # a caption must beat random captions of its image by this many SDs
     tolerance: float = 0.01  # allowed regression of any gated metric
     min_new_items: int = 1
+    min_rating: float = 4.0  # mean coherence/relevance at which a rated caption counts as a good pair
+    n_bootstrap: int = 1000  # resamples for the metrics' 95% intervals
+    agreement_bank: int = 256  # reference captions each pair's image-text agreement is standardised against
+    clean_epochs: int = 4  # epochs of each cross-fitting model that scores agreement (0 = the current model scores)
+    clean_lr_scale: float = 0.3  # its learning rate = train.lr * this (separates honest from random best in the sim)
+    lock_ttl_s: float = 300.0  # run lease length; a killed worker's lease frees after this
+    heartbeat_s: float = 15.0  # how often a live run renews its lease and stamps its row
+    stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """How a retrain fine-tunes a candidate from the current version (``retrain`` stage "train")."""
+
+    # Measured on the flywheel simulation (benchmarks/flywheel_sim.py): 8 epochs at 0.3x lr barely
+    # moved the projections, and the re-chosen score mix then often fell back to the bridge.
+    epochs: int = 20  # alignment epochs from the current projections
+    lr_scale: float = 1.0  # fine-tune learning rate = train.lr * lr_scale (one-cycle schedule)
+    fusion_epochs: int = 15
+    user_share_of_batch: float = 0.5  # expected share of users' items in a batch (rest: replay)
+    max_repeat: int = 8  # users' pairs are repeated at most this often to reach that share
+    local_reference_max: int = 4096  # taught images the local mix remembers, newest kept; 0 = global mix only
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    timezone: str = ""  # for retrain.cron; "" = the server's local time
+    lease_ttl_s: float = 60.0  # a dead scheduler leader is replaced after this
+    heartbeat_s: float = 20.0  # how often every process tries to take or renew the leader lease
 
 
 @dataclass(frozen=True)
@@ -91,7 +138,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def paths(self) -> Paths:
+        """Every folder and file under ``storage.home``."""
+        return Paths(self.storage.home)
 
 
 _SHORT_ENV = {
@@ -179,3 +234,14 @@ def load_config(profile: str | None = None, *, path: str | Path | None = None,
         for key, value in values.items():
             put(section, key, value)
     return _build(Config, raw, str(path))
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The configuration as plain data with secrets masked: safe to print, log or store in a manifest."""
+    data = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for section, key in SECRET_FIELDS:
+        if data[section][key]:
+            data[section][key] = "***"
+    # scheme://user:password@host/db -> scheme://user:***@host/db (a URL-encoded password has no '@')
+    data["storage"]["database_url"] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", data["storage"]["database_url"])
+    return data

@@ -22,7 +22,7 @@ class EncoderOptions:
     cache_dir: Path  # where reassembled weights live (mpnet)
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = ""
-    ocr_det_side: int = 640
+    ocr_det_side: int | None = None  # None: the OCR reader's own default (OCRConfig.det_side)
 
 
 def _efficientnet(name: str) -> Callable[[EncoderOptions], Any]:
@@ -60,7 +60,7 @@ def _clip_text(opts: EncoderOptions):
 def _rapidocr(opts: EncoderOptions):
     from mmapp.encoders.ocr import OCRConfig, RapidOCRReader
 
-    return RapidOCRReader(OCRConfig(det_side=opts.ocr_det_side))
+    return RapidOCRReader(OCRConfig() if opts.ocr_det_side is None else OCRConfig(det_side=opts.ocr_det_side))
 
 
 _REGISTRY: dict[str, tuple[str, Callable[[EncoderOptions], Any]]] = {

@@ -1,28 +1,26 @@
 """The model server: captioning, meme analysis with modality ablation, one loaded model version.
 
-Builds the towers once (device and dtype chosen here, via :func:`resolve_placement`), keeps the
+Takes the frozen towers (:class:`mmapp.towers.Towers`, where device and dtype are chosen), keeps the
 caption bank embedded, and swaps model versions without a restart (``load_version``).
-No database, no UI: callers pass decoded images and store what they want.
+No training, no database, no UI: callers pass decoded images and store what they want.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
-from mmapp.cache import EmbeddingCache, text_key
+from mmapp.cache import text_key
 from mmapp.config import Config
-from mmapp.device import resolve_placement
 from mmapp.embedder import Embedder
-from mmapp.encoders import EncoderOptions, create_encoder
 from mmapp.encoders.image import imagenet_class_names
 from mmapp.imageio import DecodedImage
-from mmapp.joint import JointSpace, class_prompt_embeddings
-from mmapp.model_store import BRIDGE, ModelStore, ModelVersion
+from mmapp.joint import JointSpace
+from mmapp.model_store import BRIDGE, ModelStore, ModelVersion, VersionMeta
+from mmapp.towers import Towers
 
 ABLATIONS = (None, "image", "text")  # what is removed: nothing, the image, the text
 LABEL_TEMPLATES = ("a photo of a {}.",)
@@ -59,17 +57,13 @@ class MemeResult:
 
 
 class Predictor:
-    def __init__(self, *, embedder: Embedder, ocr: Callable[[], object], store: ModelStore, top_t: int,
-                 caption_bank: Sequence[tuple[str, str]] = (), confidence_floor: float = 0.1):
-        self.embedder = embedder
-        self._ocr_factory = ocr  # built on first use: captioning alone never loads the OCR models
-        self._ocr = None
+    def __init__(self, *, towers: Towers, store: ModelStore, caption_bank: Sequence[tuple[str, str]] = (),
+                 confidence_floor: float = 0.1):
+        self.towers = towers
         self.store = store
-        self.top_t = top_t
         self.confidence_floor = confidence_floor
         self._lock = threading.RLock()
         self._model: ModelVersion | None = None
-        self._class_text: torch.Tensor | None = None
         self._bank_texts: list[str] = []
         self._bank_sources: list[str] = []
         self._bank_views: dict[str, torch.Tensor] = {}
@@ -78,37 +72,17 @@ class Predictor:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Config, *, version: str | None = None,
+    def from_config(cls, config: Config, *, version: str | None = None, towers: Towers | None = None,
                     caption_bank: Sequence[tuple[str, str]] = ()) -> "Predictor":
-        placement = resolve_placement(config.model.device)
-        home = config.storage.home
-        opts = EncoderOptions(placement=placement, cache_dir=home / "weights",
-                              clip_model=config.model.clip_model, clip_pretrained=config.model.clip_pretrained,
-                              ocr_det_side=config.model.ocr_det_side)
-        embedder = Embedder(image_encoder=create_encoder(config.model.image_encoder, opts, kind="image"),
-                            text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
-                            cache=EmbeddingCache(home / "cache" / "embeddings"))
-        predictor = cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"), store=ModelStore(home / "models"),
-                        top_t=config.model.bridge_top_t, caption_bank=caption_bank,
-                        confidence_floor=config.model.caption_confidence_floor)
+        """Serve ``version`` (default: the derived ``current.json`` pointer, else the bridge)."""
+        predictor = cls(towers=towers or Towers.from_config(config), store=ModelStore(config.paths.models),
+                        caption_bank=caption_bank, confidence_floor=config.model.caption_confidence_floor)
         predictor.load_version(version or predictor.store.current() or BRIDGE)
         return predictor
 
     @property
-    def ocr(self):
-        with self._lock:
-            if self._ocr is None:
-                self._ocr = self._ocr_factory()
-            return self._ocr
-
-    def class_text(self) -> torch.Tensor | None:
-        """(1000, D_txt) ImageNet prompt embeddings, or None when the image tower has no ImageNet head."""
-        if self._class_text is None and getattr(self.embedder.image_encoder, "has_imagenet_head", False):
-            self._class_text = class_prompt_embeddings(imagenet_class_names(), self.embedder.texts)
-        return self._class_text
-
-    def bridge_space(self) -> JointSpace:
-        return JointSpace(class_text=self.class_text(), top_t=self.top_t)
+    def embedder(self) -> Embedder:
+        return self.towers.embedder
 
     @property
     def version(self) -> str:
@@ -120,16 +94,15 @@ class Predictor:
 
     @property
     def space(self) -> JointSpace:
-        return self._model.space if self._model else self.bridge_space()
+        return self._model.space if self._model else self.towers.bridge_space()
 
     def load_version(self, version: str) -> None:
         """Load ``version`` (or the bridge) and project the caption bank into its space; atomic for readers."""
         if version == BRIDGE:
-            space = self.bridge_space()
-            model = ModelVersion(BRIDGE, space, None, None, {"labels": []})
+            model = ModelVersion(BRIDGE, self.towers.bridge_space(), None, None, VersionMeta())
         else:
             model = self.store.load(version)
-            identity = model.meta.get("encoders")
+            identity = model.meta.encoders
             if identity and identity != self.embedder.identity:
                 raise ValueError(f"model version {version!r} was trained on encoders {identity}, "
                                  f"but this server runs {self.embedder.identity}")
@@ -172,7 +145,7 @@ class Predictor:
             text = " ".join(text.split())
             if text and text not in seen:
                 seen[text] = source
-        if self.class_text() is not None:
+        if self.towers.class_text() is not None:
             for name in imagenet_class_names():
                 seen.setdefault(LABEL_TEMPLATES[0].format(name), "imagenet")
         self._bank_texts = list(seen)
@@ -194,7 +167,8 @@ class Predictor:
         timings["encode_image"] = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
         scores = model.space.similarity(views, bank_views)[0]  # (N_bank,)
-        temperature = float(model.meta.get("caption_temperature", UNCALIBRATED_TEMPERATURE))
+        fitted = model.meta.caption_temperature
+        temperature = float(fitted if fitted is not None else UNCALIBRATED_TEMPERATURE)
         probs = torch.softmax(scores / temperature, dim=0)
         top = probs.topk(min(k, len(texts)))
         idx = top.indices.tolist()
@@ -213,17 +187,8 @@ class Predictor:
             if self.embedder.cache else "")
 
     def read_text(self, image: DecodedImage) -> str:
-        """OCR text, cached by image content so a re-analysis never runs OCR twice."""
-        cache = self.embedder.cache
-        identity = getattr(self.ocr, "identity", "ocr")
-        if cache is not None:
-            hit = cache.get(identity, image.sha256)
-            if hit is not None:
-                return str(hit["text"])
-        text = self.ocr.read(image.image).text
-        if cache is not None:
-            cache.put(identity, image.sha256, {"text": np.array(text)})
-        return text
+        """OCR text (cached by image content; see :meth:`Towers.read_text`)."""
+        return self.towers.read_text(image)
 
     def analyze_meme(self, image: DecodedImage, text: str | None = None, *,
                      ablate: str | None = None) -> MemeResult:

@@ -1,0 +1,88 @@
+"""The frozen towers: image, text and OCR encoders behind the embedding cache, plus the class prompts.
+
+Serving (:class:`mmapp.predictor.Predictor`), the bootstrap build, the CLI and the retrain job all
+take a :class:`Towers`; a retrain inside the app process shares the app's towers read-only (the
+encoders are frozen, the cache is safe for concurrent writers). Device and dtype are chosen here,
+once (:func:`mmapp.device.resolve_placement`). Nothing is loaded at import; OCR and the class
+prompts are built on first use. No model versions, no database, no UI.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mmapp.cache import EmbeddingCache
+from mmapp.config import Config
+from mmapp.device import resolve_placement
+from mmapp.embedder import Embedder
+from mmapp.encoders import EncoderOptions, create_encoder
+from mmapp.encoders.image import imagenet_class_names
+from mmapp.imageio import DecodedImage
+from mmapp.joint import JointSpace, class_prompt_embeddings
+
+
+class Towers:
+    def __init__(self, *, embedder: Embedder, ocr: Callable[[], object], bridge_top_t: int):
+        self.embedder = embedder
+        self.bridge_top_t = bridge_top_t  # ConSE: ImageNet classes averaged per image
+        self._ocr_factory = ocr  # built on first use: captioning alone never loads the OCR models
+        self._ocr = None
+        self._class_text: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Towers":
+        placement = resolve_placement(config.model.device)
+        paths = config.paths
+        opts = EncoderOptions(placement=placement, cache_dir=paths.weights, clip_model=config.model.clip_model,
+                              clip_pretrained=config.model.clip_pretrained, ocr_det_side=config.model.ocr_det_side)
+        embedder = Embedder(image_encoder=create_encoder(config.model.image_encoder, opts, kind="image"),
+                            text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
+                            cache=EmbeddingCache(paths.embeddings))
+        return cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"),
+                   bridge_top_t=config.model.bridge_top_t)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """Encoder identities (name + weights hash): a model version trained on others is refused."""
+        return self.embedder.identity
+
+    @property
+    def ocr(self):
+        with self._lock:
+            if self._ocr is None:
+                self._ocr = self._ocr_factory()
+            return self._ocr
+
+    @property
+    def has_imagenet_head(self) -> bool:
+        return bool(getattr(self.embedder.image_encoder, "has_imagenet_head", False))
+
+    def class_text(self) -> torch.Tensor | None:
+        """(1000, D_txt) ImageNet prompt embeddings, or None when the image tower has no ImageNet head."""
+        if not self.has_imagenet_head:
+            return None
+        with self._lock:
+            if self._class_text is None:
+                self._class_text = class_prompt_embeddings(imagenet_class_names(), self.embedder.texts)
+            return self._class_text
+
+    def bridge_space(self) -> JointSpace:
+        """The zero-training baseline (ConSE bridge): what serves before any version exists."""
+        return JointSpace(class_text=self.class_text(), top_t=self.bridge_top_t)
+
+    def read_text(self, image: DecodedImage) -> str:
+        """OCR text, cached by image content so a re-analysis never runs OCR twice."""
+        cache = self.embedder.cache
+        identity = getattr(self.ocr, "identity", "ocr")
+        if cache is not None:
+            hit = cache.get(identity, image.sha256)
+            if hit is not None:
+                return str(hit["text"])
+        text = self.ocr.read(image.image).text
+        if cache is not None:
+            cache.put(identity, image.sha256, {"text": np.array(text)})
+        return text

@@ -1,9 +1,13 @@
-"""Model versions on disk: immutable folders, written atomically, plus a ``current`` pointer.
+"""Model versions on disk: immutable folders, written atomically, each described by a :class:`VersionMeta`.
 
 A version folder holds ``weights.safetensors`` (joint space + fusion head) and ``meta.json``.
 It is written in a temporary sibling folder, fsynced and renamed into place, so a crash
-never leaves a partial version. The pointer ``current.json`` is replaced atomically too.
-The database registry (feedback_db) records history; this module knows no database.
+never leaves a partial version. :meth:`ModelStore.save` is the one writer of ``meta.json`` and
+:func:`read_meta` its one reader.
+
+Which version is current is decided by the database registry (``retrain.promotion``), never here.
+``current.json`` is a pointer *derived* from the registry (written only by promotion and rollback) so
+that tools without a database (``python -m mmapp caption``) serve the same version.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +33,86 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BRIDGE = "bridge"  # pseudo-version: the zero-training ConSE baseline
 
 
+META_SCHEMA = 1  # version of the meta.json layout; files without "schema" are the older layout (0)
+
+
+@dataclass
+class VersionMeta:
+    """What a model version is: its labels, the towers it was trained on, how and from what, its metrics.
+
+    Written by :meth:`ModelStore.save` only (which fills ``version``, ``created_at``, ``space`` and
+    ``fusion``), read by :func:`read_meta` only. Keys this code does not know are kept in ``extra``.
+    """
+
+    labels: tuple[str, ...] = ()  # the meme head's label names, in logit order
+    encoders: dict[str, str] = field(default_factory=dict)  # tower identities the version was trained on
+    caption_temperature: float | None = None  # softmax temperature over caption scores (None: uncalibrated)
+    parent: str | None = None  # the version it was fine-tuned from
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation when it was made
+    training: dict[str, Any] = field(default_factory=dict)  # how it was fitted (epochs, mix, ...), no per-epoch history
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch training history
+    data: dict[str, Any] = field(default_factory=dict)  # what it was trained on (sizes, files)
+    config: dict[str, Any] = field(default_factory=dict)  # the settings used, secrets redacted
+    manifest: dict[str, Any] | None = None  # the retrain run's manifest, for versions a retrain made
+    code_version: str = ""
+    python: str = ""
+    torch: str = ""
+    # filled in by ModelStore.save:
+    version: str = ""
+    created_at: float = 0.0
+    space: dict[str, Any] = field(default_factory=dict)  # JointSpace.meta()
+    fusion: dict[str, Any] | None = None  # {"name", "config"} of the meme head
+    schema: int = META_SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _RENAMED = {"train": "training"}  # schema 0 key -> field
+    _DROPPED = ("fusion_name",)  # schema 0 keys now derived from another field
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["labels"] = list(self.labels)
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "VersionMeta":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values: dict[str, Any] = {"schema": 0}
+        extra: dict[str, Any] = {}
+        for key, value in raw.items():
+            key = cls._RENAMED.get(key, key)
+            if key in known:
+                values[key] = value
+            elif key not in cls._DROPPED:
+                extra[key] = value
+        if values["schema"] > META_SCHEMA:
+            raise ValueError(f"meta.json schema {values['schema']} is newer than this code reads ({META_SCHEMA})")
+        values["labels"] = tuple(values.get("labels") or ())
+        for key in ("encoders", "metrics", "training", "data", "config", "space"):
+            values[key] = values.get(key) or {}
+        values["history"] = values.get("history") or []
+        return cls(**values, extra=extra)
+
+    @property
+    def fusion_name(self) -> str | None:
+        return (self.fusion or {}).get("name")
+
+
+def read_meta(folder: Path) -> VersionMeta:
+    """The :class:`VersionMeta` of a version folder (any schema this code knows)."""
+    return VersionMeta.from_dict(json.loads((Path(folder) / "meta.json").read_text()))
+
+
 @dataclass
 class ModelVersion:
     version: str
     space: JointSpace
     fusion_head: torch.nn.Module | None
     fusion_config: FusionConfig | None
-    meta: dict[str, Any]
+    meta: VersionMeta
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return tuple(self.meta.get("labels", ()))
+        return self.meta.labels
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +160,7 @@ class ModelStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "meta.json").is_file() and not p.name.startswith("."))
 
-    def save(self, version: str, space: JointSpace, *, meta: dict[str, Any],
+    def save(self, version: str, space: JointSpace, *, meta: VersionMeta,
              fusion_head: torch.nn.Module | None = None, fusion_config: FusionConfig | None = None,
              fusion_name: str | None = None) -> Path:
         target = self.path(version)
@@ -99,11 +173,12 @@ class ModelStore:
             if fusion_head is not None:
                 tensors.update({f"fusion.{k}": v.detach().contiguous().cpu() for k, v in fusion_head.state_dict().items()})
             save_file(tensors, str(tmp / "weights.safetensors"))
-            full_meta = {**meta, "version": version, "created_at": meta.get("created_at", time.time()),
-                         "space": space.meta(),
-                         "fusion": ({"name": fusion_name, "config": fusion_config.__dict__}
-                                    if fusion_head is not None and fusion_config is not None else None)}
-            (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str))
+            full_meta = dataclasses.replace(
+                meta, version=version, created_at=meta.created_at or time.time(), space=space.meta(),
+                schema=META_SCHEMA,
+                fusion=({"name": fusion_name, "config": fusion_config.__dict__}
+                        if fusion_head is not None and fusion_config is not None else None))
+            (tmp / "meta.json").write_text(json.dumps(full_meta.to_dict(), indent=2, default=str))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -121,25 +196,27 @@ class ModelStore:
         if not meta_path.is_file():
             raise FileNotFoundError(f"model version {version!r} not found under {self.root} "
                                     f"(have: {self.list_versions() or 'none'})")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(folder)
         tensors = load_file(str(folder / "weights.safetensors"))
         space = JointSpace.from_state({k[len("space."):]: v for k, v in tensors.items() if k.startswith("space.")},
-                                      meta["space"])
+                                      meta.space)
         head, fcfg = None, None
-        if meta.get("fusion"):
-            fcfg = FusionConfig(**meta["fusion"]["config"])
-            head = create_fusion_head(meta["fusion"]["name"], fcfg)
+        if meta.fusion:
+            fcfg = FusionConfig(**meta.fusion["config"])
+            head = create_fusion_head(meta.fusion["name"], fcfg)
             head.load_state_dict({k[len("fusion."):]: v for k, v in tensors.items() if k.startswith("fusion.")})
             head.eval()
         return ModelVersion(version, space, head, fcfg, meta)
 
     def current(self) -> str | None:
+        """The version ``current.json`` names: the registry's current version as last promoted (derived)."""
         pointer = self.root / "current.json"
         if not pointer.is_file():
             return None
         return json.loads(pointer.read_text())["version"]
 
     def set_current(self, version: str) -> None:
+        """Point ``current.json`` at ``version``. Only ``retrain.promotion`` calls this: the registry decides."""
         if not self.exists(version):
             raise FileNotFoundError(f"cannot make {version!r} current: no such version under {self.root}")
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
-"""Workflows over the library pieces: import the corpus, embed pairs, train, evaluate, bootstrap.
+"""Workflows over the library pieces: import the corpus, embed pairs, evaluate, build the bootstrap version.
 
 These are the functions the CLI (``python -m mmapp``), the app's start-up and the retrain job call.
+Training itself is :mod:`mmapp.training` (the one recipe); the towers are :class:`mmapp.towers.Towers`.
+Saving a version is here; making it current is the registry's job (``retrain.promotion``).
 No database and no UI here.
 """
 from __future__ import annotations
@@ -10,27 +12,23 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from mmapp.config import Config
+from mmapp.config import Config, redacted
 from mmapp.data.pairs import Pair, read_pairs, write_pairs_tsv
 from mmapp.device import seed_everything
 from mmapp.evaluation import classification_metrics, retrieval_metrics, select_candidates, subsample_candidates
 from mmapp.joint import JointSpace
-from mmapp.model_store import BRIDGE, ModelStore
-from mmapp.training import PairFeatures, choose_mix, train_alignment, train_fusion_head, with_centers
+from mmapp.model_store import BRIDGE, ModelStore, VersionMeta
+from mmapp.towers import Towers
+from mmapp.training import FittedSpace, MemeExamples, PairFeatures, SpaceData, fit_meme_head, fit_space
 
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.45
-PHOTOS_TSV = Path(__file__).resolve().parent.parent / "tests" / "data" / "photos" / "captions.tsv"
-
-
-def dataset_dir(config: Config, name: str = "openclipart") -> Path:
-    return config.storage.home / "datasets" / name
 
 
 def code_version() -> str:
@@ -47,10 +45,10 @@ def import_openclipart(config: Config, *, progress: bool = True) -> dict[str, Pa
     """Fetch (apt) and filter the Open Clip Art corpus; write train/val/test TSVs and items.jsonl."""
     from mmapp.data.openclipart import ensure_openclipart, load_openclipart
 
-    root = ensure_openclipart(config.storage.home / "corpus" / "openclipart", progress=progress)
+    root = ensure_openclipart(config.paths.corpus, progress=progress)
     # ~2.5k drawings survive the filters; a held-out test split of >= 1000 pairs needs ~45% of them.
     items, report = load_openclipart(root, val=VAL_FRACTION, test=TEST_FRACTION, progress=progress)
-    out = dataset_dir(config)
+    out = config.paths.dataset()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split in ("train", "val", "test"):
@@ -74,7 +72,7 @@ def import_openclipart(config: Config, *, progress: bool = True) -> dict[str, Pa
 
 
 def load_items(config: Config) -> list[dict]:
-    path = dataset_dir(config) / "items.jsonl"
+    path = config.paths.dataset() / "items.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -107,6 +105,16 @@ def embed_pairs_file(embedder, path: Path, *, progress: bool = False) -> Embedde
     return embed_pairs(embedder, read_pairs(Path(path)), progress=progress)
 
 
+def guard_pairs(config: Config, embedder, *, path: Path | None = None) -> PairFeatures:
+    """The real-photo guard set (``data.guard_photos``, shipped with the app): every score mix is
+    checked against it. Missing is an error, never a silent skip."""
+    path = Path(path or config.data.guard_photos)
+    if not path.is_file():
+        raise FileNotFoundError(f"the real-photo guard set {path} is missing (data.guard_photos): the score mix "
+                                "cannot be checked against real photos without it")
+    return embed_pairs_file(embedder, path).features
+
+
 # ---- evaluation --------------------------------------------------------------------------------
 
 def evaluate_retrieval(space: JointSpace, feats: PairFeatures, *, max_images: int = 1000,
@@ -126,62 +134,31 @@ def evaluate_retrieval(space: JointSpace, feats: PairFeatures, *, max_images: in
     return report
 
 
-def resolve_space(predictor, model: str) -> tuple[str, JointSpace]:
-    """'bridge', 'current' or a version name -> (version, JointSpace)."""
+def resolve_space(towers: Towers, store: ModelStore, model: str) -> tuple[str, JointSpace]:
+    """'bridge', 'current' (the derived pointer) or a version name -> (version, JointSpace)."""
     if model == BRIDGE:
-        return BRIDGE, predictor.bridge_space()
-    version = predictor.store.current() if model == "current" else model
+        return BRIDGE, towers.bridge_space()
+    version = store.current() if model == "current" else model
     if version is None:
         raise ValueError("no current model version yet: run `python -m mmapp build-bootstrap` (or python app.py)")
-    return version, predictor.store.load(version).space
+    return version, store.load(version).space
 
 
 # ---- training ----------------------------------------------------------------------------------
 
-def train_joint_space(predictor, train: PairFeatures, val: PairFeatures, *, config: Config,
-                      guard: PairFeatures | None = None, init=None, epochs: int | None = None,
-                      progress: bool = True) -> tuple[JointSpace, dict]:
-    """Projections trained with InfoNCE, centers set, bridge/projection mix chosen on held-out data."""
-    class_text = predictor.class_text()
-    result = train_alignment(train, val, class_text=class_text, top_t=config.model.bridge_top_t,
-                             config=config.train, joint_dim=config.model.joint_dim, init=init,
-                             progress=progress, epochs=epochs)
-    space = with_centers(JointSpace(class_text, config.model.bridge_top_t, result.model), train)
-    mix, table = choose_mix(space, [("val", val)], guard=("photos", guard) if guard is not None else None)
-    space.mix = mix
-    return space, {"history": result.history, "best_epoch": result.best_epoch, "seconds": result.seconds,
-                   "mix": mix, "mix_table": table}
-
-
-def caption_temperature(space: JointSpace, feats: PairFeatures) -> float:
-    """Softmax temperature over caption scores minimising the NLL of the true caption (held-out)."""
-    vi = space.image_views(feats.image_features, feats.class_probs)
-    vt = space.text_views(feats.text)
-    sim = space.similarity(vi, vt)  # (N_img, N_txt)
-    first_caption = {}
-    for j, i in enumerate(feats.text_to_image):
-        first_caption.setdefault(int(i), j)
-    rows = torch.tensor(list(first_caption))
-    cols = torch.tensor(list(first_caption.values()))
-    best_t, best_nll = 0.05, float("inf")
-    for t in np.geomspace(0.005, 0.5, 40):
-        nll = float(-(torch.log_softmax(sim[rows] / t, dim=1)[torch.arange(len(rows)), cols]).mean())
-        if nll < best_nll:
-            best_t, best_nll = float(t), nll
-    return best_t
+def fit_corpus_space(towers: Towers, config: Config, train: PairFeatures, val: PairFeatures,
+                     guard: PairFeatures | None, *, progress: bool = True) -> FittedSpace:
+    """A joint space from scratch on corpus pairs (bootstrap, ``train-alignment``): best epoch and
+    score mix chosen on ``val``, the mix guarded by the real photos, captions calibrated on ``val``."""
+    data = SpaceData(fit=train, early_stop=val, heldout=[("val", val)],
+                     guard=("photos", guard) if guard is not None else None, calibration=val)
+    return fit_space(data, config=config.train, joint_dim=config.model.joint_dim, class_text=towers.class_text(),
+                     top_t=config.model.bridge_top_t, progress=progress)
 
 
 # ---- memes -------------------------------------------------------------------------------------
 
-@dataclass
-class MemeFeatures:
-    image: torch.Tensor  # (N, D_img)
-    text: torch.Tensor  # (N, D_txt)
-    labels: torch.Tensor  # (N,)
-    splits: np.ndarray  # (N,) 'train' | 'val' | 'test'
-
-
-def meme_features(predictor, config: Config, *, progress: bool = True) -> MemeFeatures:
+def meme_examples(towers: Towers, config: Config, *, progress: bool = True) -> MemeExamples:
     """Render (once) the synthetic meme set from the bootstrap corpus and embed it (cached)."""
     from mmapp.data.memes import build_meme_specs, render_meme_set
 
@@ -198,19 +175,18 @@ def meme_features(predictor, config: Config, *, progress: bool = True) -> MemeFe
              for d in load_items(config)]
     labels = list(config.model.meme_labels)
     specs = build_meme_specs(items, labels=labels, per_item=2, seed=config.train.seed)
-    paths = render_meme_set(specs, config.storage.home / "datasets" / "memes", size=384)
-    img, _ = predictor.embedder.image_files(paths, progress=progress, desc="memes")
-    text = predictor.embedder.texts([s.text for s in specs], progress=progress)
-    return MemeFeatures(img.features, text, torch.tensor([labels.index(s.label) for s in specs]),
-                        np.array([s.split for s in specs]))
+    paths = render_meme_set(specs, config.paths.memes, size=384)
+    img, _ = towers.embedder.image_files(paths, progress=progress, desc="memes")
+    text = towers.embedder.texts([s.text for s in specs], progress=progress)
+    return MemeExamples(img.features, text, torch.tensor([labels.index(s.label) for s in specs]),
+                        np.array([s.split for s in specs]), np.array(["bootstrap"] * len(specs)))
 
 
-def evaluate_memes(head, feats: MemeFeatures, labels: Sequence[str], split: str = "test",
+def evaluate_memes(head, feats: MemeExamples, labels: Sequence[str], split: str = "test",
                    n_bootstrap: int = 1000) -> dict:
     """Macro-F1/AUROC for fused, image-only and text-only predictions on one split."""
-    mask = torch.as_tensor(feats.splits == split)
-    return ablation_metrics(head, feats.image[mask], feats.text[mask], feats.labels[mask], labels,
-                            n_bootstrap=n_bootstrap)
+    part = feats.where(feats.split == split)
+    return ablation_metrics(head, part.image, part.text, part.labels, labels, n_bootstrap=n_bootstrap)
 
 
 def ablation_metrics(head, image: torch.Tensor, text: torch.Tensor, y: torch.Tensor, labels: Sequence[str], *,
@@ -229,59 +205,48 @@ def ablation_metrics(head, image: torch.Tensor, text: torch.Tensor, y: torch.Ten
     return out
 
 
-def train_meme_head(feats: MemeFeatures, config: Config, *, init=None, epochs: int = 40):
-    tr = torch.as_tensor(feats.splits == "train")
-    va = torch.as_tensor(feats.splits == "val")
-    return train_fusion_head(config.model.fusion_head, feats.image[tr], feats.text[tr], feats.labels[tr],
-                             num_labels=len(config.model.meme_labels), config=config.train,
-                             val=(feats.image[va], feats.text[va], feats.labels[va]), init=init, epochs=epochs)
-
-
 # ---- the bootstrap model -----------------------------------------------------------------------
 
-def build_bootstrap(config: Config, predictor, *, version: str = "bootstrap", progress: bool = True,
-                    make_current: bool = True) -> tuple[str, dict]:
-    """Everything a fresh machine needs: corpus, embeddings, projections, meme head, a saved version."""
+def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap",
+                    progress: bool = True) -> tuple[str, VersionMeta]:
+    """Everything a fresh machine needs: corpus, embeddings, projections, meme head, a saved version.
+    The caller makes it current through the registry (``retrain.promotion.promote_version``)."""
     seed_everything(config.train.seed)
     started = time.monotonic()
     say = (lambda msg: print(f"[bootstrap] {msg}", flush=True)) if progress else (lambda msg: None)
-    ds = dataset_dir(config)
+    ds = config.paths.dataset()
     if not (ds / "items.jsonl").is_file():
         say("importing the Open Clip Art corpus (Debian openclipart-svg/-png)")
         import_openclipart(config, progress=progress)
     say("embedding the corpus with the frozen towers (cached)")
-    splits = {s: embed_pairs_file(predictor.embedder, ds / f"{s}.tsv", progress=progress)
+    splits = {s: embed_pairs_file(towers.embedder, ds / f"{s}.tsv", progress=progress)
               for s in ("train", "val", "test")}
-    photos = embed_pairs_file(predictor.embedder, PHOTOS_TSV, progress=False) if PHOTOS_TSV.is_file() else None
+    photos = guard_pairs(config, towers.embedder)
     say("training the projections (InfoNCE, towers frozen)")
-    space, train_info = train_joint_space(predictor, splits["train"].features, splits["val"].features,
-                                          config=config, guard=photos.features if photos else None,
-                                          progress=progress)
-    temperature = caption_temperature(space, splits["val"].features)
+    fitted = fit_corpus_space(towers, config, splits["train"].features, splits["val"].features, photos,
+                              progress=progress)
+    space = fitted.space
     say("rendering and embedding the synthetic meme set; training the fusion head")
-    memes = meme_features(predictor, config, progress=progress)
-    fusion = train_meme_head(memes, config)
+    memes = meme_examples(towers, config, progress=progress)
     labels = list(config.model.meme_labels)
+    fusion = fit_meme_head(memes.split_of("train"), val=memes.split_of("val"), name=config.model.fusion_head,
+                           num_labels=len(labels), config=config.train, epochs=config.train.meme_epochs)
+    bridge = towers.bridge_space()
     metrics = {
         "retrieval": {"test": evaluate_retrieval(space, splits["test"].features),
-                      "test_bridge": evaluate_retrieval(predictor.bridge_space(), splits["test"].features)},
+                      "test_bridge": evaluate_retrieval(bridge, splits["test"].features),
+                      "photos": evaluate_retrieval(space, photos),
+                      "photos_bridge": evaluate_retrieval(bridge, photos)},
         "memes": evaluate_memes(fusion.head, memes, labels),
     }
-    if photos is not None:
-        metrics["retrieval"]["photos"] = evaluate_retrieval(space, photos.features)
-        metrics["retrieval"]["photos_bridge"] = evaluate_retrieval(predictor.bridge_space(), photos.features)
-    meta = {
-        "labels": labels, "encoders": predictor.embedder.identity, "caption_temperature": temperature,
-        "metrics": metrics, "train": {k: v for k, v in train_info.items() if k != "history"},
-        "history": train_info["history"], "config": {"model": asdict(config.model), "train": asdict(config.train)},
-        "code_version": code_version(), "python": platform.python_version(), "torch": torch.__version__,
-        "data": {s: len(e.captions) for s, e in splits.items()},
-    }
-    store = ModelStore(config.storage.home / "models")
-    store.save(version, space, meta=meta, fusion_head=fusion.head, fusion_config=fusion.config,
-               fusion_name=config.model.fusion_head)
-    if make_current:
-        store.set_current(version)
+    meta = VersionMeta(
+        labels=tuple(labels), encoders=towers.identity, caption_temperature=fitted.caption_temperature,
+        metrics=metrics, training=fitted.info, history=fitted.history,
+        config={k: redacted(config)[k] for k in ("model", "train")},
+        code_version=code_version(), python=platform.python_version(), torch=torch.__version__,
+        data={s: len(e.captions) for s, e in splits.items()})
+    ModelStore(config.paths.models).save(version, space, meta=meta, fusion_head=fusion.head,
+                                         fusion_config=fusion.config, fusion_name=config.model.fusion_head)
     say(f"saved model version {version!r} in {time.monotonic() - started:.0f} s")
     return version, meta
 

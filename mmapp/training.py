@@ -1,5 +1,11 @@
-"""Training on cached features: InfoNCE for the projections, cross-entropy for fusion heads.
+"""The one training recipe: every model this project trains is fitted here, on cached tower features.
 
+* :func:`fit_space` — projections with InfoNCE (from scratch or from a parent version), hubness
+  centers, the bridge/projection score mix chosen on held-out data under the real-photo guard,
+  the optional local mix near users' taught images, and the caption temperature.
+* :func:`fit_meme_head` — a fusion head with cross-entropy and modality dropout.
+The bootstrap build (:mod:`mmapp.pipeline`), ``python -m mmapp train-alignment`` and the retrain
+job (``retrain/train.py``) all call these two; only what data they pass differs.
 Towers stay frozen here (their features come from the cache). Seeded by the caller.
 """
 from __future__ import annotations
@@ -44,6 +50,76 @@ class PairFeatures:
         return PairFeatures(self.image_features[image_idx],
                             None if self.class_probs is None else self.class_probs[image_idx],
                             self.text[keep], remap[self.text_to_image[keep]])
+
+
+@dataclass
+class MemeExamples:
+    """Labelled memes as tower features: the bootstrap (synthetic) set and users' label corrections alike."""
+
+    image: torch.Tensor  # (N, D_img)
+    text: torch.Tensor  # (N, D_txt)
+    labels: torch.Tensor  # (N,) index into the model's labels
+    split: np.ndarray  # (N,) 'train' | 'val' | 'test'
+    source: np.ndarray  # (N,) 'bootstrap' | 'user'
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, mask: np.ndarray) -> "MemeExamples":
+        m = torch.as_tensor(mask)
+        return MemeExamples(self.image[m], self.text[m], self.labels[m], self.split[mask], self.source[mask])
+
+    def split_of(self, name: str) -> "MemeExamples | None":
+        """The examples of one split, or None when it has none."""
+        mask = self.split == name
+        return self.where(mask) if mask.any() else None
+
+    @staticmethod
+    def concat(*parts: "MemeExamples | None") -> "MemeExamples | None":
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            return None
+        return MemeExamples(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]),
+                            torch.cat([p.labels for p in parts]), np.concatenate([p.split for p in parts]),
+                            np.concatenate([p.source for p in parts]))
+
+
+def concat_pairs(*parts: PairFeatures | None) -> PairFeatures:
+    parts = [p for p in parts if p is not None]
+    offsets = np.cumsum([0] + [p.image_features.shape[0] for p in parts[:-1]])
+    probs = [p.class_probs for p in parts]
+    return PairFeatures(
+        torch.cat([p.image_features for p in parts]),
+        None if any(c is None for c in probs) else torch.cat(probs),
+        torch.cat([p.text for p in parts]),
+        np.concatenate([p.text_to_image + o for p, o in zip(parts, offsets)]))
+
+
+def repeat_captions(pairs: PairFeatures, times: int) -> PairFeatures:
+    """Each caption ``times`` times over, pointing at the same image row (the images are not copied:
+    InfoNCE with group ids treats the copies as positives of one image, never as negatives)."""
+    if times <= 1:
+        return pairs
+    return PairFeatures(pairs.image_features, pairs.class_probs, pairs.text.repeat(times, 1),
+                        np.tile(pairs.text_to_image, times))
+
+
+def balance_repeats(n_user: int, n_replay: int, share: float, max_repeat: int) -> int:
+    """How often to repeat users' captions so that they make about ``share`` of the training captions."""
+    if n_user == 0 or share <= 0:
+        return 1
+    if share >= 1:
+        return max_repeat
+    want = share / (1 - share) * n_replay / n_user
+    return int(min(max_repeat, max(1, round(want))))
+
+
+def blend_with_replay(replay: PairFeatures, user_pairs: PairFeatures, *, share: float,
+                      max_repeat: int) -> tuple[PairFeatures, PairFeatures, int]:
+    """(fit pairs, center pairs, repeats): users' captions repeated to about ``share`` of the batch
+    after the replay sample; the centers see every image once."""
+    repeats = balance_repeats(len(user_pairs.text_to_image), len(replay.text_to_image), share, max_repeat)
+    return (concat_pairs(replay, repeat_captions(user_pairs, repeats)), concat_pairs(replay, user_pairs), repeats)
 
 
 def mean_r1(similarity: torch.Tensor, text_to_image: np.ndarray) -> float:
@@ -91,7 +167,7 @@ class AlignmentResult:
 
 def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text: torch.Tensor | None,
                     top_t: int, config: TrainConfig, joint_dim: int, init: AlignmentModel | None = None,
-                    progress: bool = False, epochs: int | None = None) -> AlignmentResult:
+                    progress: bool = False) -> AlignmentResult:
     """Train the projections with symmetric InfoNCE; keep the epoch with the best validation R@1."""
     import time
 
@@ -107,7 +183,7 @@ def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text
             temperature_init=config.temperature_init))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    epochs = config.epochs if epochs is None else epochs
+    epochs = config.epochs
     n = len(train.text_to_image)
     steps = max(1, math.ceil(n / config.batch_size)) * epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.1)
@@ -152,6 +228,80 @@ def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text
     model.load_state_dict(best_state)
     model.eval()
     return AlignmentResult(model, history, best_epoch, time.monotonic() - start)
+
+
+def fit_projections(fit: PairFeatures, *, class_text: torch.Tensor | None, top_t: int, config: TrainConfig,
+                    joint_dim: int, centers: PairFeatures | None = None, early_stop: PairFeatures | None = None,
+                    parent: JointSpace | None = None, progress: bool = False) -> tuple[JointSpace, AlignmentResult]:
+    """Projections trained with InfoNCE on ``fit`` (from ``parent``'s when given), centered on
+    ``centers`` (default ``fit``). The score mix is still to choose (``space.mix`` is 1.0)."""
+    if parent is not None:
+        class_text, top_t = parent.class_text, parent.top_t
+    result = train_alignment(fit, early_stop, class_text=class_text, top_t=top_t, config=config,
+                             joint_dim=joint_dim, init=parent.model if parent is not None else None,
+                             progress=progress)
+    space = with_centers(JointSpace(class_text, top_t, result.model), centers if centers is not None else fit)
+    return space, result
+
+
+@dataclass
+class SpaceData:
+    """What :func:`fit_space` learns from and is judged on."""
+
+    fit: PairFeatures  # pairs the projections learn from
+    heldout: Sequence[tuple[str, PairFeatures]]  # (name, pairs) the score mix is chosen on
+    guard: tuple[str, PairFeatures] | None  # real photos: no mix may make them worse than the bridge
+    centers: PairFeatures | None = None  # hubness centers (default: fit)
+    early_stop: PairFeatures | None = None  # keep the best epoch on these (None: the last epoch)
+    taught: torch.Tensor | None = None  # (N, D_img) images users taught: a local mix may lean on them
+    calibration: PairFeatures | None = None  # caption softmax temperature is fitted on these
+
+
+@dataclass
+class FittedSpace:
+    space: JointSpace
+    caption_temperature: float | None
+    info: dict  # best_epoch, seconds, mix, mix_table, local_mix (the tables are long: strip for manifests)
+    history: list[dict]
+
+
+def fit_space(data: SpaceData, *, config: TrainConfig, joint_dim: int, parent: JointSpace | None = None,
+              class_text: torch.Tensor | None = None, top_t: int = 10, progress: bool = False) -> FittedSpace:
+    """The joint-space recipe: projections, centers, global score mix, local mix, caption temperature.
+
+    From scratch (``parent=None``: ``class_text``/``top_t`` give the bridge) or fine-tuned from a
+    parent version's space (its bridge is kept). ``config`` carries epochs and learning rate.
+    """
+    space, result = fit_projections(data.fit, class_text=class_text, top_t=top_t, config=config, joint_dim=joint_dim,
+                                    centers=data.centers, early_stop=data.early_stop, parent=parent,
+                                    progress=progress)
+    space.mix, table = choose_mix(space, data.heldout, guard=data.guard)
+    info: dict = {"best_epoch": result.best_epoch, "seconds": result.seconds, "mix": space.mix, "mix_table": table}
+    if data.taught is not None:
+        space.local, local_table = choose_local_mix(space, data.taught, data.heldout, guard=data.guard)
+        info["local_mix"] = ({**space.local.meta(), "table": local_table} if space.local is not None
+                             else {"skipped": "no local mix beat the global one on the held-out objective",
+                                   "table": local_table})
+    temperature = caption_temperature(space, data.calibration) if data.calibration is not None else None
+    return FittedSpace(space, temperature, info, result.history)
+
+
+def caption_temperature(space: JointSpace, feats: PairFeatures) -> float:
+    """Softmax temperature over caption scores minimising the NLL of the true caption (held-out)."""
+    vi = space.image_views(feats.image_features, feats.class_probs)
+    vt = space.text_views(feats.text)
+    sim = space.similarity(vi, vt)  # (N_img, N_txt)
+    first_caption = {}
+    for j, i in enumerate(feats.text_to_image):
+        first_caption.setdefault(int(i), j)
+    rows = torch.tensor(list(first_caption))
+    cols = torch.tensor(list(first_caption.values()))
+    best_t, best_nll = 0.05, float("inf")
+    for t in np.geomspace(0.005, 0.5, 40):
+        nll = float(-(torch.log_softmax(sim[rows] / t, dim=1)[torch.arange(len(rows)), cols]).mean())
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
 
 
 def choose_mix(space: JointSpace, heldout: Sequence[tuple[str, PairFeatures]], *,
@@ -307,3 +457,28 @@ def train_fusion_head(name: str, image: torch.Tensor, text: torch.Tensor, labels
     return FusionResult(head, fcfg, history)
 
 
+
+
+def fit_meme_head(train: MemeExamples, *, name: str, num_labels: int, config: TrainConfig, epochs: int,
+                  val: MemeExamples | None = None, parent: torch.nn.Module | None = None,
+                  weights: torch.Tensor | None = None) -> FusionResult:
+    """The meme-head recipe: fusion head ``name`` (from ``parent`` when given) on labelled memes;
+    the best epoch on ``val`` is kept."""
+    return train_fusion_head(name, train.image, train.text, train.labels, num_labels=num_labels, config=config,
+                             val=(val.image, val.text, val.labels) if val is not None else None, epochs=epochs,
+                             init=parent, weights=weights)
+
+
+def balanced_weights(labels: torch.Tensor, source: np.ndarray, user_share: float) -> torch.Tensor:
+    """(N,) sample weights: each source gets its share of the total weight (users ``user_share``,
+    bootstrap the rest), and within a source every label present weighs the same."""
+    weights = torch.zeros(len(labels))
+    sources = [s for s in ("bootstrap", "user") if (source == s).any()]
+    for s in sources:
+        share = 1.0 if len(sources) == 1 else (user_share if s == "user" else 1 - user_share)
+        mask = torch.as_tensor(source == s)
+        present = labels[mask].unique()
+        for lab in present:
+            sel = mask & (labels == lab)
+            weights[sel] = share / len(present) / int(sel.sum())
+    return weights * len(labels)  # mean weight 1

@@ -12,9 +12,7 @@ import torch
 
 from mmapp.evaluation import classification_metrics
 from mmapp.joint import JointSpace
-from mmapp.training import PairFeatures
-
-from retrain.train import LabelledMemes
+from mmapp.training import MemeExamples, PairFeatures
 
 BOOTSTRAP_TEST = "bootstrap_test"
 HELDOUT_PAIRS = "heldout_corrections"
@@ -29,8 +27,8 @@ _DIRECTIONS = {"i2t": "image_to_text", "t2i": "text_to_image"}
 class EvalSets:
     bootstrap_test: PairFeatures  # the bootstrap corpus' test split
     heldout_pairs: PairFeatures | None = None  # users' held-out pairs (clean)
-    memes_test: LabelledMemes | None = None  # the bootstrap meme set's test split
-    heldout_labels: LabelledMemes | None = None  # users' held-out label corrections (clean)
+    memes_test: MemeExamples | None = None  # the bootstrap meme set's test split
+    heldout_labels: MemeExamples | None = None  # users' held-out label corrections (clean)
 
 
 def retrieval(space: JointSpace, feats: PairFeatures, *, n_bootstrap: int, max_images: int = 1000) -> dict:
@@ -39,7 +37,7 @@ def retrieval(space: JointSpace, feats: PairFeatures, *, n_bootstrap: int, max_i
     return evaluate_retrieval(space, feats, max_images=max_images, n_bootstrap=n_bootstrap)
 
 
-def memes_metrics(head: torch.nn.Module, memes: LabelledMemes, labels: list[str], *, n_bootstrap: int) -> dict:
+def memes_metrics(head: torch.nn.Module, memes: MemeExamples, labels: list[str], *, n_bootstrap: int) -> dict:
     """Macro-F1/AUROC fused, image-only and text-only, and the ablation deltas between them."""
     from mmapp.pipeline import ablation_metrics
 

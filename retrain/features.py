@@ -1,7 +1,7 @@
 """Where a retrain gets its tower features: the embedding cache, never a fresh encode when avoidable.
 
-:class:`FeatureSource` is what the job needs; :class:`PredictorFeatureSource` serves it from a
-running :class:`mmapp.predictor.Predictor` (the app's, or one the CLI builds). Uploaded images are
+:class:`FeatureSource` is what the job needs; :class:`TowerFeatureSource` serves it from
+:class:`mmapp.towers.Towers` (the app's, shared read-only, or ones the CLI builds). Uploaded images are
 looked up in the cache by the sha256 the prediction stored; only a cache miss decodes the blob and
 runs the image tower. Tests inject a synthetic source instead.
 """
@@ -11,27 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 
 from mmapp.encoders import ImageFeatures
-from mmapp.training import PairFeatures
+from mmapp.training import MemeExamples, PairFeatures
 
 
 @dataclass(frozen=True)
 class ImageRef:
     sha256: str  # content hash: the embedding cache key
     path: Path | None = None  # the blob to decode on a cache miss
-
-
-@dataclass
-class MemeSet:
-    """The bootstrap (synthetic) meme set: features, label ids and the split of each example."""
-
-    image: torch.Tensor  # (N, D_img)
-    text: torch.Tensor  # (N, D_txt)
-    labels: torch.Tensor  # (N,) index into the model's labels
-    splits: np.ndarray  # (N,) 'train' | 'val' | 'test'
 
 
 class FeatureSource(Protocol):
@@ -43,9 +32,9 @@ class FeatureSource(Protocol):
 
     def corpus(self, split: str) -> PairFeatures: ...  # a split of the bootstrap corpus
 
-    def memes(self) -> MemeSet | None: ...
+    def memes(self) -> MemeExamples | None: ...  # the bootstrap meme set (every split)
 
-    def guard(self) -> PairFeatures | None: ...  # real photos the served score mix must not worsen
+    def guard(self) -> PairFeatures: ...  # real photos the served score mix must not worsen
 
 
 class _LazyImages(Sequence):
@@ -69,48 +58,45 @@ class _LazyImages(Sequence):
 
 
 @dataclass
-class PredictorFeatureSource:
-    """Features through a predictor's embedder (cached by content hash) and the bootstrap dataset files."""
+class TowerFeatureSource:
+    """Features through the towers' embedder (cached by content hash) and the bootstrap dataset files."""
 
-    predictor: object  # mmapp.predictor.Predictor
+    towers: object  # mmapp.towers.Towers
     config: object  # mmapp.config.Config
     encoded_on_miss: int = 0  # uploads that had to be decoded and encoded (cache misses)
     _corpus: dict[str, PairFeatures] = field(default_factory=dict, repr=False)
-    _memes: MemeSet | None = field(default=None, repr=False)
+    _memes: MemeExamples | None = field(default=None, repr=False)
 
     @property
     def identity(self) -> dict[str, str]:
-        return self.predictor.embedder.identity
+        return self.towers.identity
 
     def images(self, refs: Sequence[ImageRef]) -> ImageFeatures:
         lazy = _LazyImages(refs)
-        out = self.predictor.embedder.images(lazy, [r.sha256 for r in refs])
+        out = self.towers.embedder.images(lazy, [r.sha256 for r in refs])
         self.encoded_on_miss += lazy.decoded
         return out
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.predictor.embedder.texts(list(texts))
+        return self.towers.embedder.texts(list(texts))
 
     def corpus(self, split: str) -> PairFeatures:
         if split not in self._corpus:
             from mmapp.data.pairs import read_pairs
-            from mmapp.pipeline import dataset_dir, embed_pairs
+            from mmapp.pipeline import embed_pairs
 
-            self._corpus[split] = embed_pairs(self.predictor.embedder,
-                                              read_pairs(dataset_dir(self.config) / f"{split}.tsv")).features
+            self._corpus[split] = embed_pairs(self.towers.embedder,
+                                              read_pairs(self.config.paths.dataset() / f"{split}.tsv")).features
         return self._corpus[split]
 
-    def memes(self) -> MemeSet | None:
+    def memes(self) -> MemeExamples | None:
         if self._memes is None:
-            from mmapp.pipeline import meme_features
+            from mmapp.pipeline import meme_examples
 
-            m = meme_features(self.predictor, self.config, progress=False)
-            self._memes = MemeSet(m.image, m.text, m.labels, m.splits)
+            self._memes = meme_examples(self.towers, self.config, progress=False)
         return self._memes
 
-    def guard(self) -> PairFeatures | None:
-        from mmapp.pipeline import PHOTOS_TSV, embed_pairs_file
+    def guard(self) -> PairFeatures:
+        from mmapp.pipeline import guard_pairs
 
-        if not PHOTOS_TSV.is_file():
-            return None
-        return embed_pairs_file(self.predictor.embedder, PHOTOS_TSV).features
+        return guard_pairs(self.config, self.towers.embedder)

@@ -1,4 +1,12 @@
-"""Command line: thin layer over mmapp.pipeline and mmapp.predictor (``python -m mmapp --help``)."""
+"""Command line: thin layer over mmapp.pipeline, mmapp.training and mmapp.predictor (``python -m mmapp --help``).
+
+An entry point, like ``app.py``: it composes the library with the registry. The commands that
+change which version is current (``build-bootstrap``, ``train-alignment --make-current``) go
+through ``retrain.promotion`` — the same path a retrain takes — so the database registry stays the
+one authority. No other module under ``mmapp/`` imports ``retrain`` or ``feedback_db``.
+With ``--json`` a command prints one JSON document on stdout and nothing else: anything libraries
+print while it runs goes to stderr.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +21,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub by
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+_STDOUT = sys.stdout  # where results go; with --json, everything else printed goes to stderr
+
+
 def _config(args):
     from mmapp.config import load_config
 
     overrides = {"storage": {"home": args.home}} if getattr(args, "home", None) else {}
     return load_config(args.profile, **overrides)
+
+
+def _towers(config):
+    from mmapp.towers import Towers
+
+    return Towers.from_config(config)
 
 
 def _predictor(config, version=None, with_bank=True):
@@ -28,7 +45,25 @@ def _predictor(config, version=None, with_bank=True):
 
 
 def _emit(args, obj: dict, human: str) -> None:
-    print(json.dumps(obj, default=str) if getattr(args, "json", False) else human)
+    print(json.dumps(obj, default=str) if getattr(args, "json", False) else human, file=_STDOUT, flush=True)
+
+
+def _make_current(config, version: str, reason: str) -> str:
+    """Register ``version`` and make it current through the registry (what a retrain's promotion does)."""
+    from retrain.promotion import promote_saved_version
+
+    return promote_saved_version(config, version, reason=reason)
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from mmapp.config import redacted
+
+    config = _config(args)
+    data = redacted(config)
+    _emit(args, data, yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
 
 
 def cmd_list_encoders(args) -> int:
@@ -66,63 +101,67 @@ def cmd_embed(args) -> int:
     from mmapp.pipeline import embed_pairs_file
 
     config = _config(args)
-    predictor = _predictor(config, with_bank=False)
+    towers = _towers(config)
     start = time.perf_counter()
-    emb = embed_pairs_file(predictor.embedder, Path(args.pairs), progress=not args.json)
+    emb = embed_pairs_file(towers.embedder, Path(args.pairs), progress=not args.json)
     secs = time.perf_counter() - start
     obj = {"pairs": len(emb.captions), "images": len(emb.image_paths), "seconds": round(secs, 2),
-           "encoders": predictor.embedder.identity}
+           "encoders": towers.identity}
     _emit(args, obj, f"embedded {obj['images']} images and {obj['pairs']} captions in {secs:.1f} s (cached)")
     return 0
 
 
 def cmd_train_alignment(args) -> int:
+    import dataclasses
+
     from mmapp.device import seed_everything
-    from mmapp.model_store import ModelStore
-    from mmapp.pipeline import (PHOTOS_TSV, caption_temperature, code_version, dataset_dir, embed_pairs_file,
-                                evaluate_retrieval, train_joint_space)
+    from mmapp.model_store import ModelStore, VersionMeta
+    from mmapp.pipeline import code_version, embed_pairs_file, evaluate_retrieval, fit_corpus_space, guard_pairs
 
     config = _config(args)
+    if args.epochs is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=args.epochs))
     seed_everything(config.train.seed)
-    predictor = _predictor(config, with_bank=False)
-    ds = dataset_dir(config)
+    towers = _towers(config)
+    ds = config.paths.dataset()
     train_path = Path(args.train or ds / "train.tsv")
     val_path = Path(args.val or ds / "val.tsv")
     progress = not args.json
-    train = embed_pairs_file(predictor.embedder, train_path, progress=progress).features
-    val = embed_pairs_file(predictor.embedder, val_path, progress=progress).features
-    guard = None if args.no_guard else embed_pairs_file(predictor.embedder, Path(args.guard or PHOTOS_TSV)).features
-    space, info = train_joint_space(predictor, train, val, config=config, guard=guard,
-                                    epochs=args.epochs, progress=progress)
-    store = ModelStore(config.storage.home / "models")
+    train = embed_pairs_file(towers.embedder, train_path, progress=progress).features
+    val = embed_pairs_file(towers.embedder, val_path, progress=progress).features
+    guard = None if args.no_guard else guard_pairs(config, towers.embedder, path=args.guard)
+    fitted = fit_corpus_space(towers, config, train, val, guard, progress=progress)
+    store = ModelStore(config.paths.models)
     current = store.current()
     base = store.load(current) if current else None
     version = args.version or time.strftime("align-%Y%m%d-%H%M%S")
-    meta = {"labels": list(base.labels) if base else [], "encoders": predictor.embedder.identity,
-            "caption_temperature": caption_temperature(space, val), "parent": current,
-            "train": {k: v for k, v in info.items() if k != "history"}, "history": info["history"],
-            "metrics": {"retrieval": {"val": evaluate_retrieval(space, val, n_bootstrap=200)}},
-            "data": {"train": str(train_path), "val": str(val_path)}, "code_version": code_version()}
-    store.save(version, space, meta=meta, fusion_head=base.fusion_head if base else None,
+    metrics = {"retrieval": {"val": evaluate_retrieval(fitted.space, val, n_bootstrap=200)}}
+    meta = VersionMeta(labels=base.labels if base else (), encoders=towers.identity,
+                       caption_temperature=fitted.caption_temperature, parent=current, metrics=metrics,
+                       training=fitted.info, history=fitted.history,
+                       data={"train": str(train_path), "val": str(val_path)}, code_version=code_version())
+    store.save(version, fitted.space, meta=meta, fusion_head=base.fusion_head if base else None,
                fusion_config=base.fusion_config if base else None,
-               fusion_name=(base.meta.get("fusion") or {}).get("name") if base else None)
+               fusion_name=base.meta.fusion_name if base else None)
     if args.make_current:
-        store.set_current(version)
-    _emit(args, {"version": version, "mix": info["mix"], "best_epoch": info["best_epoch"],
-                 "val": meta["metrics"]["retrieval"]["val"]},
-          f"saved {version}: mix={info['mix']:.1f}, best epoch {info['best_epoch']}, "
-          f"val R@1 i2t={meta['metrics']['retrieval']['val']['image_to_text']['R@1']:.3f} "
-          f"t2i={meta['metrics']['retrieval']['val']['text_to_image']['R@1']:.3f}")
+        _make_current(config, version, reason="train-alignment --make-current")
+    val_r = metrics["retrieval"]["val"]
+    _emit(args, {"version": version, "mix": fitted.info["mix"], "best_epoch": fitted.info["best_epoch"],
+                 "val": val_r, "current": bool(args.make_current)},
+          f"saved {version}: mix={fitted.info['mix']:.2f}, best epoch {fitted.info['best_epoch']}, "
+          f"val R@1 i2t={val_r['image_to_text']['R@1']:.3f} t2i={val_r['text_to_image']['R@1']:.3f}"
+          + (" (now current)" if args.make_current else ""))
     return 0
 
 
 def cmd_eval_retrieval(args) -> int:
+    from mmapp.model_store import ModelStore
     from mmapp.pipeline import embed_pairs_file, evaluate_retrieval, resolve_space
 
     config = _config(args)
-    predictor = _predictor(config, with_bank=False)
-    version, space = resolve_space(predictor, args.model)
-    feats = embed_pairs_file(predictor.embedder, Path(args.pairs), progress=not args.json).features
+    towers = _towers(config)
+    version, space = resolve_space(towers, ModelStore(config.paths.models), args.model)
+    feats = embed_pairs_file(towers.embedder, Path(args.pairs), progress=not args.json).features
     report = evaluate_retrieval(space, feats, max_images=args.max_images, n_bootstrap=args.bootstrap,
                                 seed=args.seed)
     report = {"model": version, "pairs": str(args.pairs), **report}
@@ -138,23 +177,25 @@ def cmd_eval_retrieval(args) -> int:
 
 
 def cmd_build_bootstrap(args) -> int:
-    from mmapp.model_store import BRIDGE, ModelStore
+    from mmapp.model_store import ModelStore
     from mmapp.pipeline import build_bootstrap
 
     config = _config(args)
-    store = ModelStore(config.storage.home / "models")
+    store = ModelStore(config.paths.models)
     if store.exists(args.version) and not args.force:
-        _emit(args, {"version": args.version, "built": False}, f"{args.version} exists (use --force to rebuild)")
-        if store.current() is None:
-            store.set_current(args.version)
+        current = _make_current(config, args.version, reason="build-bootstrap (adopted)") \
+            if store.current() is None else store.current()
+        _emit(args, {"version": args.version, "built": False, "current": current},
+              f"{args.version} exists (use --force to rebuild)")
         return 0
     if args.force and store.exists(args.version):
         import shutil
 
         shutil.rmtree(store.path(args.version))
-    predictor = _predictor(config, version=BRIDGE, with_bank=False)
-    version, meta = build_bootstrap(config, predictor, version=args.version, progress=not args.json)
-    _emit(args, {"version": version, "metrics": meta["metrics"]}, f"built {version}")
+    version, meta = build_bootstrap(config, _towers(config), version=args.version, progress=not args.json)
+    current = _make_current(config, version, reason="build-bootstrap")
+    _emit(args, {"version": version, "built": True, "current": current, "metrics": meta.metrics},
+          f"built {version}; current version: {current}")
     return 0
 
 
@@ -173,13 +214,13 @@ def cmd_caption(args) -> int:
         res = predictor.caption(_decode(path, config))
         results.append({"image": path, **asdict(res)})
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"results": results}, default=str))
+        _emit(args, results[0] if len(results) == 1 else {"results": results}, "")
     else:
         for r in results:
             flag = "  (low confidence)" if r["low_confidence"] else ""
-            print(f"{r['image']}: {r['caption']}  [{r['confidence']:.2f}]{flag}")
+            print(f"{r['image']}: {r['caption']}  [{r['confidence']:.2f}]{flag}", file=_STDOUT)
             for alt, conf in r["alternatives"]:
-                print(f"    {alt}  [{conf:.2f}]")
+                print(f"    {alt}  [{conf:.2f}]", file=_STDOUT)
     return 0
 
 
@@ -209,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("list-encoders", cmd_list_encoders, "list encoders and fusion heads")
+    add("config", cmd_config, "print the effective configuration (profile + environment), secrets redacted")
     p = add("import", cmd_import, "import the bootstrap corpus or your own pairs")
     p.add_argument("source", choices=["openclipart", "pairs"])
     p.add_argument("path", nargs="?", help="pairs: a TSV/CSV/JSONL/COCO JSON file or a folder")
@@ -218,11 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", required=True, help="TSV: image_path<TAB>caption, paths relative to the file")
     p = add("train-alignment", cmd_train_alignment, "train the projections with InfoNCE")
     p.add_argument("--train"), p.add_argument("--val")
-    p.add_argument("--guard", help="real-photo pairs the mix must not get worse on (default tests/data/photos)")
+    p.add_argument("--guard", help="real-photo pairs the mix must not get worse on (default: data.guard_photos)")
     p.add_argument("--no-guard", action="store_true")
     p.add_argument("--epochs", type=int)
     p.add_argument("--version")
-    p.add_argument("--make-current", action="store_true")
+    p.add_argument("--make-current", action="store_true",
+                   help="register it and make it current through the registry (a running app reloads it)")
     p = add("eval-retrieval", cmd_eval_retrieval, "cross-modal retrieval R@1/5/10 with 95% intervals")
     p.add_argument("--pairs", required=True)
     p.add_argument("--model", default="current", help="current | bridge | VERSION")
@@ -242,12 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _STDOUT
     args = build_parser().parse_args(argv)
+    _STDOUT, saved = sys.stdout, sys.stdout
+    if getattr(args, "json", False):
+        sys.stdout = sys.stderr  # library chatter ("Loaded pretrained weights ...") must not break `| jq`
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = saved
 
 
 if __name__ == "__main__":

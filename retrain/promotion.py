@@ -1,4 +1,10 @@
-"""Atomic promotion and rollback: the model folder on disk, the registry row and the pointer file.
+"""The one authority for the current model version: the database registry. Promotion, rollback, adoption.
+
+Every way a version becomes current goes through here: a retrain's promotion, the operator's
+rollback, ``python -m mmapp build-bootstrap`` and ``train-alignment --make-current``
+(:func:`promote_saved_version`), and the app's first start. Readers ask the registry
+(:func:`current_version_name`); ``current.json`` in the model folder is derived from it (written
+here only) for tools that have no database.
 
 Order that keeps every crash harmless:
 1. the version folder is written atomically (temp folder, fsync, rename) by ``ModelStore.save``;
@@ -10,7 +16,6 @@ A folder written by a run that died before step 2 is never registered, so it is 
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Callable, Optional
 
@@ -19,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
-from mmapp.model_store import ModelStore
+from mmapp.model_store import ModelStore, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,11 @@ def adopt_store_current(engine: Engine, store: ModelStore) -> Optional[str]:
             name = store.current()
             if name is None or not store.exists(name):
                 return None
-            meta = json.loads((store.path(name) / "meta.json").read_text())
-            manifest = {"adopted_from": str(store.path(name)), "encoders": meta.get("encoders"),
-                        "code_version": meta.get("code_version")}
+            meta = read_meta(store.path(name))
+            manifest = {"adopted_from": str(store.path(name)), "encoders": meta.encoders,
+                        "code_version": meta.code_version}
             repo.register_version(s, version=name, path=str(store.path(name)), sha256=store.weights_sha256(name),
-                                  manifest=manifest, metrics=meta.get("metrics") or {})
+                                  manifest=manifest, metrics=meta.metrics)
             s.flush()
             repo.promote(s, name)
             return name
@@ -92,6 +97,31 @@ def promote_version(engine: Engine, store: ModelStore, *, version: str, parent_v
         except Exception:  # the original error matters more; the app reads the database anyway
             log.exception("could not re-point current.json after a failed promotion of %s", version)
         raise
+
+
+def promote_saved_version(config, version: str, *, reason: str, engine: Optional[Engine] = None) -> str:
+    """Make a version that is already saved (bootstrap, ``train-alignment``) current through the same
+    registry transaction a retrain uses; a running app serves it after its next reload poll.
+    Opens (and migrates) the configured database unless ``engine`` is given. Returns the current name."""
+    from feedback_db.engine import init_db, make_engine
+
+    store = ModelStore(config.paths.models)
+    own = engine is None
+    engine = engine or make_engine(config.storage.resolved_database_url)
+    try:
+        if own:
+            init_db(engine)
+        adopt_store_current(engine, store)  # an install that predates the registry keeps its history
+        if current_version_name(engine) == version:
+            return version
+        meta = read_meta(store.path(version))
+        promote_version(engine, store, version=version, parent_version=current_version_name(engine),
+                        metrics=meta.metrics, manifest={"promoted_by": reason, "encoders": meta.encoders,
+                                                        "code_version": meta.code_version})
+        return version
+    finally:
+        if own:
+            engine.dispose()
 
 
 def rollback_version(engine: Engine, store: ModelStore, version: Optional[str] = None) -> str:

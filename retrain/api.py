@@ -18,7 +18,7 @@ from mmapp.model_store import ModelStore
 
 from retrain import report as _report
 from retrain.promotion import adopt_store_current, current_version_name, rollback_version
-from retrain.scheduler import SchedulerSettings, cron_trigger, trigger_now
+from retrain.scheduler import LEASE_NAME, SCHEDULE_NAME, cron_trigger, trigger_now
 
 __all__ = ["trigger_retrain", "retrain_status", "list_reports", "rollback", "current_version_name"]
 
@@ -60,8 +60,8 @@ def retrain_status(config, engine: Engine, *, scheduler=None, limit: int = 10) -
         with Session(engine) as s, s.begin():
             runs = repo.recent_retrain_runs(s, limit=limit)
             current = repo.current_version(s)
-            last_slot = repo.get_scheduler_state(s, SchedulerSettings().name)
-            leader = repo.lock_holder(s, SchedulerSettings().lease_name)
+            last_slot = repo.get_scheduler_state(s, SCHEDULE_NAME)
+            leader = repo.lock_holder(s, LEASE_NAME)
             return {
                 "current_version": current.version if current is not None else None,
                 "running": next((run_as_dict(r) for r in runs if r.status == "running"), None),
@@ -74,7 +74,7 @@ def retrain_status(config, engine: Engine, *, scheduler=None, limit: int = 10) -
     if scheduler is not None:
         status["schedule"]["next_run_time"] = _iso(scheduler.next_run_time)
     else:
-        nxt = cron_trigger(config.retrain.cron).get_next_fire_time(None, datetime.now(timezone.utc))
+        nxt = cron_trigger(config.retrain.cron, config.scheduler.timezone or None).get_next_fire_time(None, datetime.now(timezone.utc))
         status["schedule"]["next_run_time"] = _iso(nxt)
     status["reports"] = list_reports(config)[:limit]
     return status
@@ -90,7 +90,7 @@ def list_reports(config) -> list[dict[str, Any]]:
 def rollback(config, engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
     """Make an earlier promoted ``version`` current (default: the previous one). The app picks it up
     from the registry without a restart. Returns ``{"previous", "current_version"}``."""
-    store = ModelStore(config.storage.home / "models")
+    store = ModelStore(config.paths.models)
     adopt_store_current(engine, store)
     previous = current_version_name(engine)
     now = rollback_version(engine, store, version)

@@ -55,9 +55,10 @@ class CleaningConfig:
 
     @classmethod
     def from_retrain(cls, retrain_config: Any) -> "CleaningConfig":
-        """From ``mmapp.config.RetrainConfig`` (duck-typed: only the four fields are read)."""
+        """From ``mmapp.config.RetrainConfig`` (its cleaning knobs)."""
         return cls(label_quorum=retrain_config.label_quorum, max_user_share=retrain_config.max_user_share,
-                   outlier_z=retrain_config.outlier_z, near_duplicate_cos=retrain_config.near_duplicate_cos)
+                   outlier_z=retrain_config.outlier_z, near_duplicate_cos=retrain_config.near_duplicate_cos,
+                   min_agreement=retrain_config.min_agreement)
 
 
 @dataclass(frozen=True)

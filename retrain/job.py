@@ -1,10 +1,16 @@
-"""One retrain run: lock, select, clean, fine-tune, evaluate, gate, promote or refuse, report.
+"""One retrain run, as named stages: select → features → clean → train → evaluate → gate → promote → report.
+
+Each stage is a function with a typed input and output (the dataclasses below); :func:`_stages`
+is the short driver that calls them in order, and :class:`RunContext.stage` records each stage's
+timing and progress on the run row. Every trigger (the CLI, the nightly scheduler, the operator's
+button) goes through :func:`start_run` and :func:`drive`.
 
 At most one run at a time across processes: a database lease (``locks`` row) taken together with
 the ``retrain_runs`` row, renewed by a heartbeat thread that also stamps the run row. A worker
 killed outright stops heartbeating; the next start marks its row failed and, once the lease has
 expired, runs normally. Nothing is registered until the final promotion transaction
 (:mod:`retrain.promotion`), so a crash never leaves a half-made version behind.
+Knobs: ``config.retrain`` (selection, cleaning, gates, lease) and ``config.finetune`` (training).
 """
 from __future__ import annotations
 
@@ -29,40 +35,26 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
-from feedback_db.models import RetrainRun
+from mmapp.config import Config, RetrainConfig, redacted
 from mmapp.evaluation import subsample_candidates
-from mmapp.model_store import ModelStore, ModelVersion, write_text_atomic
-from mmapp.training import PairFeatures
+from mmapp.model_store import ModelStore, ModelVersion, VersionMeta, write_text_atomic
+from mmapp.training import MemeExamples, PairFeatures
 
 from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
 from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
                                 small_set_tolerances)
 from retrain.features import FeatureSource, ImageRef
-from retrain.gates import GateSpec, decide
+from retrain.gates import GateDecision, GateSpec, decide
 from retrain.promotion import adopt_store_current, promote_version, sync_pointer
 from retrain.selection import FeedbackItem, Selection, hash_fraction, load_feedback, replay_sample, split_items
-from retrain.train import (FineTuneSettings, LabelledMemes, TrainingSet, fit_projections, fine_tune)
+from retrain.train import CandidateModel, TrainingSet, fine_tune, fit_scorer
 
 log = logging.getLogger(__name__)
 
-STAGES = ("select", "features", "clean", "train", "evaluate", "promote", "report")
-_STAGE_PROGRESS = {"select": 0.05, "features": 0.1, "clean": 0.2, "train": 0.3, "evaluate": 0.75,
+LOCK_NAME = "retrain"  # the run lease (locks row)
+STAGES = ("select", "features", "clean", "train", "evaluate", "gate", "promote", "report")
+_STAGE_PROGRESS = {"select": 0.05, "features": 0.1, "clean": 0.2, "train": 0.3, "evaluate": 0.75, "gate": 0.85,
                    "promote": 0.9, "report": 0.95}
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    lock_name: str = "retrain"
-    lock_ttl_s: float = 300.0  # lease length; a killed worker's lease frees after this
-    heartbeat_s: float = 15.0  # how often a live run renews its lease and stamps its row
-    stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
-    n_bootstrap: int = 1000  # resamples for the metrics' 95% intervals
-    min_rating: float = 4.0  # mean coherence/relevance at which a rated caption counts as a good pair
-    agreement_bank: int = 256  # reference captions each pair's image-text agreement is standardised against
-    clean_epochs: int = 4  # epochs of each cross-fitting model that scores agreement (0 = score with the current model)
-    clean_lr_scale: float = 0.3  # its learning rate = train.lr * this (separates honest from random best in the sim)
-    uploads_dir: str = "uploads"  # the app's blob store root, relative to the home folder (for cache misses)
-    fine_tune: FineTuneSettings = field(default_factory=FineTuneSettings)
 
 
 @dataclass
@@ -89,7 +81,7 @@ class LeaseLost(RuntimeError):
 class RunHandle:
     """A started run: holds the lease, heartbeats in the background, reports progress."""
 
-    def __init__(self, engine: Engine, run_id: int, owner: str, settings: JobSettings):
+    def __init__(self, engine: Engine, run_id: int, owner: str, settings: RetrainConfig):
         self.engine, self.run_id, self.owner, self.settings = engine, run_id, owner, settings
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -101,7 +93,7 @@ class RunHandle:
             try:
                 def refresh() -> bool:
                     with Session(self.engine) as s, s.begin():
-                        held = repo.refresh_lock(s, self.settings.lock_name, self.owner, self.settings.lock_ttl_s)
+                        held = repo.refresh_lock(s, LOCK_NAME, self.owner, self.settings.lock_ttl_s)
                         if held:
                             repo.update_retrain_run(s, self.run_id)
                         return held
@@ -113,7 +105,7 @@ class RunHandle:
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise LeaseLost(f"run {self.run_id} lost the {self.settings.lock_name!r} lease")
+            raise LeaseLost(f"run {self.run_id} lost the {LOCK_NAME!r} lease")
 
     def progress(self, fraction: float, message: str, stats: Optional[dict] = None) -> None:
         self.check()
@@ -129,7 +121,7 @@ class RunHandle:
 
         def release() -> None:
             with Session(self.engine) as s, s.begin():
-                repo.release_lock(s, self.settings.lock_name, self.owner)
+                repo.release_lock(s, LOCK_NAME, self.owner)
         try:
             retry_on_busy(release)
         except Exception:  # it expires on its own
@@ -140,7 +132,7 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def expire_stale_runs(engine: Engine, settings: JobSettings = JobSettings()) -> int:
+def expire_stale_runs(engine: Engine, settings: RetrainConfig) -> int:
     """Mark runs whose worker stopped heartbeating as failed; returns how many."""
     def expire() -> int:
         with Session(engine) as s, s.begin():
@@ -148,7 +140,7 @@ def expire_stale_runs(engine: Engine, settings: JobSettings = JobSettings()) -> 
     return retry_on_busy(expire)
 
 
-def begin_run(engine: Engine, *, trigger: str, settings: JobSettings = JobSettings(),
+def begin_run(engine: Engine, *, trigger: str, settings: RetrainConfig,
               owner: Optional[str] = None) -> Optional[RunHandle]:
     """Take the retrain lease and open a run row in one transaction; None if another run holds it."""
     owner = owner or new_owner()
@@ -156,7 +148,7 @@ def begin_run(engine: Engine, *, trigger: str, settings: JobSettings = JobSettin
 
     def start() -> Optional[int]:
         with Session(engine) as s, s.begin():
-            if not repo.try_acquire_lock(s, settings.lock_name, owner, settings.lock_ttl_s):
+            if not repo.try_acquire_lock(s, LOCK_NAME, owner, settings.lock_ttl_s):
                 return None
             return repo.start_retrain_run(s, trigger=trigger, owner=owner, message="starting").id
     run_id = retry_on_busy(start)
@@ -171,30 +163,6 @@ def running_run_id(engine: Engine) -> Optional[int]:
     return retry_on_busy(read)
 
 
-def run_retrain(config, engine: Engine, *, trigger: str = "cli", features: Optional[FeatureSource] = None,
-                settings: JobSettings = JobSettings(), force: bool = False,
-                on_stage: Optional[Callable[[str], None]] = None) -> RunOutcome:
-    """Run one retrain now if no other is running (else status 'busy'). Builds a predictor-backed
-    feature source when none is given (the CLI does; the app passes its own)."""
-    from mmapp.device import seed_everything
-
-    seed_everything(config.train.seed)
-    handle = begin_run(engine, trigger=trigger, settings=settings)
-    if handle is None:
-        other = running_run_id(engine)
-        return RunOutcome("busy", other, f"a retrain is already running (run {other})")
-    try:
-        if features is None:
-            try:
-                features = default_features(config)
-            except Exception as exc:
-                fail_run(engine, handle.run_id, f"could not build the feature source: {type(exc).__name__}: {exc}")
-                raise
-        return execute_run(handle, config, features=features, force=force, on_stage=on_stage)
-    finally:
-        handle.close()
-
-
 def fail_run(engine: Engine, run_id: int, message: str) -> None:
     """Record a run as failed (used when it dies before :func:`execute_run` can record anything)."""
     def write() -> None:
@@ -203,194 +171,396 @@ def fail_run(engine: Engine, run_id: int, message: str) -> None:
     retry_on_busy(write)
 
 
-def default_features(config) -> FeatureSource:
-    from mmapp.predictor import Predictor
-    from retrain.features import PredictorFeatureSource
+def default_features(config: Config) -> FeatureSource:
+    from mmapp.towers import Towers
+    from retrain.features import TowerFeatureSource
 
-    return PredictorFeatureSource(Predictor.from_config(config), config)
+    return TowerFeatureSource(Towers.from_config(config), config)
+
+
+# --- triggers ---------------------------------------------------------------------------------
+
+FeaturesFactory = Callable[[], FeatureSource]
+
+
+def start_run(config: Config, engine: Engine, *, trigger: str) -> RunHandle | RunOutcome:
+    """Take the lease and open the run row, or say who is running ('busy')."""
+    handle = begin_run(engine, trigger=trigger, settings=config.retrain)
+    if handle is None:
+        other = running_run_id(engine)
+        return RunOutcome("busy", other, f"a retrain is already running (run {other})")
+    return handle
+
+
+def drive(handle: RunHandle, config: Config, *, features: Optional[FeatureSource] = None,
+          features_factory: Optional[FeaturesFactory] = None, force: bool = False,
+          on_stage: Optional[Callable[[str], None]] = None) -> RunOutcome:
+    """Everything after the lease, for every trigger: seed, get the feature source (``features``, else
+    ``features_factory()``, else towers built from ``config``), run the stages, release the lease."""
+    from mmapp.device import seed_everything
+
+    try:
+        seed_everything(config.train.seed)
+        if features is None:
+            try:
+                features = features_factory() if features_factory is not None else default_features(config)
+            except Exception as exc:
+                message = f"could not build the feature source: {type(exc).__name__}: {exc}"
+                log.exception("retrain run %s failed before it started", handle.run_id)
+                fail_run(handle.engine, handle.run_id, message)
+                return RunOutcome("failed", handle.run_id, message)
+        return execute_run(handle, config, features=features, force=force, on_stage=on_stage)
+    finally:
+        handle.close()
+
+
+def run_retrain(config: Config, engine: Engine, *, trigger: str = "cli", features: Optional[FeatureSource] = None,
+                force: bool = False, on_stage: Optional[Callable[[str], None]] = None) -> RunOutcome:
+    """Run one retrain now, in this thread, if no other is running (else status 'busy')."""
+    handle = start_run(config, engine, trigger=trigger)
+    if isinstance(handle, RunOutcome):
+        return handle
+    return drive(handle, config, features=features, force=force, on_stage=on_stage)
 
 
 # --- the run ----------------------------------------------------------------------------------
 
 
-def execute_run(handle: RunHandle, config, *, features: FeatureSource, force: bool = False,
-                on_stage: Optional[Callable[[str], None]] = None) -> RunOutcome:
-    """Everything after the lease: never raises for a failed run (it is recorded and returned)."""
-    started = time.monotonic()
-    store = ModelStore(config.storage.home / "models")
-    marks: list[tuple[str, float]] = []  # (stage, monotonic start)
+class StopRun(Exception):
+    """A stage found nothing to do: the run ends 'skipped' (its row 'succeeded') with this message."""
 
-    def stage(name: str) -> None:
-        marks.append((name, time.monotonic()))
+    def __init__(self, message: str, stats: dict, final_rejections: list[int] = ()):
+        super().__init__(message)
+        self.message, self.stats, self.final_rejections = message, stats, list(final_rejections)
+
+
+@dataclass
+class RunContext:
+    handle: RunHandle
+    config: Config
+    features: FeatureSource
+    store: ModelStore
+    force: bool
+    on_stage: Optional[Callable[[str], None]] = None
+    marks: list[tuple[str, float]] = field(default_factory=list)  # (stage, monotonic start)
+
+    @property
+    def engine(self) -> Engine:
+        return self.handle.engine
+
+    @property
+    def run_id(self) -> int:
+        return self.handle.run_id
+
+    def stage(self, name: str) -> None:
+        self.handle.check()
+        self.marks.append((name, time.monotonic()))
         if name != "report":  # the run row is final by then: keep its status message and progress
-            handle.progress(_STAGE_PROGRESS[name], f"{name}…", stats={"stage": name})
-        if on_stage is not None:
-            on_stage(name)
+            self.handle.progress(_STAGE_PROGRESS[name], f"{name}…", stats={"stage": name})
+        if self.on_stage is not None:
+            self.on_stage(name)
 
+    def stage_seconds(self) -> dict[str, float]:
+        ends = [t for _, t in self.marks[1:]] + [time.monotonic()]
+        return {name: round(end - t, 2) for (name, t), end in zip(self.marks, ends)}
+
+
+def execute_run(handle: RunHandle, config: Config, *, features: FeatureSource, force: bool = False,
+                on_stage: Optional[Callable[[str], None]] = None) -> RunOutcome:
+    """The stages after the lease: never raises for a failed run (it is recorded and returned)."""
+    started = time.monotonic()
+    ctx = RunContext(handle, config, features, ModelStore(config.paths.models), force, on_stage)
     try:
-        outcome = _run(handle, config, features, store, force, stage)
+        outcome = _stages(ctx)
+    except StopRun as stop:
+        _finish(ctx.engine, ctx.run_id, "succeeded", stop.message, stats=stop.stats,
+                final_rejections=stop.final_rejections)
+        outcome = RunOutcome("skipped", ctx.run_id, stop.message, current_version=stop.stats.get("current_version"),
+                             stats=stop.stats)
     except Exception as exc:  # recorded on the run row; the current model keeps serving
-        log.exception("retrain run %s failed", handle.run_id)
+        log.exception("retrain run %s failed", ctx.run_id)
         message = f"{type(exc).__name__}: {exc}"
         try:
-            fail_run(handle.engine, handle.run_id, message)
-            sync_pointer(handle.engine, store)
+            fail_run(ctx.engine, ctx.run_id, message)
+            sync_pointer(ctx.engine, ctx.store)
         except Exception:
-            log.exception("could not record the failure of run %s", handle.run_id)
-        outcome = RunOutcome("failed", handle.run_id, message)
+            log.exception("could not record the failure of run %s", ctx.run_id)
+        outcome = RunOutcome("failed", ctx.run_id, message)
     outcome.seconds = round(time.monotonic() - started, 2)
-    ends = [t for _, t in marks[1:]] + [time.monotonic()]
-    outcome.stats["stage_seconds"] = {name: round(end - t, 2) for (name, t), end in zip(marks, ends)}
+    outcome.stats["stage_seconds"] = ctx.stage_seconds()
     return outcome
 
 
-def _run(handle: RunHandle, config, features: FeatureSource, store: ModelStore, force: bool,
-         stage: Callable[[str], None]) -> RunOutcome:
-    engine, run_id = handle.engine, handle.run_id
-    stage("select")
-    current_name = adopt_store_current(engine, store)
+def _stages(ctx: RunContext) -> RunOutcome:
+    """The driver: each stage in order, each output the next one's input."""
+    ctx.stage("select")
+    selected = select_feedback(ctx)
+    ctx.stage("features")
+    feats = gather_features(ctx, selected)
+    ctx.stage("clean")
+    cleaned = clean_feedback(ctx, selected, feats)
+    ctx.stage("train")
+    trained = train_candidate(ctx, selected, feats, cleaned)
+    ctx.stage("evaluate")
+    evaluated = evaluate_candidate(ctx, selected, feats, cleaned, trained)
+    ctx.stage("gate")
+    gated = gate_candidate(ctx, trained, evaluated)
+    ctx.stage("promote")
+    promoted = promote_or_refuse(ctx, selected, feats, cleaned, trained, evaluated, gated)
+    ctx.stage("report")
+    promoted.outcome.report = write_report(ctx, promoted)
+    return promoted.outcome
+
+
+# --- stage: select ----------------------------------------------------------------------------
+
+
+@dataclass
+class Selected:
+    current_name: str
+    current: ModelVersion
+    selection: Selection
+
+
+def select_feedback(ctx: RunContext) -> Selected:
+    """The current version and the feedback not yet used; stops when there is too little of it."""
+    current_name = adopt_store_current(ctx.engine, ctx.store)
     if current_name is None:
         raise RuntimeError("no current model version: build the bootstrap model first (python -m mmapp build-bootstrap)")
-    current = store.load(current_name)
-    trained_on = current.meta.get("encoders")
-    if trained_on and trained_on != features.identity:
+    current = ctx.store.load(current_name)
+    trained_on = current.meta.encoders
+    if trained_on and trained_on != ctx.features.identity:
         raise ValueError(f"current model {current_name!r} was trained on encoders {trained_on}, "
-                         f"but the feature source has {features.identity}")
+                         f"but the feature source has {ctx.features.identity}")
 
     def read_selection() -> Selection:
-        with Session(engine) as s, s.begin():
-            return load_feedback(s, min_rating=handle.settings.min_rating)
+        with Session(ctx.engine) as s, s.begin():
+            return load_feedback(s, min_rating=ctx.config.retrain.min_rating)
     selection = retry_on_busy(read_selection)
-    min_new = max(1, config.retrain.min_new_items) if not force else 1
+    min_new = max(1, ctx.config.retrain.min_new_items) if not ctx.force else 1
     if selection.new_training_items < min_new:
-        message = f"nothing to learn from: {selection.new_training_items} new item(s), need {min_new}"
-        _finish(engine, run_id, "succeeded", message, stats={"selection": _selection_stats(selection)})
-        return RunOutcome("skipped", run_id, message, current_version=current_name,
-                          stats={"selection": _selection_stats(selection)})
+        raise StopRun(f"nothing to learn from: {selection.new_training_items} new item(s), need {min_new}",
+                      stats={"selection": _selection_stats(selection), "current_version": current_name})
+    return Selected(current_name, current, selection)
 
-    stage("features")
-    seed = config.train.seed
-    corpus_train = features.corpus("train")
-    replay_idx = replay_sample(corpus_train.image_features.shape[0], config.retrain.replay_size, seed)
-    replay = corpus_train.subset_images(replay_idx)
-    items = selection.train + selection.heldout
-    item_feats = _item_features(items, features, config.storage.home / handle.settings.uploads_dir)
-    handle.check()
 
-    stage("clean")
-    bank = _agreement_bank(replay, handle.settings.agreement_bank, seed)
-    agreement, agreement_how = _cross_fit_agreement(current, items, item_feats, replay, bank, config,
-                                                    handle.settings, seed)
+# --- stage: features --------------------------------------------------------------------------
+
+
+@dataclass
+class GatheredFeatures:
+    replay_idx: np.ndarray  # bootstrap train images in the replay sample
+    replay: PairFeatures
+    items: list[FeedbackItem]  # selection.train + selection.heldout, in that order
+    item_feats: "_ItemFeatures"  # one row per item
+    row_of: dict[str, int]  # item_id -> row
+
+
+def gather_features(ctx: RunContext, selected: Selected) -> GatheredFeatures:
+    """Tower features of the replay sample and of every selected item (cache first; a miss decodes the upload)."""
+    corpus_train = ctx.features.corpus("train")
+    replay_idx = replay_sample(corpus_train.image_features.shape[0], ctx.config.retrain.replay_size,
+                               ctx.config.train.seed)
+    items = selected.selection.train + selected.selection.heldout
+    item_feats = _item_features(items, ctx.features, ctx.config.paths.uploads)
+    return GatheredFeatures(replay_idx, corpus_train.subset_images(replay_idx), items, item_feats,
+                            {item.item_id: i for i, item in enumerate(items)})
+
+
+# --- stage: clean -----------------------------------------------------------------------------
+
+
+@dataclass
+class Cleaned:
+    cleaning: CleaningResult
+    train_items: list[FeedbackItem]  # accepted, to learn from
+    heldout_items: list[FeedbackItem]  # accepted, to evaluate on
+    by_id: dict[str, FeedbackItem]
+    stats: dict[str, Any]  # the run's stats so far (selection, cleaning, replay, towers)
+
+
+def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures) -> Cleaned:
+    """Score each pair's agreement (cross-fitted), apply the cleaning rules, record every rejection."""
+    seed = ctx.config.train.seed
+    items, item_feats = feats.items, feats.item_feats
+    bank = _agreement_bank(feats.replay, ctx.config.retrain.agreement_bank, seed)
+    agreement, agreement_how = _cross_fit_agreement(selected.current, items, item_feats, feats.replay, bank,
+                                                    ctx.config, seed)
     candidates = [Candidate(item.item_id, item.user, item.kind, item.image_sha256, item.text, item.label,
                             image_embedding=item_feats.image[i].numpy(), text_embedding=item_feats.text[i].numpy(),
                             agreement=float(agreement[i]) if item.kind == "pair" else float("nan"))
                   for i, item in enumerate(items)]
-    cleaning = clean(candidates, CleaningConfig.from_retrain(config.retrain))
+    cleaning = clean(candidates, CleaningConfig.from_retrain(ctx.config.retrain))
     by_id = {item.item_id: item for item in items}
-    _record_rejections(engine, run_id, cleaning, by_id)
+    _record_rejections(ctx.engine, ctx.run_id, cleaning, by_id)
     accepted_ids = {c.item_id for c in cleaning.accepted}
-    row_of = {item.item_id: i for i, item in enumerate(items)}
-    labels = list(current.labels)
-    train_items = [i for i in selection.train if i.item_id in accepted_ids]
-    heldout_items = [i for i in selection.heldout if i.item_id in accepted_ids]
+    labels = list(selected.current.labels)
+    train_items = [i for i in selected.selection.train if i.item_id in accepted_ids]
+    heldout_items = [i for i in selected.selection.heldout if i.item_id in accepted_ids]
     unknown_labels = {i.item_id for i in train_items + heldout_items if i.kind == "label" and i.label not in labels}
     train_items = [i for i in train_items if i.item_id not in unknown_labels]
     heldout_items = [i for i in heldout_items if i.item_id not in unknown_labels]
-    stats: dict[str, Any] = {"current_version": current_name, "selection": _selection_stats(selection),
+    stats: dict[str, Any] = {"current_version": selected.current_name,
+                             "selection": _selection_stats(selected.selection),
                              "cleaning": {"candidates": len(candidates), "accepted": len(cleaning.accepted),
                                           "rejected": cleaning.counts(),
                                           "unknown_label": len(unknown_labels)},
-                             "replay_images": int(len(replay_idx)), "agreement_scored_by": agreement_how,
-                             "towers": _towers_note(config),
-                             "encoded_on_cache_miss": getattr(features, "encoded_on_miss", None)}
+                             "replay_images": int(len(feats.replay_idx)), "agreement_scored_by": agreement_how,
+                             "towers": _towers_note(ctx.config),
+                             "encoded_on_cache_miss": getattr(ctx.features, "encoded_on_miss", None)}
     if not train_items:
-        message = "nothing to learn from after cleaning: every new item was rejected or held back"
-        _finish(engine, run_id, "succeeded", message, stats=stats, final_rejections=_final_rejections(cleaning, by_id))
-        return RunOutcome("skipped", run_id, message, current_version=current_name, stats=stats)
-    handle.progress(0.25, f"clean: {len(cleaning.accepted)} accepted, {len(cleaning.rejected)} rejected",
-                    stats={"cleaning": stats["cleaning"]})
+        raise StopRun("nothing to learn from after cleaning: every new item was rejected or held back", stats,
+                      final_rejections=_final_rejections(cleaning, by_id))
+    ctx.handle.progress(0.25, f"clean: {len(cleaning.accepted)} accepted, {len(cleaning.rejected)} rejected",
+                        stats={"cleaning": stats["cleaning"]})
+    return Cleaned(cleaning, train_items, heldout_items, by_id, stats)
 
-    stage("train")
-    fit, tune = split_items(train_items)
-    memes = features.memes()
+
+# --- stage: train -----------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    data: TrainingSet
+    candidate: CandidateModel
+    memes: MemeExamples | None  # the bootstrap meme set (its test split is evaluated)
+
+
+def train_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned) -> Trained:
+    """Fine-tune a candidate from the current version (``retrain.train.fine_tune``)."""
+    labels = list(selected.current.labels)
+    fit, tune = split_items(cleaned.train_items)
+    memes = ctx.features.memes()
+    pairs = lambda chosen: _pairs_of([i for i in chosen if i.kind == "pair"], feats.row_of, feats.item_feats)
+    user_labels = lambda chosen: _labels_of([i for i in chosen if i.kind == "label"], feats.row_of, feats.item_feats,
+                                            labels)
     data = TrainingSet(
-        replay=replay,
-        val=_cap_images(features.corpus("val"), 1000, seed),
-        user_pairs=_pairs_of([i for i in fit if i.kind == "pair"], row_of, item_feats),
-        tune_pairs=_pairs_of([i for i in tune if i.kind == "pair"], row_of, item_feats),
-        guard=features.guard(),
-        memes=LabelledMemes.concat(_meme_split(memes, "train"),
-                                   _labels_of([i for i in fit if i.kind == "label"], row_of, item_feats, labels)),
-        memes_val=LabelledMemes.concat(_meme_split(memes, "val"),
-                                       _labels_of([i for i in tune if i.kind == "label"], row_of, item_feats, labels)),
+        replay=feats.replay,
+        val=_cap_images(ctx.features.corpus("val"), 1000, ctx.config.train.seed),
+        guard=ctx.features.guard(),
+        user_pairs=pairs(fit),
+        tune_pairs=pairs(tune),
+        memes=MemeExamples.concat(memes.split_of("train") if memes is not None else None, user_labels(fit)),
+        memes_val=MemeExamples.concat(memes.split_of("val") if memes is not None else None, user_labels(tune)),
     )
-    candidate = fine_tune(current, data, train_config=config.train, settings=handle.settings.fine_tune)
-    handle.check()
+    return Trained(data, fine_tune(selected.current, data, ctx.config), memes)
 
-    stage("evaluate")
-    sets = EvalSets(bootstrap_test=features.corpus("test"),
-                    heldout_pairs=_pairs_of([i for i in heldout_items if i.kind == "pair"], row_of, item_feats),
-                    memes_test=_meme_split(memes, "test"),
-                    heldout_labels=_labels_of([i for i in heldout_items if i.kind == "label"], row_of, item_feats,
-                                              labels))
-    nb = handle.settings.n_bootstrap
+
+# --- stage: evaluate --------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluated:
+    sets: EvalSets
+    nested: dict[str, dict]  # {"current": ..., "candidate": ...} full metrics with intervals
+    flat: dict[str, dict[str, float | None]]  # the same, flattened to what the gate compares
+
+
+def evaluate_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned,
+                       trained: Trained) -> Evaluated:
+    """Current and candidate on the same fixed held-out sets."""
+    labels = list(selected.current.labels)
+    heldout = cleaned.heldout_items
+    sets = EvalSets(bootstrap_test=ctx.features.corpus("test"),
+                    heldout_pairs=_pairs_of([i for i in heldout if i.kind == "pair"], feats.row_of, feats.item_feats),
+                    memes_test=trained.memes.split_of("test") if trained.memes is not None else None,
+                    heldout_labels=_labels_of([i for i in heldout if i.kind == "label"], feats.row_of,
+                                              feats.item_feats, labels))
+    nb = ctx.config.retrain.n_bootstrap
+    current, candidate = selected.current, trained.candidate
     nested = {"current": evaluate_model(current.space, current.fusion_head, labels, sets, n_bootstrap=nb),
               "candidate": evaluate_model(candidate.space, candidate.fusion_head, labels, sets, n_bootstrap=nb)}
-    flat = {k: gate_metrics(v) for k, v in nested.items()}
+    return Evaluated(sets, nested, {k: gate_metrics(v) for k, v in nested.items()})
+
+
+# --- stage: gate ------------------------------------------------------------------------------
+
+
+@dataclass
+class Gated:
+    decision: GateDecision
+    targets: tuple[str, ...]  # the metrics users' data should raise
+
+
+def gate_candidate(ctx: RunContext, trained: Trained, evaluated: Evaluated) -> Gated:
+    """Promote only if what users taught improved and nothing else regressed beyond the tolerance."""
+    data = trained.data
     targets = tuple(t for t, used in ((TARGET_PAIRS, data.has_user_pairs), (TARGET_LABELS, data.has_user_labels))
                     if used)
-    tolerance = config.retrain.tolerance
-    decision = decide(flat["current"], flat["candidate"],
-                      GateSpec(targets=targets, tolerance=tolerance, tolerances=small_set_tolerances(sets, tolerance)))
-    handle.check()
+    tolerance = ctx.config.retrain.tolerance
+    return Gated(decide(evaluated.flat["current"], evaluated.flat["candidate"],
+                        GateSpec(targets=targets, tolerance=tolerance,
+                                 tolerances=small_set_tolerances(evaluated.sets, tolerance))), targets)
 
-    stage("promote")
+
+# --- stage: promote ---------------------------------------------------------------------------
+
+
+@dataclass
+class Promoted:
+    outcome: RunOutcome
+    version: str  # the candidate's name (saved only when promoted)
+
+
+def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned,
+                      trained: Trained, evaluated: Evaluated, gated: Gated) -> Promoted:
+    """Write the manifest; save and promote the candidate in one registry transaction, or refuse it."""
+    config, run_id = ctx.config, ctx.run_id
     version = f"r{run_id:04d}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
-    manifest = _manifest(config, run_id=run_id, version=version, parent=current_name, selection=selection,
-                         replay_idx=replay_idx, features=features, stats=stats, candidate_info=candidate.info,
-                         flat=flat, decision=decision.to_dict(), cleaning=cleaning)
-    run_dir = config.storage.home / "retrain" / "runs" / f"{run_id:04d}"
+    candidate, current, cleaning, decision = trained.candidate, selected.current, cleaned.cleaning, gated.decision
+    manifest = _manifest(config, run_id=run_id, version=version, parent=selected.current_name,
+                         selection=selected.selection, replay_idx=feats.replay_idx, features=ctx.features,
+                         stats=cleaned.stats, candidate_info=candidate.info, flat=evaluated.flat,
+                         decision=decision.to_dict(), cleaning=cleaning)
+    run_dir = config.paths.run_dir(run_id)
     write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
-    stats.update(gate=decision.to_dict(), metrics=nested, flat_metrics=flat, targets=list(targets),
-                 training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
+    stats = cleaned.stats
+    stats.update(gate=decision.to_dict(), metrics=evaluated.nested, flat_metrics=evaluated.flat,
+                 targets=list(gated.targets), training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
-    used_ids = [i.correction_id for i in train_items if i.correction_id is not None]
-    final = _final_rejections(cleaning, by_id)
+    used_ids = [i.correction_id for i in cleaned.train_items if i.correction_id is not None]
+    final = _final_rejections(cleaning, cleaned.by_id)
+    ctx.handle.check()
     if decision.promote:
-        meta = {**{k: current.meta[k] for k in ("labels", "encoders") if k in current.meta},
-                "caption_temperature": _caption_temperature(candidate.space, data.val, current),
-                "metrics": nested["candidate"], "manifest": manifest, "parent": current_name,
-                "fusion_name": (current.meta.get("fusion") or {}).get("name")}
-        store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
-                   fusion_config=current.fusion_config, fusion_name=meta["fusion_name"])
-        handle.check()
+        meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
+                           caption_temperature=candidate.caption_temperature, parent=selected.current_name,
+                           metrics=evaluated.nested["candidate"], manifest=manifest,
+                           training=_strip_history(candidate.info))
+        ctx.store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
+                       fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name)
+        ctx.handle.check()
 
         def bookkeeping(s: Session) -> None:
             repo.mark_corrections(s, used_ids, status="used", used_in_version=version)
             repo.mark_corrections(s, final, status="rejected")
             repo.finish_retrain_run(s, run_id, status="promoted", message=decision.reason,
                                     candidate_version=version, stats=stats)
-        promote_version(engine, store, version=version, parent_version=current_name, metrics=nested["candidate"],
-                        manifest=manifest, in_transaction=bookkeeping)
+        promote_version(ctx.engine, ctx.store, version=version, parent_version=selected.current_name,
+                        metrics=evaluated.nested["candidate"], manifest=manifest, in_transaction=bookkeeping)
         status, serving = "promoted", version
     else:
-        _finish(engine, run_id, "refused", decision.reason, stats=stats, candidate_version=version,
+        _finish(ctx.engine, run_id, "refused", decision.reason, stats=stats, candidate_version=version,
                 final_rejections=final)
-        status, serving = "refused", current_name
+        status, serving = "refused", selected.current_name
+    return Promoted(RunOutcome(status, run_id, decision.reason, version=version, current_version=serving,
+                               metrics=evaluated.flat, gate=decision.to_dict(), stats=stats), version)
 
-    outcome = RunOutcome(status, run_id, decision.reason, version=version, current_version=serving,
-                         metrics=flat, gate=decision.to_dict(), stats=stats)
-    stage("report")
+
+# --- stage: report ----------------------------------------------------------------------------
+
+
+def write_report(ctx: RunContext, promoted: Promoted) -> dict:
+    """The human-eval report (HTML + JSON); a failure here leaves the run's result standing."""
     try:
         from retrain.report import build_report
 
-        paths = build_report(config, engine, version=version)
-        outcome.report = {k: str(v) for k, v in paths.items()}
-        _set_report_path(engine, run_id, version if status == "promoted" else None, str(paths["html"]))
-    except Exception as exc:  # the run's result stands without its report
-        log.exception("report for run %s failed", run_id)
-        outcome.report = {"error": f"{type(exc).__name__}: {exc}"}
-    return outcome
+        paths = build_report(ctx.config, ctx.engine, version=promoted.version)
+        _set_report_path(ctx.engine, ctx.run_id, promoted.version if promoted.outcome.status == "promoted" else None,
+                         str(paths["html"]))
+        return {k: str(v) for k, v in paths.items()}
+    except Exception as exc:
+        log.exception("report for run %s failed", ctx.run_id)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -420,7 +590,7 @@ def _agreement_bank(replay: PairFeatures, size: int, seed: int) -> torch.Tensor:
 
 
 def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _ItemFeatures, replay: PairFeatures,
-                         bank: torch.Tensor, config, settings: JobSettings, seed: int) -> tuple[np.ndarray, str]:
+                         bank: torch.Tensor, config: Config, seed: int) -> tuple[np.ndarray, str]:
     """Agreement of each pair under a model that learned from the *other* new pairs (2-fold cross-fitting).
 
     The current model has never seen a new category, so its honest captions look as random as
@@ -433,20 +603,18 @@ def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _I
     train_rows = [i for i in pair_rows if not items[i].heldout]
     fold = {i: int(hash_fraction(items[i].image_sha256, "mmapp-clean-fold-v1") < 0.5) for i in train_rows}
     sizes = [sum(1 for i in train_rows if fold[i] == k) for k in (0, 1)]
+    settings = config.retrain
     if settings.clean_epochs <= 0 or min(sizes) < 5:
         return _agreement(current.space, f, bank), "current model"
     out = np.full(len(items), np.nan)
     heldout_rows = [i for i in pair_rows if items[i].heldout]
     heldout_scores = []
     replay_fit = _cap_images(replay, 1000, seed + 4)
-    joint_dim = current.space.model.config.joint_dim if current.space.model is not None else config.model.joint_dim
     row_of = {item.item_id: i for i, item in enumerate(items)}
     for k in (0, 1):
         fit_pairs = _pairs_of([items[i] for i in train_rows if fold[i] != k], row_of, f)  # one row per image
-        scorer, _, _ = fit_projections(current.space, replay_fit, fit_pairs, config.train, settings.fine_tune,
-                                       epochs=settings.clean_epochs, lr_scale=settings.clean_lr_scale,
-                                       joint_dim=joint_dim)
-        scorer.mix = 0.0  # projections only: the bridge part is what the current model already scored
+        scorer = fit_scorer(current.space, replay_fit, fit_pairs, config, epochs=settings.clean_epochs,
+                            lr_scale=settings.clean_lr_scale)
         scored = [i for i in train_rows if fold[i] == k]
         out[scored] = _agreement(scorer, _subset(f, scored), bank)
         if heldout_rows:
@@ -489,37 +657,17 @@ def _pairs_of(items: list[FeedbackItem], row_of: dict[str, int], f: _ItemFeature
 
 
 def _labels_of(items: list[FeedbackItem], row_of: dict[str, int], f: _ItemFeatures,
-               labels: list[str]) -> LabelledMemes | None:
+               labels: list[str]) -> MemeExamples | None:
     if not items:
         return None
     rows = torch.tensor([row_of[i.item_id] for i in items])
-    return LabelledMemes(f.image[rows], f.text[rows], torch.tensor([labels.index(i.label) for i in items]),
-                         np.array(["user"] * len(items)))
-
-
-def _meme_split(memes, split: str) -> LabelledMemes | None:
-    if memes is None:
-        return None
-    mask = memes.splits == split
-    if not mask.any():
-        return None
-    m = torch.as_tensor(mask)
-    return LabelledMemes(memes.image[m], memes.text[m], memes.labels[m], np.array(["replay"] * int(mask.sum())))
+    return MemeExamples(f.image[rows], f.text[rows], torch.tensor([labels.index(i.label) for i in items]),
+                        np.array(["train"] * len(items)), np.array(["user"] * len(items)))
 
 
 def _cap_images(feats: PairFeatures, max_images: int, seed: int) -> PairFeatures:
     n = feats.image_features.shape[0]
     return feats if n <= max_images else feats.subset_images(subsample_candidates(n, max_images, seed + 3))
-
-
-def _caption_temperature(space, val: PairFeatures, current: ModelVersion) -> float:
-    try:
-        from mmapp.pipeline import caption_temperature
-
-        return caption_temperature(space, val)
-    except Exception:  # keep the parent's calibration rather than fail a good candidate
-        log.exception("caption temperature failed; keeping the parent's")
-        return float(current.meta.get("caption_temperature", 0.05))
 
 
 def _selection_stats(selection: Selection) -> dict:
@@ -560,12 +708,7 @@ def _finish(engine: Engine, run_id: int, status: str, message: str, *, stats: di
 def _set_report_path(engine: Engine, run_id: int, version: Optional[str], path: str) -> None:
     def write() -> None:
         with Session(engine) as s, s.begin():
-            run = s.get(RetrainRun, run_id)
-            run.report_path = path
-            if version is not None:
-                row = repo.get_version(s, version)
-                if row is not None:
-                    row.report_path = path
+            repo.set_run_report_path(s, run_id, path, version=version)
     retry_on_busy(write)
 
 
@@ -599,7 +742,7 @@ def _manifest(config, *, run_id, version, parent, selection, replay_idx, feature
         "created_at": datetime.now(timezone.utc).isoformat(),
         "code_version": code_version(), "python": platform.python_version(), "torch": torch.__version__,
         "encoders": features.identity,
-        "config": _jsonable(dataclasses.asdict(config)),
+        "config": redacted(config),
         "data": {"snapshot_sha256": selection.snapshot_hash(replay_idx), "replay_images": int(len(replay_idx)),
                  "train_items": [i.item_id for i in selection.train],
                  "heldout_items": [i.item_id for i in selection.heldout],
@@ -607,9 +750,3 @@ def _manifest(config, *, run_id, version, parent, selection, replay_idx, feature
         "training": _strip_history(candidate_info),
         "metrics": flat, "gate": decision, "stats": {k: v for k, v in stats.items() if k != "metrics"},
     }
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-

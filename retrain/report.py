@@ -34,7 +34,7 @@ N_REJECTED_SHOWN = 100
 
 
 def report_dir(config, version: str) -> Path:
-    return config.storage.home / "reports" / version
+    return config.paths.reports / version
 
 
 def build_report(config, engine: Engine, version: Optional[str] = None) -> dict[str, Path]:
@@ -50,7 +50,7 @@ def build_report(config, engine: Engine, version: Optional[str] = None) -> dict[
 
 def list_reports(config) -> list[dict[str, Any]]:
     """Reports on disk, newest first: version, paths, when written."""
-    root = config.storage.home / "reports"
+    root = config.paths.reports
     if not root.is_dir():
         return []
     out = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
@@ -24,8 +23,7 @@ from sqlalchemy.orm import Session
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 
-from retrain.job import (JobSettings, RunOutcome, begin_run, default_features, execute_run, fail_run, new_owner,
-                         running_run_id)
+from retrain.job import RunOutcome, drive, new_owner, run_retrain, start_run
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +31,8 @@ RunFn = Callable[[str], Any]  # run_fn(trigger) -> anything; trigger is "schedul
 _MAX_LOOKBACK = timedelta(days=400)
 
 
-@dataclass(frozen=True)
-class SchedulerSettings:
-    name: str = "retrain"  # the scheduler_state row for the cron slots
-    lease_name: str = "retrain-scheduler"  # the leader lease
-    lease_ttl_s: float = 60.0  # a dead leader is replaced after this
-    heartbeat_s: float = 20.0  # how often every process tries to take or renew the lease
-    timezone: Optional[str] = None  # for the cron expression; None = the server's local time
+SCHEDULE_NAME = "retrain"  # the scheduler_state row for the cron slots
+LEASE_NAME = "retrain-scheduler"  # the leader lease (knobs: config.scheduler)
 
 
 def cron_trigger(expr: str, timezone_name: Optional[str] = None) -> CronTrigger:
@@ -81,11 +74,10 @@ def latest_slot(trigger: CronTrigger, now: datetime) -> Optional[datetime]:
 class RetrainScheduler:
     """One process' scheduler; only the lease holder fires. Use :func:`start_scheduler`."""
 
-    def __init__(self, config, engine: Engine, run_fn: RunFn, *, settings: SchedulerSettings = SchedulerSettings(),
-                 owner: Optional[str] = None):
-        self.config, self.engine, self.run_fn, self.settings = config, engine, run_fn, settings
+    def __init__(self, config, engine: Engine, run_fn: RunFn, *, owner: Optional[str] = None):
+        self.config, self.engine, self.run_fn, self.settings = config, engine, run_fn, config.scheduler
         self.owner = owner or new_owner()
-        self.trigger = cron_trigger(config.retrain.cron, settings.timezone)
+        self.trigger = cron_trigger(config.retrain.cron, self.settings.timezone or None)
         self.is_leader = False
         self._aps: Optional[BackgroundScheduler] = None
         self._lock = threading.Lock()
@@ -108,7 +100,7 @@ class RetrainScheduler:
         if self.is_leader:
             def release() -> None:
                 with Session(self.engine) as s, s.begin():
-                    repo.release_lock(s, self.settings.lease_name, self.owner)
+                    repo.release_lock(s, LEASE_NAME, self.owner)
             try:
                 retry_on_busy(release)
             except Exception:
@@ -125,7 +117,7 @@ class RetrainScheduler:
         """Take or renew the leader lease; a process that just became leader catches up."""
         def take() -> bool:
             with Session(self.engine) as s, s.begin():
-                return repo.try_acquire_lock(s, self.settings.lease_name, self.owner, self.settings.lease_ttl_s, now=now)
+                return repo.try_acquire_lock(s, LEASE_NAME, self.owner, self.settings.lease_ttl_s, now=now)
         try:
             held = retry_on_busy(take)
         except Exception:
@@ -147,9 +139,9 @@ class RetrainScheduler:
 
         def check() -> str:
             with Session(self.engine) as s, s.begin():
-                last = repo.get_scheduler_state(s, self.settings.name)
+                last = repo.get_scheduler_state(s, SCHEDULE_NAME)
                 if last is None:  # first start ever: remember where we are, run nothing
-                    repo.claim_scheduled_slot(s, self.settings.name, slot)
+                    repo.claim_scheduled_slot(s, SCHEDULE_NAME, slot)
                     return "initialised"
                 return "missed" if last < slot else "up to date"
         state = retry_on_busy(check)
@@ -171,7 +163,7 @@ class RetrainScheduler:
     def _run_slot(self, slot: datetime) -> bool:
         def claim() -> bool:
             with Session(self.engine) as s, s.begin():
-                return repo.claim_scheduled_slot(s, self.settings.name, slot)
+                return repo.claim_scheduled_slot(s, SCHEDULE_NAME, slot)
         if not retry_on_busy(claim):
             return False
         log.info("retrain scheduler %s fires for slot %s", self.owner, slot.isoformat())
@@ -184,48 +176,33 @@ class RetrainScheduler:
 
 
 def start_scheduler(config, engine: Engine, run_fn: Optional[RunFn] = None, *,
-                    settings: SchedulerSettings = SchedulerSettings(), features_factory=None) -> RetrainScheduler:
+                    features_factory=None) -> RetrainScheduler:
     """Start this process' scheduler (for ``app.py``); call ``.shutdown()`` on exit.
 
     ``run_fn(trigger)`` runs a retrain; by default :func:`retrain.job.run_retrain` with a feature
-    source from ``features_factory()`` (or a freshly built predictor)."""
+    source from ``features_factory()`` (or towers built from ``config``)."""
     if run_fn is None:
-        from retrain.job import run_retrain
-
         def run_fn(trigger: str) -> RunOutcome:
             features = features_factory() if features_factory is not None else None
             return run_retrain(config, engine, trigger=trigger, features=features)
-    return RetrainScheduler(config, engine, run_fn, settings=settings).start()
+    return RetrainScheduler(config, engine, run_fn).start()
 
 
 def trigger_now(config, engine: Engine, *, trigger: str = "operator", features=None, features_factory=None,
-                settings: JobSettings = JobSettings(), wait: bool = False, force: bool = True) -> dict[str, Any]:
+                wait: bool = False, force: bool = True) -> dict[str, Any]:
     """Start a retrain now, in a background thread, unless one is running anywhere.
 
     Returns at once with ``{"started": bool, "run_id": int, "message": str}`` (the lease is taken
     before returning, so two simultaneous clicks give one run); with ``wait=True`` it blocks and adds
     ``"outcome"``. ``force`` runs even below ``retrain.min_new_items``."""
-    from mmapp.device import seed_everything
-
-    handle = begin_run(engine, trigger=trigger, settings=settings)
-    if handle is None:
-        other = running_run_id(engine)
-        return {"started": False, "run_id": other, "message": f"a retrain is already running (run {other})"}
+    handle = start_run(config, engine, trigger=trigger)
+    if isinstance(handle, RunOutcome):
+        return {"started": False, "run_id": handle.run_id, "message": handle.message}
     result: dict[str, Any] = {"started": True, "run_id": handle.run_id, "message": f"retrain run {handle.run_id} started"}
 
     def work() -> None:
-        try:
-            seed_everything(config.train.seed)
-            source = features if features is not None else (
-                features_factory() if features_factory is not None else default_features(config))
-            result["outcome"] = execute_run(handle, config, features=source, force=force).to_dict()
-        except Exception as exc:  # execute_run records its own failures; this is the feature source failing
-            log.exception("operator retrain %s failed before it started", handle.run_id)
-            message = f"could not build the feature source: {type(exc).__name__}: {exc}"
-            fail_run(engine, handle.run_id, message)
-            result["outcome"] = {"status": "failed", "run_id": handle.run_id, "message": message}
-        finally:
-            handle.close()
+        result["outcome"] = drive(handle, config, features=features, features_factory=features_factory,
+                                  force=force).to_dict()
 
     thread = threading.Thread(target=work, name=f"retrain-run-{handle.run_id}", daemon=True)
     thread.start()

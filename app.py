@@ -42,21 +42,21 @@ from urllib.parse import quote
 import gradio as gr
 import pandas as pd
 from PIL import Image
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_busy
 from feedback_db.export import EXPORT_FORMATS, export_feedback
-from feedback_db.models import Correction
 from feedback_db import repository as repo
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
 from mmapp.model_store import ModelStore
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
+from mmapp.towers import Towers
 from retrain import api as retrain_api
-from retrain.features import FeatureSource, PredictorFeatureSource
-from retrain.promotion import adopt_store_current
+from retrain.features import FeatureSource, TowerFeatureSource
+from retrain.promotion import adopt_store_current, promote_saved_version
 from retrain.scheduler import RetrainScheduler, start_scheduler
 
 log = logging.getLogger("mmapp.app")
@@ -153,7 +153,7 @@ class AppServices:
         self.limits = image_limits(self.config)
         self.read_engine = read_only_engine(self.engine)
         if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
-            self.retrain_features = functools.partial(PredictorFeatureSource, self.predictor, self.config)
+            self.retrain_features = functools.partial(TowerFeatureSource, self.predictor.towers, self.config)
 
     # -- inputs --
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
@@ -326,8 +326,7 @@ def ablation_from_toggles(use_image: bool, use_text: bool) -> str | None:
 def accepted_caption_corrections(engine: Engine) -> list[tuple[str, str]]:
     """Caption corrections a retrain accepted ('used'): they join the caption bank."""
     with Session(read_only_engine(engine)) as s, s.begin():
-        rows = s.scalars(select(Correction.value).where(Correction.field == "caption", Correction.status == "used"))
-        return [(value, "correction") for value in dict.fromkeys(rows)]
+        return [(value, "correction") for value in repo.used_caption_corrections(s)]
 
 
 # ---- formatting of results -------------------------------------------------------------------
@@ -477,7 +476,7 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
     ``scheduler``: the process' retrain scheduler (its next run is shown on the operator page);
     ``retrain_features``: where an operator-triggered retrain gets features (default: ``predictor``'s towers).
     """
-    exports_dir = config.storage.home / "exports"
+    exports_dir = config.paths.exports
     services = AppServices(config=config, predictor=predictor, engine=engine, blobstore=blobstore,
                            watcher=watcher or ModelWatcher(predictor, engine), exports_dir=exports_dir,
                            scheduler=scheduler, retrain_features=retrain_features)
@@ -1083,7 +1082,7 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
 
 def launch_options(config: Config) -> dict[str, Any]:
     """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares."""
-    exports_dir = config.storage.home / "exports"  # export_feedback creates it on first use
+    exports_dir = config.paths.exports  # export_feedback creates it on first use
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     return {"server_name": config.app.host, "server_port": config.app.port,
@@ -1103,28 +1102,23 @@ def warn_if_no_operator(config: Config) -> None:
     print(f"\n{banner}\n{message}\n{banner}\n", file=sys.stderr, flush=True)
 
 
-def build_predictor(config: Config, engine: Engine) -> Predictor:
-    """The predictor serving the registry's current version; builds the bootstrap model on a fresh machine."""
+def build_predictor(config: Config, engine: Engine, towers: Towers) -> Predictor:
+    """The predictor serving the registry's current version; builds and promotes the bootstrap model
+    on a fresh machine (or when the registry's current version is missing from disk)."""
     from mmapp.pipeline import bank_from_items, build_bootstrap
 
-    store = ModelStore(config.storage.home / "models")
-    with Session(engine) as s, s.begin():
-        row = repo.current_version(s)
-        registry = row.version if row is not None else None
-    version = registry if registry and store.exists(registry) else store.current()
+    store = ModelStore(config.paths.models)
+    version = adopt_store_current(engine, store)  # an install from before the registry keeps its version
     if version is not None and not store.exists(version):
         log.warning("model version %r is current but missing from %s; building the bootstrap model", version,
                     store.root)
         version = None
     if version is None:
         print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
-        predictor = Predictor.from_config(config)
-        version, _ = build_bootstrap(config, predictor, progress=True)
-        predictor.load_version(version)
-        predictor.set_caption_bank(bank_from_items(config))
-    else:
-        predictor = Predictor.from_config(config, version=version, caption_bank=bank_from_items(config))
-    adopt_store_current(engine, store)  # the registry learns what this server starts with
+        if not store.exists("bootstrap"):
+            build_bootstrap(config, towers, version="bootstrap", progress=True)
+        version = promote_saved_version(config, "bootstrap", reason="first start", engine=engine)
+    predictor = Predictor.from_config(config, version=version, towers=towers, caption_bank=bank_from_items(config))
     predictor.add_to_caption_bank(accepted_caption_corrections(engine))
     return predictor
 
@@ -1155,13 +1149,14 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_no_operator(config)
     engine = make_engine(config.storage.resolved_database_url)
     init_db(engine)
-    blobstore = BlobStore(config.storage.home / "uploads")
-    predictor = build_predictor(config, engine)
+    blobstore = BlobStore(config.paths.uploads)
+    towers = Towers.from_config(config)
+    predictor = build_predictor(config, engine, towers)
 
     def on_reload(version: str) -> None:
         predictor.add_to_caption_bank(accepted_caption_corrections(engine))
 
-    retrain_features = functools.partial(PredictorFeatureSource, predictor, config)  # the towers already loaded
+    retrain_features = functools.partial(TowerFeatureSource, towers, config)  # the towers already loaded
     scheduler = start_scheduler(config, engine, features_factory=retrain_features)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:

@@ -2,7 +2,7 @@
 
     python benchmarks/embed.py [--device cpu|cuda] [--n-images 64] [--n-captions 512]
 
-Uses real photos from tests/data/photos (resized copies cycle to n) and their captions; the
+Uses real photos from mmapp/assets/photos (resized copies cycle to n) and their captions; the
 embedding cache is bypassed so the towers really run.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from mmapp.device import resolve_placement  # noqa: E402
 from mmapp.encoders import EncoderOptions, create_encoder  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parent.parent / "mmapp" / "assets" / "photos"
 
 
 def rate(fn, items, batch: int) -> float:

@@ -271,11 +271,12 @@ def main(argv=None) -> int:
     from mmapp.config import load_config
     from mmapp.device import seed_everything
     from mmapp.model_store import ModelStore
-    from mmapp.pipeline import build_bootstrap, dataset_dir, embed_pairs, evaluate_retrieval
+    from mmapp.pipeline import build_bootstrap, embed_pairs, evaluate_retrieval
     from mmapp.predictor import Predictor
-    from retrain.features import PredictorFeatureSource
+    from mmapp.towers import Towers
+    from retrain.features import TowerFeatureSource
     from retrain.job import run_retrain
-    from retrain.promotion import adopt_store_current
+    from retrain.promotion import promote_saved_version
 
     home = Path(args.home).resolve()
     source_home = Path(args.source_home) if args.source_home else load_config().storage.home
@@ -288,16 +289,16 @@ def main(argv=None) -> int:
     say(f"held out {split['n_heldout_items']} items of {heldout}: "
         f"{len(split['feed'])} to feed, {len(split['eval'])} to evaluate")
 
-    predictor = Predictor.from_config(config)
-    store = ModelStore(home / "models")
+    towers = Towers.from_config(config)
+    store = ModelStore(config.paths.models)
     if not store.exists("bootstrap"):
         say("training the sim's bootstrap model without the held-out categories")
-        build_bootstrap(config, predictor, version="bootstrap", progress=False)
-        predictor.load_version("bootstrap")
+        build_bootstrap(config, towers, version="bootstrap", progress=False)
     engine = make_engine(config.storage.resolved_database_url)
     init_db(engine)
-    adopt_store_current(engine, store)
-    features = PredictorFeatureSource(predictor, config)
+    promote_saved_version(config, "bootstrap", reason="flywheel sim bootstrap", engine=engine)
+    predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+    features = TowerFeatureSource(towers, config)
     results: dict = {}
     app = DirectFeedback(home, engine, predictor) if args.direct else AppFeedback(home, engine, predictor, config)
     results["via"] = "repository functions" if args.direct else "app.py through gradio_client"
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
     # --- poisoned corrections -----------------------------------------------------------------
     from mmapp.data.pairs import read_pairs
 
-    train_list = read_pairs(dataset_dir(config) / "train.tsv")
+    train_list = read_pairs(config.paths.dataset() / "train.tsv")
     n_poison = len(feed)
     poison_captions = set()
     for j, i in enumerate(rng.choice(len(train_list), size=n_poison, replace=False)):
@@ -353,9 +354,9 @@ def main(argv=None) -> int:
     if args.timing:
         # Every number above is measured already; if train + val hold fewer pictures than asked
         # for (seven categories are held out), test pictures make up the rest of this timing batch.
-        pool = train_list + read_pairs(dataset_dir(config) / "val.tsv")
+        pool = train_list + read_pairs(config.paths.dataset() / "val.tsv")
         if len(pool) < args.timing:
-            pool += read_pairs(dataset_dir(config) / "test.tsv")
+            pool += read_pairs(config.paths.dataset() / "test.tsv")
         pick = rng.choice(len(pool), size=min(args.timing, len(pool)), replace=False)
         for j, i in enumerate(pick):
             app.caption_and_correct(pool[int(i)].image_path, pool[int(i)].caption, j, "timing")

@@ -18,7 +18,7 @@ from mmapp.device import resolve_placement  # noqa: E402
 from mmapp.encoders import EncoderOptions, create_encoder  # noqa: E402
 from mmapp.encoders.image import imagenet_class_names  # noqa: E402
 
-PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parent.parent / "mmapp" / "assets" / "photos"
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PHOTOS = REPO / "tests" / "data" / "photos"
+PHOTOS = REPO / "mmapp" / "assets" / "photos"
 MEME_TEXTS = [("when the build is green", "on a friday"), ("me explaining the bug", "to the rubber duck"),
               ("nobody:", "the cat at 3 am"), ("finally some peace", "said no parent ever")]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmapp.config import load_config  # noqa: E402
-from mmapp.pipeline import PHOTOS_TSV, dataset_dir, embed_pairs_file, evaluate_retrieval  # noqa: E402
+from mmapp.pipeline import embed_pairs_file, evaluate_retrieval  # noqa: E402
 from mmapp.predictor import Predictor  # noqa: E402
 
 
@@ -27,10 +27,10 @@ def main() -> None:
     config = load_config()
     predictor = Predictor.from_config(config, version=args.version)
     served = predictor.space
-    sets = {"openclipart_test": dataset_dir(config) / "test.tsv", "real_photos": PHOTOS_TSV}
+    sets = {"openclipart_test": config.paths.dataset() / "test.tsv", "real_photos": config.data.guard_photos}
     spaces = {
         "chance": None,
-        "bridge (ConSE, no training)": predictor.bridge_space(),
+        "bridge (ConSE, no training)": predictor.towers.bridge_space(),
         "projections only (mix 0)": served,
         f"served (mix {served.mix:.2f})": served,
     }

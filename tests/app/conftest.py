@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[2]
-PHOTOS = REPO / "tests" / "data" / "photos"
+PHOTOS = REPO / "mmapp" / "assets" / "photos"
 TEST_VERSION = "test-tiny-v1"
 LABELS = ("positive", "sarcastic", "dark humor")
 OPERATOR = ("operator", "s3cret-pass")
@@ -38,6 +38,7 @@ def build_tiny_model(predictor, store, version: str = TEST_VERSION, *, seed: int
     import torch
 
     from mmapp.fusion import FusionConfig, create_fusion_head
+    from mmapp.model_store import VersionMeta
 
     if store.exists(version):
         return version
@@ -55,8 +56,8 @@ def build_tiny_model(predictor, store, version: str = TEST_VERSION, *, seed: int
         loss.backward()
         opt.step()
     head.eval()
-    store.save(version, predictor.bridge_space(), fusion_head=head, fusion_config=config, fusion_name="concat",
-               meta={"labels": list(LABELS), "encoders": predictor.embedder.identity, "caption_temperature": 0.05})
+    store.save(version, predictor.towers.bridge_space(), fusion_head=head, fusion_config=config, fusion_name="concat",
+               meta=VersionMeta(labels=LABELS, encoders=predictor.embedder.identity, caption_temperature=0.05))
     return version
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import make_engine
-from retrain.scheduler import SchedulerSettings
+from retrain.scheduler import LEASE_NAME
 
 from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port
 
@@ -82,5 +82,5 @@ def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
     assert (home / "mmapp.db").is_file() and any((home / "uploads").rglob("*.jpg"))
     engine = make_engine(f"sqlite:///{home / 'mmapp.db'}")
     with Session(engine) as s:
-        assert repo.lock_holder(s, SchedulerSettings().lease_name) is None
+        assert repo.lock_holder(s, LEASE_NAME) is None
     engine.dispose()

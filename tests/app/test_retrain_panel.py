@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 
 
 class HeldFeatures:
-    """The app's feature source (``PredictorFeatureSource``); while ``release`` is clear, a run that asks
+    """The app's feature source (``TowerFeatureSource``); while ``release`` is clear, a run that asks
     for it waits, so a test sees the run 'running' for as long as it needs."""
 
     def __init__(self, predictor, config):
@@ -30,10 +30,10 @@ class HeldFeatures:
         self.release.set()
 
     def __call__(self):
-        from retrain.features import PredictorFeatureSource
+        from retrain.features import TowerFeatureSource
 
         self.release.wait(timeout=60)  # called in the run's background thread, after the lease is taken
-        return PredictorFeatureSource(self.predictor, self.config)
+        return TowerFeatureSource(self.predictor.towers, self.config)
 
 
 @pytest.fixture(scope="module")

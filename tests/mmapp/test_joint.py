@@ -10,7 +10,7 @@ from mmapp.cache import EmbeddingCache, text_key
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
 from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse
-from mmapp.model_store import ModelStore
+from mmapp.model_store import ModelStore, VersionMeta
 from mmapp.training import (PairFeatures, choose_local_mix, choose_mix, mean_mrr, mean_r1, train_alignment,
                             with_centers)
 
@@ -165,9 +165,10 @@ def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
     fcfg = FusionConfig(image_dim=32, text_dim=16, num_labels=3)
     head = create_fusion_head("concat", fcfg).eval()
     store = ModelStore(tmp_path)
-    store.save("v1", space, meta={"labels": ["a", "b", "c"]}, fusion_head=head, fusion_config=fcfg, fusion_name="concat")
+    store.save("v1", space, meta=VersionMeta(labels=("a", "b", "c")), fusion_head=head, fusion_config=fcfg,
+               fusion_name="concat")
     with pytest.raises(FileExistsError):
-        store.save("v1", space, meta={})
+        store.save("v1", space, meta=VersionMeta())
     with pytest.raises(ValueError, match="invalid model version"):
         store.path("../evil")
     loaded = store.load("v1")

@@ -13,11 +13,11 @@ import torch
 from mmapp.config import load_config
 from mmapp.fusion import FusionConfig, create_fusion_head
 from mmapp.imageio import load_image
-from mmapp.model_store import ModelStore
+from mmapp.model_store import ModelStore, VersionMeta
 from mmapp.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[2]
-PHOTOS = REPO / "tests" / "data" / "photos"
+PHOTOS = REPO / "mmapp" / "assets" / "photos"
 BANK = [("a tabby cat with green eyes", "bank"), ("a cup of espresso on a saucer", "bank"),
         ("a red motorcycle in a garage", "bank"), ("a rocket on a launch pad", "bank")]
 
@@ -57,15 +57,13 @@ def test_a_match_to_nothing_is_flagged_low_confidence(predictor):
 
 
 def test_meme_analysis_with_each_ablation(predictor):
-    from mmapp.joint import JointSpace
-
     torch.manual_seed(0)
     fcfg = FusionConfig(image_dim=1280, text_dim=384, num_labels=3)
     head = create_fusion_head("concat", fcfg).eval()
     store: ModelStore = predictor.store
-    space = JointSpace(predictor.class_text(), predictor.top_t)
-    store.save("tiny", space, meta={"labels": ["positive", "sarcastic", "dark humor"],
-                                    "encoders": predictor.embedder.identity},
+    space = predictor.towers.bridge_space()
+    store.save("tiny", space, meta=VersionMeta(labels=("positive", "sarcastic", "dark humor"),
+                                               encoders=predictor.embedder.identity),
                fusion_head=head, fusion_config=fcfg, fusion_name="concat")
     predictor.load_version("tiny")
     image = load_image(PHOTOS / "chelsea.jpg")
@@ -86,7 +84,7 @@ def run_cli(*args, home: Path) -> dict:
     out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(home), *args, "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout)  # the whole of stdout is one JSON document: `| jq` works
 
 
 def test_cli_eval_retrieval_bridge_on_real_photos_beats_chance(tmp_path):
@@ -96,6 +94,11 @@ def test_cli_eval_retrieval_bridge_on_real_photos_beats_chance(tmp_path):
         d = report[direction]
         assert d["n_queries"] == 24 and d["R@1"] > 4 * d["chance_R@1"]
         assert d["R@1_ci"][0] <= d["R@1"] <= d["R@1_ci"][1]
+
+
+def test_cli_caption_json_is_the_only_thing_on_stdout(tmp_path):
+    result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), home=tmp_path)
+    assert result["caption"] and "tags:" not in result["caption"] and result["model_version"] == "bridge"
 
 
 def test_cli_reports_a_tsv_line_without_tab(tmp_path):

@@ -10,7 +10,7 @@ from mmapp.model_store import ModelStore
 from retrain.__main__ import main
 from retrain.job import run_retrain
 
-from .world import fast_settings, feed_new_concepts
+from .world import feed_new_concepts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_status_json_from_a_fresh_process(home, tmp_path):
 
 def test_rollback_and_report_commands(config, engine, source, home, capsys):
     feed_new_concepts(engine, source, 100)
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert out.status == "promoted"
     assert main(["--home", str(home), "rollback", "bootstrap"]) == 0
     assert "current version: bootstrap" in capsys.readouterr().out

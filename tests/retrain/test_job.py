@@ -22,7 +22,7 @@ from mmapp.model_store import ModelStore
 from retrain.job import begin_run, run_retrain
 from retrain.promotion import adopt_store_current, promote_version, rollback_version
 
-from .world import fast_settings, feed_new_concepts, feed_poison
+from .world import feed_new_concepts, feed_poison, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def assert_one_current(engine, store, expected):
 
 def test_new_concepts_are_learned_and_promoted(config, engine, source, home):
     feed_new_concepts(engine, source, 120)
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert out.status == "promoted", out.message
     store = ModelStore(home / "models")
     assert_one_current(engine, store, out.version)
@@ -58,7 +58,7 @@ def test_new_concepts_are_learned_and_promoted(config, engine, source, home):
     manifest = json.loads(Path(out.stats["manifest_path"]).read_text())
     assert manifest["seed"] == 0 and len(manifest["data"]["snapshot_sha256"]) == 64 and manifest["code_version"]
     assert manifest["metrics"]["candidate"] and manifest["config"]["retrain"]["replay_size"] == 120
-    assert store.load(out.version).meta["manifest"]["version"] == out.version
+    assert store.load(out.version).meta.manifest["version"] == out.version
     assert Path(out.report["html"]).is_file()
     local = out.stats["training"]["alignment"]["local_mix"]  # chosen, or skipped with the reason
     assert "near_mix" in local or local.get("skipped")
@@ -68,17 +68,17 @@ def test_new_concepts_are_learned_and_promoted(config, engine, source, home):
 def test_a_requested_unfreeze_is_reported_not_silently_dropped(config, engine, source, caplog):
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, unfreeze_last_n=2))
     feed_new_concepts(engine, source, 60)
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert "unfreeze_last_n=2" in out.stats["towers"]
     assert "unfreeze_last_n=2 is not applied" in caplog.text
 
 
 def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engine, source):
     feed_new_concepts(engine, source, 120)
-    first = run_retrain(config, engine, features=source, settings=fast_settings())
+    first = run_retrain(config, engine, features=source)
     assert first.status == "promoted"
     feed_poison(engine, source, 120)
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     with Session(engine) as s:
         poison = s.scalars(select(Correction).where(Correction.value.like("totally unrelated%"))).all()
     rejected = sum(c.status == "rejected" for c in poison)
@@ -88,7 +88,7 @@ def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engin
 
 
 def test_nothing_new_is_a_quick_no_op(config, engine, source):
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert out.status == "skipped" and "nothing to learn" in out.message
     with Session(engine) as s:
         assert s.get(RetrainRun, out.run_id).status == "succeeded"
@@ -101,7 +101,7 @@ def test_two_triggers_at_the_same_moment_give_one_run(home):
 
     def trigger(i):
         barrier.wait()
-        handles[i] = begin_run(engines[i], trigger="operator", settings=fast_settings())
+        handles[i] = begin_run(engines[i], trigger="operator", settings=make_config(home).retrain)
 
     threads = [threading.Thread(target=trigger, args=(i,)) for i in range(len(engines))]
     for t in threads:
@@ -123,7 +123,7 @@ def test_a_busy_database_is_retried_not_lost(home, caplog):
     blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
     threading.Timer(0.15, lambda: blocker.execute("COMMIT")).start()
     with caplog.at_level("WARNING", logger="feedback_db.engine"):
-        handle = begin_run(impatient, trigger="cli", settings=fast_settings())
+        handle = begin_run(impatient, trigger="cli", settings=make_config(home).retrain)
     assert handle is not None
     assert any("database busy" in r.message for r in caplog.records)
     handle.close()
@@ -135,7 +135,7 @@ def test_promotion_is_atomic_and_rollback_restores_exactly_one_current(config, e
     store = ModelStore(home / "models")
     adopt_store_current(engine, store)
     feed_new_concepts(engine, source, 120)
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert out.status == "promoted"
 
     # A failure inside the promotion transaction registers nothing and leaves the pointer alone.
@@ -167,15 +167,14 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from feedback_db.engine import make_engine
-from retrain.job import JobSettings, run_retrain
-from retrain.train import FineTuneSettings
+from retrain.job import run_retrain
 from tests.retrain.world import SyntheticSource, make_config
 
 home, marker = Path(sys.argv[1]), Path(sys.argv[2])
-settings = JobSettings(n_bootstrap=20, heartbeat_s=0.2, lock_ttl_s=1.5, stale_after_s=1.5,
-                       fine_tune=FineTuneSettings(epochs=100000))  # trains until killed
-run_retrain(make_config(home), make_engine(f"sqlite:///{{home / 'mmapp.db'}}"),
-            features=SyntheticSource(registry_path=home / "world.json"), settings=settings,
+config = make_config(home, n_bootstrap=20, heartbeat_s=0.2, lock_ttl_s=1.5, stale_after_s=1.5,
+                     finetune={{"epochs": 100000}})  # trains until killed
+run_retrain(config, make_engine(f"sqlite:///{{home / 'mmapp.db'}}"),
+            features=SyntheticSource(registry_path=home / "world.json"),
             on_stage=lambda name: name == "train" and marker.write_text("training"))
 """
 
@@ -204,8 +203,7 @@ def test_kill_9_mid_training_leaves_the_current_model_and_the_next_run_succeeds(
         assert {c.status for c in s.scalars(select(Correction))} == {"new"}
 
     time.sleep(1.6)  # the dead worker's lease and heartbeat expire
-    settings = fast_settings(lock_ttl_s=1.5, stale_after_s=1.5)
-    out = run_retrain(config, engine, features=source, settings=settings)
+    out = run_retrain(make_config(home, lock_ttl_s=1.5, stale_after_s=1.5), engine, features=source)
     assert out.status == "promoted", out.message
     with Session(engine) as s:
         assert s.get(RetrainRun, dead.id).status == "failed"

@@ -10,7 +10,7 @@ from retrain.api import list_reports, retrain_status
 from retrain.job import run_retrain
 from retrain.report import SECTIONS, agreement_summary, build_report, mean_interval, ratings_summary
 
-from .world import add_feedback, add_rated_caption, fast_settings, feed_new_concepts
+from .world import add_feedback, add_rated_caption, feed_new_concepts
 
 
 def test_report_of_a_promoted_version(config, engine, source):
@@ -18,7 +18,7 @@ def test_report_of_a_promoted_version(config, engine, source):
     add_feedback(engine, source, concept=1, i=4000, user="eve", text="zebra lamp nonsense words")
     for j in range(12):  # two raters on the same captions, mostly agreeing
         add_rated_caption(engine, source, concept=j, i=8000 + j, scores={"alice": 2 + j % 4, "bob": 2 + j % 4 + (j % 5 == 0)})
-    out = run_retrain(config, engine, features=source, settings=fast_settings())
+    out = run_retrain(config, engine, features=source)
     assert out.status == "promoted" and out.report and "html" in out.report
 
     page = open(out.report["html"]).read()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -15,9 +16,10 @@ from sqlalchemy.orm import Session
 from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from feedback_db.models import RetrainRun
-from retrain.scheduler import RetrainScheduler, SchedulerSettings, cron_trigger, latest_slot, trigger_now
+from mmapp.config import SchedulerConfig
+from retrain.scheduler import RetrainScheduler, cron_trigger, latest_slot, trigger_now
 
-from .world import fast_settings, feed_new_concepts
+from .world import feed_new_concepts
 
 REPO = Path(__file__).resolve().parents[2]
 UTC = timezone.utc
@@ -35,9 +37,9 @@ def test_latest_slot_daily_and_with_seconds():
 
 def make_schedulers(config, home, n, calls):
     engines = [make_engine(f"sqlite:///{home / 'mmapp.db'}") for _ in range(n)]
-    settings = SchedulerSettings(timezone="UTC", lease_ttl_s=30)
-    return [RetrainScheduler(config, e, lambda trigger, i=i: calls.append((i, trigger)), settings=settings,
-                             owner=f"proc-{i}") for i, e in enumerate(engines)]
+    config = dataclasses.replace(config, scheduler=SchedulerConfig(timezone="UTC", lease_ttl_s=30))
+    return [RetrainScheduler(config, e, lambda trigger, i=i: calls.append((i, trigger)), owner=f"proc-{i}")
+            for i, e in enumerate(engines)]
 
 
 def test_only_the_leader_fires_and_each_slot_once(config, home):
@@ -76,10 +78,11 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from feedback_db.engine import make_engine
 from mmapp.config import load_config
-from retrain.scheduler import SchedulerSettings, latest_slot, start_scheduler
+from retrain.scheduler import latest_slot, start_scheduler
 
 home, log = Path(sys.argv[1]), Path(sys.argv[2])
-config = load_config("offline", env={{}}, storage={{"home": str(home)}}, retrain={{"cron": "* * * * * *"}})  # every second
+config = load_config("offline", env={{}}, storage={{"home": str(home)}}, retrain={{"cron": "* * * * * *"}},  # every second
+                     scheduler={{"timezone": "UTC", "heartbeat_s": 0.5, "lease_ttl_s": 2.0}})
 engine = make_engine(f"sqlite:///{{home / 'mmapp.db'}}")
 holder = {{}}
 
@@ -88,8 +91,7 @@ def run_fn(trigger):
     with open(log, "a") as fh:
         fh.write(f"{{os.getpid()}} {{slot.isoformat()}}\\n")
 
-holder["s"] = start_scheduler(config, engine, run_fn,
-                              settings=SchedulerSettings(timezone="UTC", heartbeat_s=0.5, lease_ttl_s=2.0))
+holder["s"] = start_scheduler(config, engine, run_fn)
 time.sleep(float(sys.argv[3]))
 holder["s"].shutdown()
 """
@@ -118,7 +120,7 @@ def test_operator_trigger_twice_gives_one_run(config, engine, source, home):
 
     def click(i):
         barrier.wait()
-        results[i] = trigger_now(config, engines[i], features=source, settings=fast_settings(), wait=True)
+        results[i] = trigger_now(config, engines[i], features=source, wait=True)
 
     threads = [threading.Thread(target=click, args=(i,)) for i in range(2)]
     for t in threads:

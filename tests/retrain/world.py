@@ -24,9 +24,9 @@ from feedback_db.engine import init_db, make_engine
 from mmapp.config import load_config
 from mmapp.encoders import ImageFeatures
 from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace
-from mmapp.model_store import ModelStore
-from mmapp.training import PairFeatures, train_alignment, train_fusion_head, with_centers
-from retrain.features import ImageRef, MemeSet
+from mmapp.model_store import ModelStore, VersionMeta
+from mmapp.training import MemeExamples, PairFeatures, train_alignment, train_fusion_head, with_centers
+from retrain.features import ImageRef
 
 D_IMG, D_TXT, N_CONCEPTS, N_CORPUS = 32, 16, 30, 24
 LABELS = ("positive", "sarcastic", "dark humor")
@@ -106,7 +106,7 @@ class SyntheticSource:
         img = self.images([ImageRef(s) for s in shas])
         return PairFeatures(img.features, None, self.texts(caps), np.arange(len(shas)))
 
-    def memes(self) -> MemeSet:
+    def memes(self) -> MemeExamples:
         g = np.random.default_rng(7)
         n = 240
         ci, ct = g.integers(0, N_CORPUS, n), g.integers(0, N_CORPUS, n)
@@ -114,25 +114,21 @@ class SyntheticSource:
         text = self.texts([f"meme about concept {k} take {j}" for j, k in enumerate(ct)])
         labels = torch.as_tensor((ct + (ci >= N_CORPUS // 2)) % len(LABELS))  # depends on both modalities
         splits = np.array(["train"] * 160 + ["val"] * 40 + ["test"] * 40)
-        return MemeSet(image, text, labels, splits)
+        return MemeExamples(image, text, labels, splits, np.array(["bootstrap"] * n))
 
-    def guard(self):
-        return None
+    def guard(self) -> PairFeatures:
+        """Stands in for the real photos (no bridge here, so no score mix is chosen against it)."""
+        return self.corpus("val")
 
 
-def make_config(home: Path, **retrain):
+def make_config(home: Path, *, finetune: dict | None = None, **retrain):
+    """Settings for tests: few epochs, few bootstrap resamples (override any ``retrain.*`` by keyword)."""
     # 120 test pairs resolve R@1 in steps of 0.008: a tolerance of 0.01 would be one query.
-    retrain = {"replay_size": 120, "min_new_items": 1, "cron": "0 3 * * *", "tolerance": 0.05, **retrain}
+    retrain = {"replay_size": 120, "min_new_items": 1, "cron": "0 3 * * *", "tolerance": 0.05, "n_bootstrap": 50,
+               **retrain}
     return load_config("offline", env={}, storage={"home": str(home)}, retrain=retrain,
+                       finetune={"epochs": 6, "fusion_epochs": 6, **(finetune or {})},
                        train={"epochs": 15, "batch_size": 64, "lr": 3e-3, "seed": 0})
-
-
-def fast_settings(**kw):
-    """Job settings for tests: few epochs, few bootstrap resamples."""
-    from retrain.job import JobSettings
-    from retrain.train import FineTuneSettings
-
-    return JobSettings(n_bootstrap=50, fine_tune=FineTuneSettings(epochs=6, fusion_epochs=6), **kw)
 
 
 def build_bootstrap_home(home: Path, source: SyntheticSource) -> None:
@@ -144,11 +140,11 @@ def build_bootstrap_home(home: Path, source: SyntheticSource) -> None:
     result = train_alignment(train, val, class_text=None, top_t=10, config=config.train, joint_dim=16, init=init)
     space = with_centers(JointSpace(None, 10, result.model, mix=0.0), train)
     memes = source.memes()
-    tr, va = (torch.as_tensor(memes.splits == s) for s in ("train", "val"))
+    tr, va = (torch.as_tensor(memes.split == s) for s in ("train", "val"))
     fusion = train_fusion_head("concat", memes.image[tr], memes.text[tr], memes.labels[tr], num_labels=len(LABELS),
                                config=config.train, val=(memes.image[va], memes.text[va], memes.labels[va]), epochs=10)
     store = ModelStore(home / "models")
-    store.save("bootstrap", space, meta={"labels": list(LABELS), "encoders": IDENTITY, "caption_temperature": 0.05},
+    store.save("bootstrap", space, meta=VersionMeta(labels=LABELS, encoders=IDENTITY, caption_temperature=0.05),
                fusion_head=fusion.head, fusion_config=fusion.config, fusion_name="concat")
     store.set_current("bootstrap")
     engine = make_engine(f"sqlite:///{home / 'mmapp.db'}")

@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = sys.stderr  # library chatter ("Loaded pretrained weights ...") must not break `| jq`
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `| head` closed the pipe: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

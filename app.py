@@ -1,7 +1,8 @@
 """The web app: composition root (``main``) and the Gradio page it serves.
 
 ``main()`` reads the config, opens the feedback database and the upload store, builds the
-predictor (and the bootstrap model on a fresh machine), starts the retrain scheduler, builds the
+predictor (and the bootstrap model on a fresh machine), starts the retrain worker (a child process that
+runs the scheduler and operators' requests; ``retrain.runner: in-process`` keeps both in this process), builds the
 page with :func:`build_app` and launches it. Importing this module does nothing but define things: tests call
 ``build_app(config, predictor, engine, blobstore)`` and launch it in-process.
 
@@ -58,6 +59,7 @@ from retrain import api as retrain_api
 from retrain.features import FeatureSource, TowerFeatureSource
 from retrain.promotion import adopt_store_current, promote_saved_version
 from retrain.scheduler import RetrainScheduler, start_scheduler
+from retrain.worker import WorkerSupervisor, check_runner, worker_argv
 
 log = logging.getLogger("mmapp.app")
 
@@ -414,6 +416,9 @@ def retrain_status_markdown(status: dict[str, Any], serving: str) -> str:
              f"**Next scheduled run:** {_when(schedule.get('next_run_time')) or 'none'} (cron `{schedule['cron']}`) · "
              f"scheduler leader: {schedule.get('leader') or 'none'}"]
     running, runs = status["running"], status["recent_runs"]
+    if running is None and status.get("pending_request"):
+        lines.append(f"⏳ **Retrain requested** {_when(status['pending_request'])}: waiting for the retrain worker "
+                     "(`python -m retrain worker`, started by `python app.py`).")
     if running is not None:
         stage = f"stage **{running['stage']}** · " if running["stage"] else ""
         lines.append(f"▶ **Run {running['id']} is running** ({running['trigger']}, started "
@@ -974,7 +979,9 @@ def retrain_now(services: AppServices, session_data: dict) -> dict[str, Any]:
     """Start a retrain run in the background, or say which run is already going."""
     require_operator(session_data)
     started = services.trigger_retrain()
-    if started["started"]:
+    if started["started"] and started["run_id"] is None:  # retrain.runner "worker": the worker takes it
+        notice = "Retrain requested: the retrain worker starts it within seconds; its progress shows above."
+    elif started["started"]:
         notice = f"Retrain run {started['run_id']} started; its progress shows above."
     else:
         notice = f"⚠ A retrain is already running (run {started['run_id']}): no second run was started."
@@ -1157,16 +1164,24 @@ def main(argv: list[str] | None = None) -> int:
         predictor.add_to_caption_bank(accepted_caption_corrections(engine))
 
     retrain_features = functools.partial(TowerFeatureSource, towers, config)  # the towers already loaded
-    scheduler = start_scheduler(config, engine, features_factory=retrain_features)
+    scheduler, worker = None, None
+    if check_runner(config) == "worker":  # training happens in a child process, never in this one
+        worker = WorkerSupervisor(worker_argv(config.profile), engine).start()
+    else:
+        scheduler = start_scheduler(config, engine, features_factory=retrain_features)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         demo = build_app(config, predictor, engine, blobstore, scheduler=scheduler, retrain_features=retrain_features,
                          watcher=ModelWatcher(predictor, engine, on_reload=on_reload))
         print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
-              f"retrain schedule {config.retrain.cron!r}, next {scheduler.next_run_time}", flush=True)
+              f"retrain schedule {config.retrain.cron!r} run by "
+              + (f"the retrain worker (pid {worker.proc.pid})" if worker else "this process"), flush=True)
         demo.launch(**launch_options(config))
-    finally:  # hands the scheduler lease on at once instead of after its TTL
-        scheduler.shutdown()
+    finally:  # hands the scheduler lease on at once instead of after its TTL; stops the worker
+        if scheduler is not None:
+            scheduler.shutdown()
+        if worker is not None:
+            worker.shutdown()
     return 0
 
 

@@ -1029,6 +1029,23 @@ def fail_stale_retrain_runs(s: Session, *, older_than_s: float, now: Optional[da
     return result.rowcount
 
 
+def fail_runs_of_dead_owner(s: Session, owner_prefix: str, *, message: str) -> int:
+    """A worker process known to be dead (its supervisor saw it exit): mark its 'running' runs failed
+    and drop every lease it held at once, instead of waiting for the heartbeat and lease to expire.
+    ``owner_prefix`` is ``host:pid:`` of that process. Returns the runs marked."""
+    _check_key("owner prefix", owner_prefix)
+    pattern = owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    now = utcnow()
+    result = s.execute(
+        update(RetrainRun)
+        .where(RetrainRun.status == "running", RetrainRun.owner.like(pattern, escape="\\"))
+        .values(status="failed", finished_at=now, message=message[:2000])
+        .execution_options(synchronize_session="fetch")
+    )
+    s.execute(delete(Lock).where(Lock.owner.like(pattern, escape="\\")).execution_options(synchronize_session="fetch"))
+    return result.rowcount
+
+
 def record_rejected_item(
     s: Session, *, run_id: int, reason: str, correction_id: Optional[int] = None, detail: Optional[dict[str, Any]] = None
 ) -> RejectedItem:

@@ -108,6 +108,8 @@ class RetrainConfig:
     lock_ttl_s: float = 300.0  # run lease length; a killed worker's lease frees after this
     heartbeat_s: float = 15.0  # how often a live run renews its lease and stamps its row
     stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
+    runner: str = "worker"  # worker: `python -m retrain worker` (python app.py starts it) trains; in-process: a web thread
+    worker_poll_s: float = 2.0  # how often the worker looks for an operator's "retrain now"
 
 
 @dataclass(frozen=True)

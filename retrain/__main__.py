@@ -1,6 +1,7 @@
 """Command line for the flywheel: a thin layer over :mod:`retrain.api`, :mod:`retrain.job` and
 :mod:`retrain.scheduler` (``python -m retrain --help``).
 
+  python -m retrain worker         the retrain worker: nightly scheduler + operators' "retrain now" (python app.py starts it)
   python -m retrain run            run the nightly scheduler in the foreground (a separate scheduler process)
   python -m retrain run --now      retrain once now and print the outcome
   python -m retrain status [--json]
@@ -62,6 +63,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from retrain.worker import RetrainWorker, serve_until_signalled
+
+    config, engine = _setup(args)
+    serve_until_signalled(RetrainWorker(config, engine))
+    return 0
+
+
 def cmd_status(args) -> int:
     from retrain.api import retrain_status
 
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--now", action="store_true", help="retrain once now (even below retrain.min_new_items)")
     p.add_argument("--json", action="store_true", help="with --now: print the outcome as one JSON object")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("worker", help="the retrain worker: nightly schedule and operators' requests (python app.py starts it)")
+    p.set_defaults(func=cmd_worker)
     p = sub.add_parser("status", help="current version, running and recent runs, schedule")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)

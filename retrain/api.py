@@ -49,6 +49,10 @@ def trigger_retrain(config, engine: Engine, *, features_factory: Optional[Callab
     """The operator's "retrain now": starts in the background and returns at once with
     ``{"started", "run_id", "message"}``; poll :func:`retrain_status` for progress and the result.
     Pass the app's feature source (``features`` or ``features_factory``) to reuse its loaded towers."""
+    from retrain.worker import check_runner, request_run
+
+    if check_runner(config) == "worker":  # the web process never trains: a worker takes the request
+        return request_run(engine)
     out = trigger_now(config, engine, trigger="operator", features=features, features_factory=features_factory)
     return {k: v for k, v in out.items() if k != "outcome"}
 
@@ -77,6 +81,10 @@ def retrain_status(config, engine: Engine, *, scheduler=None, limit: int = 10) -
         nxt = cron_trigger(config.retrain.cron, config.scheduler.timezone or None).get_next_fire_time(None, datetime.now(timezone.utc))
         status["schedule"]["next_run_time"] = _iso(nxt)
     status["reports"] = list_reports(config)[:limit]
+    if config.retrain.runner == "worker":
+        from retrain.worker import pending_request
+
+        status["pending_request"] = _iso(pending_request(engine))
     return status
 
 

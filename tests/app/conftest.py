@@ -84,7 +84,7 @@ def app_home(tmp_path_factory, embedding_cache_dir) -> Path:
 def make_config(home: Path, **app):
     from mmapp.config import load_config
 
-    return load_config("offline", env={}, storage={"home": str(home)},
+    return load_config("offline", env={}, storage={"home": str(home)}, retrain={"runner": "in-process"},
                        app={"operator_user": OPERATOR[0], "operator_password": OPERATOR[1], **app})
 
 

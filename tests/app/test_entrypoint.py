@@ -44,8 +44,9 @@ def test_launch_options_are_safe_by_default():
 @pytest.mark.server
 def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
     """`python app.py --port P` with a model already current: it warns about the missing operator
-    credentials, registers the served version, answers a caption request, runs the retrain
-    scheduler, and on SIGTERM hands the scheduler's lease back instead of leaving it to expire."""
+    credentials, registers the served version, answers a caption request, starts the retrain worker
+    (a child process that runs the scheduler), and on SIGTERM stops it, which hands the scheduler's
+    lease back instead of leaving it to expire."""
     home = tmp_path / "home"
     home.mkdir()
     for shared in ("models", "cache"):
@@ -74,7 +75,10 @@ def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
         assert details["caption"] and details["model_version"] == TEST_VERSION
         output = log.read_text()
         assert "WARNING: no operator credentials are set" in output
-        assert f"serving model {TEST_VERSION!r}" in output and "retrain schedule" in output
+        assert f"serving model {TEST_VERSION!r}" in output and "run by the retrain worker (pid" in output
+        while "retrain worker" not in log.read_text() or " ready " not in log.read_text():  # its own log line
+            assert time.monotonic() < deadline + 60, "the retrain worker never came up:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
     finally:
         server.terminate()
         server.wait(timeout=30)

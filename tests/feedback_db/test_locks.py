@@ -109,3 +109,19 @@ def test_runs_without_heartbeat_are_marked_failed(engine):
     with Session(engine) as s:
         assert s.get(repo.RetrainRun, alive).status == "running"
         assert s.get(repo.RetrainRun, dead).status == "failed"
+
+
+def test_a_dead_owners_runs_fail_and_its_leases_go_at_once(engine):
+    with Session(engine) as s, s.begin():
+        dead = repo.start_retrain_run(s, trigger="operator", owner="host:12:abcd").id
+        other = repo.start_retrain_run(s, trigger="cli", owner="host:123:ef01").id  # pid 123 is not pid 12
+        under = repo.start_retrain_run(s, trigger="cli", owner="host_12:99:aa").id  # '_' is no wildcard
+        assert repo.try_acquire_lock(s, "retrain", "host:12:abcd", 300)
+        assert repo.try_acquire_lock(s, "retrain-scheduler", "host:123:ef01", 300)
+    with Session(engine) as s, s.begin():
+        assert repo.fail_runs_of_dead_owner(s, "host:12:", message="the worker died") == 1
+    with Session(engine) as s:
+        assert s.get(repo.RetrainRun, dead).status == "failed" and s.get(repo.RetrainRun, dead).message == "the worker died"
+        assert s.get(repo.RetrainRun, other).status == "running" and s.get(repo.RetrainRun, under).status == "running"
+        assert repo.lock_holder(s, "retrain") is None
+        assert repo.lock_holder(s, "retrain-scheduler").owner == "host:123:ef01"

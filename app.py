@@ -53,6 +53,7 @@ from feedback_db import repository as repo
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
 from mmapp.model_store import ModelStore
+from mmapp.scrub import scrub_home
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
 from mmapp.towers import Towers
 from retrain import api as retrain_api
@@ -1155,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.profile, app=overrides)
     warn_if_no_operator(config)
     engine = make_engine(config.storage.resolved_database_url)
-    init_db(engine)
+    init_db(engine)  # migration 0003 masks secrets older versions stored in the database
+    scrub_home(config)  # ... and in manifests / meta.json files under the home
     blobstore = BlobStore(config.paths.uploads)
     towers = Towers.from_config(config)
     predictor = build_predictor(config, engine, towers)

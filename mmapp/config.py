@@ -244,6 +244,15 @@ def redacted(config: Config) -> dict[str, Any]:
     for section, key in SECRET_FIELDS:
         if data[section][key]:
             data[section][key] = "***"
-    # scheme://user:password@host/db -> scheme://user:***@host/db (a URL-encoded password has no '@')
-    data["storage"]["database_url"] = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", data["storage"]["database_url"])
+    data["storage"]["database_url"] = redact_url(data["storage"]["database_url"])
     return data
+
+
+# scheme://user:password@host/db: everything between the user's ':' and the last '@' (greedy, so a raw
+# '@' or '/' inside the password is masked too; over-masking a URL is harmless, leaking is not)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:).*@")
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; URLs without a password unchanged."""
+    return _URL_PASSWORD.sub(r"\1***@", url)

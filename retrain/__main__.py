@@ -25,11 +25,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _setup(args):
     from feedback_db.engine import init_db, make_engine
     from mmapp.config import load_config
+    from mmapp.scrub import scrub_home
 
     overrides = {"storage": {"home": args.home}} if args.home else {}
     config = load_config(args.profile, **overrides)
     engine = make_engine(config.storage.resolved_database_url)
-    init_db(engine)
+    init_db(engine)  # migration 0003 masks secrets older versions stored in the database
+    scrub_home(config)  # ... and in manifests / meta.json files under the home
     return config, engine
 
 

@@ -121,8 +121,13 @@ def _get_or_insert(
     return row, True
 
 
-def _same_request(row: Any, request_id: str, **expected: Any) -> None:
-    # A request_id reused for a different target is a client bug; silently returning the old row would hide it.
+def _same_request(row: Any, request_id: str, *, session_id: Optional[str] = None, **expected: Any) -> None:
+    # Request ids are chosen by clients, so they are scoped to their owner (``session_id``): another
+    # session's id is refused without a word about its row (no stored value in the message, no row handed back).
+    if session_id is not None and row.session_id != session_id:
+        raise ValueError(f"request_id {request_id!r} is already taken; send a different one (or none)")
+    # A request_id reused by its owner for a different target is a client bug; silently returning the
+    # old row would hide it.
     for name, value in expected.items():
         if getattr(row, name) != value:
             raise ValueError(
@@ -211,7 +216,7 @@ def record_prediction(
         ),
     )
     if not created:
-        _same_request(prediction, request_id, kind=kind, image_sha256=image_sha256)
+        _same_request(prediction, request_id, session_id=session_id, kind=kind, image_sha256=image_sha256)
     return prediction
 
 
@@ -260,7 +265,7 @@ def record_rating(
         ),
     )
     if not created:
-        _same_request(rating, request_id, prediction_id=prediction_id)
+        _same_request(rating, request_id, session_id=session_id, prediction_id=prediction_id)
     return rating
 
 
@@ -304,7 +309,7 @@ def record_correction(
         ),
     )
     if not created:
-        _same_request(correction, request_id, prediction_id=prediction_id, field=field)
+        _same_request(correction, request_id, session_id=session_id, prediction_id=prediction_id, field=field)
     return correction
 
 

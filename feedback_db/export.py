@@ -14,7 +14,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from feedback_db.blobstore import BlobStore
+from feedback_db.blobstore import FORMAT_EXT, BlobStore, normalize_ext
 from feedback_db.models import CORRECTION_FIELDS, Prediction
 from feedback_db.repository import RATING_SCORES, output_summary
 
@@ -170,6 +170,7 @@ def export_feedback(
     *,
     since: Optional[datetime] = None,
     name: Optional[str] = None,
+    image_filter: Optional[Callable[[bytes], tuple[bytes, str]]] = None,
 ) -> Path:
     """Write one row per prediction (ratings and corrections flattened) plus its image into a new
     folder ``out_dir/<name>`` (default ``feedback-<UTC time>-<fmt>``) and return that folder.
@@ -177,6 +178,9 @@ def export_feedback(
     Rows: ``<folder>/feedback.csv|parquet|jsonl`` (see ``DATA_FILES``), or for ``fmt='hf'`` the
     folder itself is ``datasets.load_from_disk``-able. Columns: ``SCHEMA``.
     Open ``session`` on ``read_only_engine(engine)`` so a long export does not hold SQLite's write lock.
+    ``image_filter``: bytes -> ``(bytes, extension)`` applied to each image on its way out (the app passes
+    ``mmapp.imageio.strip_metadata``, so blobs stored before uploads were stripped leave without
+    EXIF/GPS); an image it refuses is left out (empty ``image_path``). None copies the stored bytes.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
@@ -203,7 +207,7 @@ def export_feedback(
         rows = []
         for p in predictions:
             if p.image_sha256 not in copied:
-                copied[p.image_sha256] = _copy_image(blobstore, p, images)
+                copied[p.image_sha256] = _copy_image(blobstore, p, images, image_filter)
             rows.append(_row(p, copied[p.image_sha256]))
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         _write(table, rows, staging, fmt)
@@ -216,11 +220,21 @@ def export_feedback(
     return target
 
 
-def _copy_image(blobstore: BlobStore, p: Prediction, images: Path) -> Optional[str]:
+def _copy_image(blobstore: BlobStore, p: Prediction, images: Path,
+                image_filter: Optional[Callable[[bytes], tuple[bytes, str]]]) -> Optional[str]:
     source = blobstore.path(p.upload.relpath)
     if not source.is_file():
         log.warning("image %s of prediction %d is missing from the blob store at %s", p.image_sha256, p.id, source)
         return None
-    filename = f"{p.image_sha256}.{p.upload.format}"
-    shutil.copyfile(source, images / filename)
+    if image_filter is None:
+        filename = f"{p.image_sha256}.{p.upload.format}"
+        shutil.copyfile(source, images / filename)
+        return f"images/{filename}"
+    try:
+        data, fmt = image_filter(source.read_bytes())
+    except ValueError as exc:
+        log.warning("image %s of prediction %d left out of the export: %s", p.image_sha256, p.id, exc)
+        return None
+    filename = f"{p.image_sha256}.{normalize_ext(FORMAT_EXT.get(fmt.upper(), fmt))}"  # named by its stored key
+    (images / filename).write_bytes(data)
     return f"images/{filename}"

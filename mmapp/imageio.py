@@ -23,6 +23,7 @@ __all__ = [
     "describe_content",
     "load_image",
     "sha256_bytes",
+    "strip_metadata",
 ]
 
 
@@ -58,9 +59,9 @@ DEFAULT_LIMITS = ImageLimits()
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
     image: Image.Image  # mode "RGB", loaded, EXIF orientation applied, first frame only
-    sha256: str  # hex digest of `data`
-    data: bytes = field(repr=False)  # the original upload bytes, unchanged
-    format: str  # Pillow format id detected from the content, e.g. "PNG"
+    sha256: str  # hex digest of `data` (the stripped bytes when decoded with strip_metadata=True)
+    data: bytes = field(repr=False)  # the upload bytes; without metadata when decoded with strip_metadata=True
+    format: str  # Pillow format id of `data`, e.g. "PNG" (a stripped WebP/GIF/TIFF is stored as PNG)
     original_size: tuple[int, int]  # (width, height) as stored in the file, before EXIF rotation
     original_mode: str  # Pillow mode as stored, e.g. "I;16", "CMYK", "P"
     n_frames: int  # 1 for still images
@@ -75,11 +76,14 @@ def load_image(
     *,
     limits: ImageLimits = DEFAULT_LIMITS,
     name: str | None = None,
+    strip_metadata: bool = False,
 ) -> DecodedImage:
     """Read, validate and decode one upload; raises ``ImageDecodeError`` for any bad upload.
 
     ``source`` is the raw file content (bytes) or a path to it (str / PathLike); ``name`` is what
-    error messages call the upload (defaults to the path).
+    error messages call the upload (defaults to the path). ``strip_metadata``: ``data``/``sha256``
+    are the bytes to store, without EXIF/XMP/GPS/IPTC/comments and with the EXIF orientation applied
+    to the pixels (see :func:`strip_metadata`); stripping stripped bytes returns them unchanged.
     """
     if not isinstance(limits, ImageLimits):
         raise TypeError(f"limits must be an ImageLimits, got {type(limits).__name__}")
@@ -113,6 +117,9 @@ def load_image(
             # Some formats (GIF) learn their true canvas only while decoding.
             _check_geometry(*im.size, limits, where)
             rgb = _to_rgb(_apply_exif_orientation(im), where)
+            rgb.info = {}  # pixels only: no EXIF/comment/XMP rides along into a preview or a re-encode
+            if strip_metadata:
+                data, fmt = _without_metadata(data, fmt, _orientation(im), rgb)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard fires inside Image.open, before we see the size; its message
         # carries the pixel count.
@@ -365,6 +372,112 @@ def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
         if length == 0:
             break
     return pos
+
+
+# --- metadata --------------------------------------------------------------------------------
+#
+# What is stored and exported carries pixels only. JPEG and PNG without a rotation are stripped
+# losslessly (segments / chunks dropped, the compressed image data copied byte for byte); a rotated
+# JPEG is re-encoded (quality 95) with the rotation applied, a rotated PNG re-encoded losslessly;
+# WebP, GIF and TIFF (which keep metadata in many places) are stored as lossless PNG of the decoded
+# first frame; BMP has no metadata. Transparency is flattened on white, as the model sees it.
+
+_JPEG_KEEP_APP = {0xE0, 0xEE}  # APP0 JFIF, APP14 Adobe (colour transform); APP2 only as ICC profile
+_PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}  # XMP lives in iTXt
+
+
+def strip_metadata(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[bytes, str]:
+    """``(bytes without metadata, Pillow format)`` of an image file; raises ``ImageDecodeError``."""
+    decoded = load_image(data, limits=limits, strip_metadata=True)
+    return decoded.data, decoded.format
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # malformed EXIF: _apply_exif_orientation left the pixels as they are
+        return 1
+
+
+def _without_metadata(data: bytes, fmt: str, orientation: int, rgb: Image.Image) -> tuple[bytes, str]:
+    rotated = orientation not in (0, 1)
+    try:
+        if fmt == "JPEG" and not rotated:
+            return _strip_jpeg(data), "JPEG"
+        if fmt == "PNG" and not rotated:
+            return _strip_png(data), "PNG"
+    except ValueError:  # a structure we do not walk (decodable by Pillow all the same): re-encode
+        pass
+    if fmt == "BMP":
+        return data, "BMP"
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        rgb.save(buf, "JPEG", quality=95)
+        return buf.getvalue(), "JPEG"
+    rgb.save(buf, "PNG", optimize=False, compress_level=6)
+    return buf.getvalue(), "PNG"
+
+
+def _strip_jpeg(data: bytes) -> bytes:
+    """SOI, the segments that decoding needs, the scans, EOI; APP1 (EXIF, XMP), APP13 (IPTC), COM, the
+    other APPn and anything after EOI (MPO's second image with its own EXIF) are dropped."""
+    if not data.startswith(b"\xff\xd8"):
+        raise ValueError("no JPEG SOI")
+    out, pos, n = [b"\xff\xd8"], 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            raise ValueError(f"JPEG marker expected at {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            out.append(data[pos:pos + 2])
+            pos += 2
+            continue
+        if pos + 4 > n:
+            raise ValueError("truncated JPEG segment")
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos:end]
+        is_app = 0xE0 <= marker <= 0xEF or marker == 0xFE
+        if not is_app or marker in _JPEG_KEEP_APP or (marker == 0xE2 and segment[4:16] == b"ICC_PROFILE\0"):
+            out.append(segment)
+        pos = end
+        if marker == 0xDA:  # SOS: entropy-coded data up to the next marker that is not RSTn or a stuffed 0xFF00
+            scan = pos
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    raise ValueError("JPEG scan without end")
+                follower = data[pos + 1]
+                if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                    pos += 2
+                    continue
+                break
+            out.append(data[scan:pos])
+    raise ValueError("JPEG without EOI")
+
+
+def _strip_png(data: bytes) -> bytes:
+    """Signature and every chunk but text (EXIF-in-text, XMP), eXIf and tIME; nothing after IEND."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("no PNG signature")
+    out, pos = [data[:8]], 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            raise ValueError("truncated PNG chunk")
+        if kind not in _PNG_DROP:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            return b"".join(out)
+    raise ValueError("PNG without IEND")
 
 
 # --- orientation and colour --------------------------------------------------------------------

@@ -130,3 +130,25 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(engine, store, t
     assert pd.read_csv(csv_dir / DATA_FILES["csv"])["latency_ms"].dtype.kind == "f"  # numbers stay numbers
     # the data formats keep the exact values
     assert list(pd.read_parquet(parquet_dir / DATA_FILES["parquet"])["input_text"][: len(FORMULAS)]) == FORMULAS
+
+
+def test_images_stored_before_stripping_leave_without_metadata(engine, store, tmp_path):
+    from PIL import Image
+
+    from mmapp.imageio import strip_metadata
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 51.0, 29.0)})
+    exif[0x010F] = "PhoneCo"
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (16, 8), (10, 200, 10)).save(buf, "JPEG", exif=exif.tobytes())
+    with Session(engine) as s, s.begin():
+        sha, relpath = store.put(buf.getvalue(), "jpg")
+        upload = repo.record_upload(s, sha256=sha, relpath=relpath, format="jpg", width=16, height=8,
+                                    n_bytes=len(buf.getvalue()))
+        add_prediction(s, upload, kind="caption", label="green")
+    with Session(read_only_engine(engine)) as s:
+        folder = export_feedback(s, tmp_path, "jsonl", store, image_filter=strip_metadata)
+    exported = (folder / "images" / f"{sha}.jpg").read_bytes()
+    assert b"PhoneCo" in store.path(relpath).read_bytes() and b"PhoneCo" not in exported
+    assert not Image.open(folder / "images" / f"{sha}.jpg").getexif()

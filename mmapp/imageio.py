@@ -484,6 +484,8 @@ def _strip_png(data: bytes) -> bytes:
 
 
 def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+    if _orientation(im) in (0, 1):
+        return im  # no copy: a 40 MP float TIFF is 160 MB already
     try:
         return ImageOps.exif_transpose(im)
     except Exception:
@@ -512,25 +514,49 @@ def flatten_on_white(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+HIGH_DEPTH_CHUNK_ROWS_PIXELS = 1 << 20  # pixels converted per strip of rows: bounds the temporaries
+
+
 def _high_depth_gray_to_rgb(im: Image.Image) -> Image.Image:
     """Map 16-bit / 32-bit / float grayscale to 8-bit "L" by value range, not by clipping.
 
-    Pillow's own ``convert("L")`` clips values above 255, which turns a 16-bit image white.
+    Pillow's own ``convert("L")`` clips values above 255, which turns a 16-bit image white. Works in
+    strips of rows in float32, so memory is the decoded image plus one byte per pixel plus one strip
+    (not a float64 copy and its temporaries: ~34 bytes/pixel measured before, benchmarks/tiff_memory.py).
     """
-    values = np.asarray(im)  # (H, W), uint16 / int32 / float32
+    width, height = im.size
+    rows = max(1, HIGH_DEPTH_CHUNK_ROWS_PIXELS // max(width, 1))
+    strips = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+    def strip(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(im.crop((0, top, width, bottom)))  # (rows, W), uint16 / int32 / float32
+
+    gray = np.empty((height, width), dtype=np.uint8)  # (H, W)
     if im.mode.startswith("I;16"):
-        gray = (values.astype(np.uint32) + 128) // 257  # 0..65535 -> 0..255, rounded
-    else:
-        values = values.astype(np.float64)
-        finite = np.isfinite(values)
-        lo = float(values[finite].min()) if finite.any() else 0.0
-        hi = float(values[finite].max()) if finite.any() else 0.0
-        if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
-            scaled = values * 255.0  # float images in [0, 1]
-        elif lo >= 0.0 and hi <= (255.0 if im.mode == "F" else 65535.0):
-            # "I" mostly carries 16-bit PGM/TIFF samples; floats in [0, 255] are already 8-bit.
-            scaled = values if im.mode == "F" else values / 257.0
-        else:  # arbitrary range: stretch what is there
-            scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        gray = np.rint(np.where(finite, scaled, 0.0))
-    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))  # (H, W) uint8 -> "L"
+        for top, bottom in strips:
+            gray[top:bottom] = (strip(top, bottom).astype(np.uint32) + 128) // 257  # 0..65535 -> 0..255, rounded
+        return Image.fromarray(gray)
+    lo, hi = np.inf, -np.inf  # first pass: the finite value range
+    for top, bottom in strips:
+        values = strip(top, bottom)
+        finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if lo > hi:  # nothing finite
+        lo = hi = 0.0
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scale, offset = 255.0, 0.0  # float images in [0, 1]
+    elif lo >= 0.0 and hi <= (255.0 if im.mode == "F" else 65535.0):
+        # "I" mostly carries 16-bit PGM/TIFF samples; floats in [0, 255] are already 8-bit.
+        scale, offset = (1.0 if im.mode == "F" else 1.0 / 257.0), 0.0
+    else:  # arbitrary range: stretch what is there
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+    for top, bottom in strips:
+        values = strip(top, bottom).astype(np.float32)
+        values -= np.float32(offset)
+        values *= np.float32(scale)
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite -> 0, as before
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        gray[top:bottom] = values
+    return Image.fromarray(gray)  # (H, W) uint8 -> "L"

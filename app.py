@@ -52,13 +52,13 @@ from feedback_db.export import EXPORT_FORMATS, export_feedback
 from feedback_db import repository as repo
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image, strip_metadata
-from mmapp.model_store import ModelStore
+from mmapp.model_store import BRIDGE, ModelIntegrityError, ModelStore
 from mmapp.scrub import scrub_home
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
 from mmapp.towers import Towers
 from retrain import api as retrain_api
 from retrain.features import FeatureSource, TowerFeatureSource
-from retrain.promotion import adopt_store_current, promote_saved_version
+from retrain.promotion import adopt_store_current, fallback_versions, promote_saved_version, registry_sha256
 from retrain.scheduler import RetrainScheduler, start_scheduler
 from retrain.worker import WorkerSupervisor, check_runner, worker_argv
 
@@ -87,7 +87,12 @@ class ModelWatcher:
 
     ``maybe_reload()`` runs before each model request; it reads the database at most every
     ``interval_s`` seconds, and only one request at a time does the check (the others go on with
-    the model they have). A version that fails to load is logged and the old one keeps serving.
+    the model they have). Every load is verified against the sha256 the registry recorded. A version
+    that fails to load is logged and the old one keeps serving; it is tried again as soon as its files
+    or its registry row change (a fixed copy, a re-promotion), not on every request. When the current
+    version cannot be loaded (at start or later) the server serves the most recently promoted good
+    version instead, says so in the log and on the operator page (``notice``), and leaves the
+    registry as it is: the registry stays the one authority for what is current.
     """
 
     def __init__(self, predictor: Predictor, engine: Engine, *, interval_s: float = RELOAD_POLL_S,
@@ -99,12 +104,71 @@ class ModelWatcher:
         self.clock = clock
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
-        self._failed: set[str] = set()
+        self.failed: dict[str, tuple] = {}  # version -> fingerprint of its files and registry row when it failed
+        self.failure_reasons: dict[str, str] = {}
+        self.notice: str | None = None  # set while serving something other than the registry's current version
 
     def wanted_version(self) -> str | None:
         with Session(self.engine) as s, s.begin():
             row = repo.current_version(s)
             return row.version if row is not None else None
+
+    def fingerprint(self, version: str) -> tuple:
+        """What must change before a failed version is tried again: its registry sha256 and its files."""
+        folder = self.predictor.store.path(version)
+        stats = []
+        for name in ("weights.safetensors", "meta.json"):
+            try:
+                st = (folder / name).stat()
+                stats.append((st.st_size, st.st_mtime_ns, st.st_ino))
+            except OSError:
+                stats.append(None)
+        return (registry_sha256(self.engine, version), *stats)
+
+    def try_load(self, version: str) -> bool:
+        """Load ``version`` verified against the registry's sha256; False (logged once) when it fails."""
+        fingerprint = self.fingerprint(version)
+        if self.failed.get(version) == fingerprint:
+            return False  # failed before, and nothing about it changed since
+        started = time.perf_counter()
+        try:
+            if fingerprint[0] is None:
+                raise ModelIntegrityError(f"model version {version!r} is not in the registry")
+            self.predictor.load_version(version, expected_sha256=fingerprint[0])
+        except Exception as exc:
+            self.failed[version] = fingerprint
+            self.failure_reasons[version] = f"{type(exc).__name__}: {exc}"
+            log.error("could not load model version %r (%s); still serving %r", version, self.failure_reasons[version],
+                      self.predictor.version)
+            return False
+        self.failed.pop(version, None)
+        self.failure_reasons.pop(version, None)
+        log.info("now serving model version %r (sha256 verified, loaded in %.1f s)", version,
+                 time.perf_counter() - started)
+        return True
+
+    def serve_best(self) -> str | None:
+        """The registry's current version, else the most recently promoted version that loads; None if none does."""
+        wanted = self.wanted_version()
+        served = None
+        for version in dict.fromkeys(v for v in (wanted, *fallback_versions(self.engine)) if v is not None):
+            if self.try_load(version):
+                served = version
+                break
+        self._note(wanted)
+        return served
+
+    def _note(self, wanted: str | None) -> None:
+        served = self.predictor.version
+        if wanted is None or served == wanted:
+            notice = None
+        else:
+            notice = (f"serving {served!r}, not the registry's current version {wanted!r}, which failed to load "
+                      f"({self.failure_reasons.get(wanted, 'not loaded')}); fix its files (it is retried when they "
+                      f"change) or roll back")
+        if notice != self.notice and notice is not None:
+            log.warning("model fallback: %s", notice)
+        self.notice = notice
 
     def maybe_reload(self) -> None:
         if self.clock() - self._checked_at < self.interval_s or not self._lock.acquire(blocking=False):
@@ -112,18 +176,10 @@ class ModelWatcher:
         try:
             self._checked_at = self.clock()
             wanted = self.wanted_version()
-            if wanted is None or wanted == self.predictor.version or wanted in self._failed:
-                return
-            started = time.perf_counter()
-            try:
-                self.predictor.load_version(wanted)
-            except Exception:
-                self._failed.add(wanted)
-                log.exception("could not load model version %r; still serving %r", wanted, self.predictor.version)
-                return
-            log.info("now serving model version %r (loaded in %.1f s)", wanted, time.perf_counter() - started)
-            if self.on_reload is not None:
-                self.on_reload(wanted)
+            if wanted is not None and wanted != self.predictor.version and self.try_load(wanted):
+                if self.on_reload is not None:
+                    self.on_reload(wanted)
+            self._note(wanted)
         except Exception:  # a database hiccup must not fail the user's request
             log.exception("model version check failed")
         finally:
@@ -846,6 +902,8 @@ def operator_tables(services: AppServices) -> dict[str, Any]:
     data = services.read(query)
     version = (f"**Model version served:** `{predictor.version}` · registry current: "
                f"`{data['registry'] or 'none'}` · labels: {', '.join(predictor.labels) or '—'}")
+    if services.watcher.notice:  # a fallback is being served: the operator must see it
+        version += f"\n\n⚠ **Model fallback:** {services.watcher.notice}"
     return {"version": version,
             "predictions": _table(data["predictions"], PREDICTION_COLUMNS),
             "feedback": _table(data["feedback"], FEEDBACK_COLUMNS),
@@ -1112,24 +1170,41 @@ def warn_if_no_operator(config: Config) -> None:
 
 
 def build_predictor(config: Config, engine: Engine, towers: Towers) -> Predictor:
-    """The predictor serving the registry's current version; builds and promotes the bootstrap model
-    on a fresh machine (or when the registry's current version is missing from disk)."""
+    """The predictor serving the registry's current version (see :func:`build_serving`)."""
+    return build_serving(config, engine, towers)[0]
+
+
+def build_serving(config: Config, engine: Engine, towers: Towers, *,
+                  on_reload: Callable[[str], None] | None = None) -> tuple[Predictor, ModelWatcher]:
+    """The predictor and the watcher that keeps it on the registry's current version.
+
+    Builds and promotes the bootstrap model on a fresh machine (or when the registry's current version
+    is missing from disk and nothing else was ever promoted). A current version that is on disk but
+    fails its sha256 check or does not load is not served: the last good promoted version is, with a
+    warning in the log and on the operator page (the registry is not changed)."""
     from mmapp.pipeline import bank_from_items, build_bootstrap
 
     store = ModelStore(config.paths.models)
     version = adopt_store_current(engine, store)  # an install from before the registry keeps its version
-    if version is not None and not store.exists(version):
+    predictor = Predictor.from_config(config, version=BRIDGE, towers=towers, caption_bank=bank_from_items(config))
+    watcher = ModelWatcher(predictor, engine, on_reload=on_reload)
+    if version is not None and watcher.serve_best() is not None:
+        predictor.add_to_caption_bank(accepted_caption_corrections(engine))
+        return predictor, watcher
+    if version is not None and store.exists(version):
+        log.error("no model version could be loaded (%s); serving the zero-training bridge", watcher.failure_reasons)
+        return predictor, watcher
+    if version is not None:
         log.warning("model version %r is current but missing from %s; building the bootstrap model", version,
                     store.root)
-        version = None
-    if version is None:
-        print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
-        if not store.exists("bootstrap"):
-            build_bootstrap(config, towers, version="bootstrap", progress=True)
-        version = promote_saved_version(config, "bootstrap", reason="first start", engine=engine)
-    predictor = Predictor.from_config(config, version=version, towers=towers, caption_bank=bank_from_items(config))
+    print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
+    if not store.exists("bootstrap"):
+        build_bootstrap(config, towers, version="bootstrap", progress=True)
+    promote_saved_version(config, "bootstrap", reason="first start", engine=engine)
+    watcher.failed.clear()
+    watcher.serve_best()
     predictor.add_to_caption_bank(accepted_caption_corrections(engine))
-    return predictor
+    return predictor, watcher
 
 
 def stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -1161,10 +1236,11 @@ def main(argv: list[str] | None = None) -> int:
     scrub_home(config)  # ... and in manifests / meta.json files under the home
     blobstore = BlobStore(config.paths.uploads)
     towers = Towers.from_config(config)
-    predictor = build_predictor(config, engine, towers)
 
     def on_reload(version: str) -> None:
         predictor.add_to_caption_bank(accepted_caption_corrections(engine))
+
+    predictor, watcher = build_serving(config, engine, towers, on_reload=on_reload)
 
     retrain_features = functools.partial(TowerFeatureSource, towers, config)  # the towers already loaded
     scheduler, worker = None, None
@@ -1175,7 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         demo = build_app(config, predictor, engine, blobstore, scheduler=scheduler, retrain_features=retrain_features,
-                         watcher=ModelWatcher(predictor, engine, on_reload=on_reload))
+                         watcher=watcher)
         print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
               f"retrain schedule {config.retrain.cron!r} run by "
               + (f"the retrain worker (pid {worker.proc.pid})" if worker else "this process"), flush=True)

@@ -11,6 +11,7 @@ that tools without a database (``python -m mmapp caption``) serve the same versi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save_file
 
 from mmapp.encoders.base import file_sha256
 from mmapp.fusion import FusionConfig, create_fusion_head
@@ -139,6 +140,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+class ModelIntegrityError(ValueError):
+    """A saved version whose weights are not the bytes the registry recorded."""
+
+
 class ModelStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -190,14 +195,22 @@ class ModelStore:
             raise
         return target
 
-    def load(self, version: str) -> ModelVersion:
+    def load(self, version: str, *, expected_sha256: str | None = None) -> ModelVersion:
+        """Load ``version``; with ``expected_sha256`` (the registry's) the bytes read are checked against it
+        before any tensor is built, and a mismatch raises :class:`ModelIntegrityError`."""
         folder = self.path(version)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"model version {version!r} not found under {self.root} "
                                     f"(have: {self.list_versions() or 'none'})")
         meta = read_meta(folder)
-        tensors = load_file(str(folder / "weights.safetensors"))
+        raw = (folder / "weights.safetensors").read_bytes()  # hashed and parsed from the same bytes: no swap between
+        if expected_sha256 is not None:
+            actual = hashlib.sha256(raw).hexdigest()
+            if actual != expected_sha256:
+                raise ModelIntegrityError(f"model version {version!r}: weights sha256 {actual[:12]}… does not match "
+                                          f"the registry's {expected_sha256[:12]}… (corrupt or replaced file)")
+        tensors = load_tensors(raw)
         space = JointSpace.from_state({k[len("space."):]: v for k, v in tensors.items() if k.startswith("space.")},
                                       meta.space)
         head, fcfg = None, None

@@ -96,12 +96,13 @@ class Predictor:
     def space(self) -> JointSpace:
         return self._model.space if self._model else self.towers.bridge_space()
 
-    def load_version(self, version: str) -> None:
-        """Load ``version`` (or the bridge) and project the caption bank into its space; atomic for readers."""
+    def load_version(self, version: str, *, expected_sha256: str | None = None) -> None:
+        """Load ``version`` (or the bridge) and project the caption bank into its space; atomic for readers.
+        ``expected_sha256``: the registry's hash of the weights, verified before anything is swapped in."""
         if version == BRIDGE:
             model = ModelVersion(BRIDGE, self.towers.bridge_space(), None, None, VersionMeta())
         else:
-            model = self.store.load(version)
+            model = self.store.load(version, expected_sha256=expected_sha256)
             identity = model.meta.encoders
             if identity and identity != self.embedder.identity:
                 raise ValueError(f"model version {version!r} was trained on encoders {identity}, "

@@ -38,6 +38,27 @@ def current_version_name(engine: Engine) -> Optional[str]:
     return retry_on_busy(read)
 
 
+def registry_sha256(engine: Engine, version: str) -> Optional[str]:
+    """The weights sha256 the registry recorded for ``version`` (None: not registered)."""
+    def read() -> Optional[str]:
+        with Session(engine) as s, s.begin():
+            row = repo.get_version(s, version)
+            return row.sha256 if row is not None else None
+    return retry_on_busy(read)
+
+
+def fallback_versions(engine: Engine) -> list[str]:
+    """Versions a server may serve when the current one cannot be loaded: promoted once, not rejected,
+    not current; most recently promoted first. Reading this changes nothing: the registry's current
+    version stays what it is (an operator rolls back to make a fallback current)."""
+    def read() -> list[str]:
+        with Session(engine) as s, s.begin():
+            rows = [v for v in repo.list_versions(s) if v.promoted_at is not None and not v.is_current
+                    and v.status != "rejected"]
+            return [v.version for v in sorted(rows, key=lambda v: v.promoted_at, reverse=True)]
+    return retry_on_busy(read)
+
+
 def sync_pointer(engine: Engine, store: ModelStore) -> Optional[str]:
     """Point ``current.json`` at the registry's current version (after a failed promotion)."""
     name = current_version_name(engine)

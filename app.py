@@ -46,10 +46,13 @@ from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from starlette.middleware import Middleware
+
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_busy
 from feedback_db.export import EXPORT_FORMATS, export_feedback
 from feedback_db import repository as repo
+from guard import ClientGuard, ClientLimitMiddleware, free_bytes
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image, strip_metadata
 from mmapp.model_store import BRIDGE, ModelIntegrityError, ModelStore
@@ -59,6 +62,7 @@ from mmapp.towers import Towers
 from retrain import api as retrain_api
 from retrain.features import FeatureSource, TowerFeatureSource
 from retrain.promotion import adopt_store_current, fallback_versions, promote_saved_version, registry_sha256
+from retrain.housekeeping import expire_exports, run_housekeeping
 from retrain.scheduler import RetrainScheduler, start_scheduler
 from retrain.worker import WorkerSupervisor, check_runner, worker_argv
 
@@ -206,16 +210,22 @@ class AppServices:
     exports_dir: Path
     scheduler: RetrainScheduler | None = None  # this process' retrain scheduler; None in tests
     retrain_features: Callable[[], FeatureSource] | None = None  # None: the predictor's own towers
+    guard: ClientGuard | None = None  # per-client limits and the disk watermark; None: from config
     limits: ImageLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = image_limits(self.config)
+        if self.guard is None:
+            self.guard = ClientGuard.from_config(self.config)
         self.read_engine = read_only_engine(self.engine)
         if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
             self.retrain_features = functools.partial(TowerFeatureSource, self.predictor.towers, self.config)
 
     # -- inputs --
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
+        refusal = self.guard.disk.refusal()  # below the watermark: no new image is stored, feedback still is
+        if refusal is not None:
+            raise UserInputError(refusal)
         name = Path(path).name
         try:
             return load_image(Path(path), limits=self.limits, name=name, strip_metadata=True)
@@ -532,16 +542,21 @@ CSS = """
 
 def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: BlobStore, *,
               watcher: ModelWatcher | None = None, scheduler: RetrainScheduler | None = None,
-              retrain_features: Callable[[], FeatureSource] | None = None) -> gr.Blocks:
+              retrain_features: Callable[[], FeatureSource] | None = None,
+              free_space: Callable[[Path], int] | None = None) -> gr.Blocks:
     """The whole page, wired to the injected services; call ``.launch(**launch_options(config))`` on it.
 
     ``scheduler``: the process' retrain scheduler (its next run is shown on the operator page);
-    ``retrain_features``: where an operator-triggered retrain gets features (default: ``predictor``'s towers).
+    ``retrain_features``: where an operator-triggered retrain gets features (default: ``predictor``'s towers);
+    ``free_space``: bytes free under a path, for the disk watermark (default: the file system's; tests simulate it).
+    The returned Blocks carries ``client_guard``: pass it to :func:`launch_options` so the HTTP limits and the
+    handlers share one watermark and one set of buckets.
     """
     exports_dir = config.paths.exports
     services = AppServices(config=config, predictor=predictor, engine=engine, blobstore=blobstore,
                            watcher=watcher or ModelWatcher(predictor, engine), exports_dir=exports_dir,
-                           scheduler=scheduler, retrain_features=retrain_features)
+                           scheduler=scheduler, retrain_features=retrain_features,
+                           guard=ClientGuard.from_config(config, free_space=free_space or free_bytes))
     with gr.Blocks(title="mmapp", analytics_enabled=False, delete_cache=(60, 180)) as demo:
         session = gr.State(new_session)
         gr.Markdown(HEADER)
@@ -552,7 +567,8 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
                 build_meme_tab(services, session)
             with gr.Tab("Operator", id="operator"):
                 build_operator_tab(services, session)
-    demo.queue(default_concurrency_limit=config.app.concurrency_limit)
+    demo.queue(default_concurrency_limit=config.app.concurrency_limit, max_size=config.app.queue_max_size)
+    demo.client_guard = services.guard
     return demo
 
 
@@ -938,7 +954,9 @@ def operator_export(services: AppServices, fmt: str, session_data: dict) -> dict
     require_operator(session_data)
     if fmt not in EXPORT_FORMATS:
         raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
-    # A random folder per export: the exports dir is servable, so a path must not be guessable.
+    # A random folder per export: the exports dir is servable, so a path must not be guessable; and
+    # every export holds all data and images, so links expire (app.export_ttl_s; also the scheduler's job).
+    expire_exports(services.exports_dir, services.config.app.export_ttl_s)
     out_dir = services.exports_dir / secrets.token_urlsafe(16)
     strip = functools.partial(strip_metadata, limits=services.limits)  # blobs stored before stripping, too
     folder = services.read(lambda s: export_feedback(s, out_dir, fmt, services.blobstore, image_filter=strip))
@@ -1072,11 +1090,13 @@ def retrain_report(services: AppServices, version: str | None, session_data: dic
         return {"report_file": gr.update(value=None, visible=False), "report_link": ""}
     entry = services.report(version.strip())
     # Served from a random folder: report paths (reports/<version>/) are guessable, and a report
-    # quotes users' corrections, so only a logged-in operator gets a link to one.
+    # quotes users' corrections, so only a logged-in operator gets a link to one; it expires (app.export_ttl_s).
+    expire_exports(services.exports_dir, services.config.app.export_ttl_s)
     shared = services.exports_dir / secrets.token_urlsafe(16)
     shared.mkdir(parents=True)
     html = shutil.copy2(entry["html"], shared / f"report-{entry['version']}.html")
-    link = f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))})"
+    link = (f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))}) "
+            f"(the link expires in {services.config.app.export_ttl_s / 60:.0f} min)")
     return {"report_file": gr.update(value=str(html), visible=True), "report_link": link}
 
 
@@ -1147,8 +1167,10 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
 
 # ---- launch ---------------------------------------------------------------------------------------
 
-def launch_options(config: Config) -> dict[str, Any]:
-    """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares."""
+def launch_options(config: Config, *, guard: ClientGuard | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares; ``guard``: the
+    page's ``demo.client_guard`` (per-client HTTP limits and the disk watermark; default: from config)."""
+    guard = guard or ClientGuard.from_config(config)
     exports_dir = config.paths.exports  # export_feedback creates it on first use
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
@@ -1156,7 +1178,8 @@ def launch_options(config: Config) -> dict[str, Any]:
             "max_file_size": config.app.max_upload_mb * 2**20,
             "allowed_paths": [str(exports_dir)],
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
-            "show_error": False}
+            "show_error": False,
+            "app_kwargs": {"middleware": [Middleware(ClientLimitMiddleware, guard=guard)]}}
 
 
 def warn_if_no_operator(config: Config) -> None:
@@ -1244,10 +1267,11 @@ def main(argv: list[str] | None = None) -> int:
 
     retrain_features = functools.partial(TowerFeatureSource, towers, config)  # the towers already loaded
     scheduler, worker = None, None
-    if check_runner(config) == "worker":  # training happens in a child process, never in this one
+    if check_runner(config) == "worker":  # training (and housekeeping) happen in a child process, never in this one
         worker = WorkerSupervisor(worker_argv(config.profile), engine).start()
     else:
-        scheduler = start_scheduler(config, engine, features_factory=retrain_features)
+        scheduler = start_scheduler(config, engine, features_factory=retrain_features,
+                                    housekeeping=functools.partial(run_housekeeping, config, engine, blobstore))
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         demo = build_app(config, predictor, engine, blobstore, scheduler=scheduler, retrain_features=retrain_features,
@@ -1255,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
               f"retrain schedule {config.retrain.cron!r} run by "
               + (f"the retrain worker (pid {worker.proc.pid})" if worker else "this process"), flush=True)
-        demo.launch(**launch_options(config))
+        demo.launch(**launch_options(config, guard=demo.client_guard))
     finally:  # hands the scheduler lease on at once instead of after its TTL; stops the worker
         if scheduler is not None:
             scheduler.shutdown()

@@ -313,6 +313,19 @@ def record_correction(
     return correction
 
 
+# --- retention -----------------------------------------------------------------------------------
+
+
+def unrated_uploads(s: Session, *, before: datetime) -> list[tuple[str, str]]:
+    """``(sha256, relpath)`` of uploads stored before ``before`` that no prediction of theirs got a rating
+    or a correction for: what the retention job may delete the image file of (the rows stay)."""
+    _check_aware("before", before)
+    rated = select(Prediction.image_sha256).where(
+        or_(Prediction.id.in_(select(Rating.prediction_id)), Prediction.id.in_(select(Correction.prediction_id))))
+    query = select(Upload.sha256, Upload.relpath).where(Upload.created_at < before, Upload.sha256.not_in(rated))
+    return [(sha, relpath) for sha, relpath in s.execute(query.order_by(Upload.created_at))]
+
+
 # --- queries for the operator tables ----------------------------------------------------------
 
 

@@ -87,6 +87,17 @@ class AppConfig:
     operator_user: str = ""
     operator_password: str = ""
     concurrency_limit: int = 2  # model events run at most this many at once
+    # -- abuse limits (docs/security.md); per client = per keyed hash of its address, in memory only --
+    queue_max_size: int = 128  # events waiting in Gradio's queue beyond this are refused ("queue is full")
+    uploads_per_minute: float = 30.0  # per client, token bucket refill rate for POST /gradio_api/upload
+    upload_burst: int = 60  # per client, uploads allowed at once before the rate applies
+    uploads_per_day: int = 2000  # per client, rolling 24 h quota of uploads
+    events_per_minute: float = 600.0  # per client, API calls (queue joins, /run, /call)
+    event_burst: int = 120
+    trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For is believed only from these addresses
+    min_free_disk_mb: int = 1024  # below this free space (home or upload temp) uploads are refused; ratings go on
+    export_ttl_s: float = 3600.0  # export zips and report links expire (deleted) this long after creation
+    unrated_upload_retention_days: float = 30.0  # image files of uploads nobody rated or corrected are deleted after
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ class SchedulerConfig:
     timezone: str = ""  # for retrain.cron; "" = the server's local time
     lease_ttl_s: float = 60.0  # a dead scheduler leader is replaced after this
     heartbeat_s: float = 20.0  # how often every process tries to take or renew the leader lease
+    housekeeping_s: float = 600.0  # every process: expire exports, delete unrated uploads past retention
 
 
 @dataclass(frozen=True)

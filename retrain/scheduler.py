@@ -9,6 +9,7 @@ the latest missed slot, however many were missed. A first start with no history 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 
+from retrain.housekeeping import run_housekeeping
 from retrain.job import RunOutcome, drive, new_owner, run_retrain, start_run
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,10 @@ def latest_slot(trigger: CronTrigger, now: datetime) -> Optional[datetime]:
 class RetrainScheduler:
     """One process' scheduler; only the lease holder fires. Use :func:`start_scheduler`."""
 
-    def __init__(self, config, engine: Engine, run_fn: RunFn, *, owner: Optional[str] = None):
+    def __init__(self, config, engine: Engine, run_fn: RunFn, *, owner: Optional[str] = None,
+                 housekeeping: Optional[Callable[[], Any]] = None):
         self.config, self.engine, self.run_fn, self.settings = config, engine, run_fn, config.scheduler
+        self.housekeeping = housekeeping  # retention jobs (retrain.housekeeping.run_housekeeping)
         self.owner = owner or new_owner()
         self.trigger = cron_trigger(config.retrain.cron, self.settings.timezone or None)
         self.is_leader = False
@@ -89,6 +93,9 @@ class RetrainScheduler:
                     next_run_time=datetime.now(timezone.utc), max_instances=1, coalesce=True)
         # Missed slots are handled by catch_up (once, from the database), not by APScheduler's misfire logic.
         aps.add_job(self.fire, self.trigger, id="retrain", max_instances=1, coalesce=True, misfire_grace_time=30)
+        if self.housekeeping is not None:  # every process, leader or not: exports and uploads are local files
+            aps.add_job(self._housekeep, IntervalTrigger(seconds=self.settings.housekeeping_s), id="housekeeping",
+                        max_instances=1, coalesce=True)
         aps.start()
         self._aps = aps
         return self
@@ -113,6 +120,12 @@ class RetrainScheduler:
         return job.next_run_time if job is not None else self.trigger.get_next_fire_time(None, datetime.now(timezone.utc))
 
     # --- jobs -----------------------------------------------------------------------------
+    def _housekeep(self) -> None:
+        try:
+            self.housekeeping()
+        except Exception:  # the next interval tries again
+            log.exception("housekeeping failed")
+
     def heartbeat(self, now: Optional[datetime] = None) -> bool:
         """Take or renew the leader lease; a process that just became leader catches up."""
         def take() -> bool:
@@ -176,7 +189,7 @@ class RetrainScheduler:
 
 
 def start_scheduler(config, engine: Engine, run_fn: Optional[RunFn] = None, *,
-                    features_factory=None) -> RetrainScheduler:
+                    features_factory=None, housekeeping: Optional[Callable[[], Any]] = None) -> RetrainScheduler:
     """Start this process' scheduler (for ``app.py``); call ``.shutdown()`` on exit.
 
     ``run_fn(trigger)`` runs a retrain; by default :func:`retrain.job.run_retrain` with a feature
@@ -185,7 +198,9 @@ def start_scheduler(config, engine: Engine, run_fn: Optional[RunFn] = None, *,
         def run_fn(trigger: str) -> RunOutcome:
             features = features_factory() if features_factory is not None else None
             return run_retrain(config, engine, trigger=trigger, features=features)
-    return RetrainScheduler(config, engine, run_fn).start()
+    if housekeeping is None:
+        housekeeping = functools.partial(run_housekeeping, config, engine)
+    return RetrainScheduler(config, engine, run_fn, housekeeping=housekeeping).start()
 
 
 def trigger_now(config, engine: Engine, *, trigger: str = "operator", features=None, features_factory=None,

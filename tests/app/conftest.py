@@ -128,7 +128,7 @@ def start_app(home: Path, predictor, *, build_options: dict | None = None, **app
     blobstore = BlobStore(home / "uploads")
     watcher = webapp.ModelWatcher(predictor, engine, interval_s=0.2)
     demo = webapp.build_app(config, predictor, engine, blobstore, watcher=watcher, **(build_options or {}))
-    demo.launch(**{**webapp.launch_options(config), "prevent_thread_lock": True, "quiet": True})
+    demo.launch(**{**webapp.launch_options(config, guard=demo.client_guard), "prevent_thread_lock": True, "quiet": True})
     return RunningApp(demo.local_url, demo, engine, config, home, blobstore)
 
 

@@ -1095,8 +1095,8 @@ def retrain_report(services: AppServices, version: str | None, session_data: dic
     shared = services.exports_dir / secrets.token_urlsafe(16)
     shared.mkdir(parents=True)
     html = shutil.copy2(entry["html"], shared / f"report-{entry['version']}.html")
-    link = (f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))}) "
-            f"(the link expires in {services.config.app.export_ttl_s / 60:.0f} min)")
+    link = (f"Valid for {services.config.app.export_ttl_s / 60:.0f} min: "
+            f"[Open the report of `{entry['version']}` in a new tab](gradio_api/file={quote(str(html))})")
     return {"report_file": gr.update(value=str(html), visible=True), "report_link": link}
 
 

@@ -339,7 +339,7 @@ def test_model_is_hot_swapped_when_the_registry_promotes_a_version(running_app, 
     other = build_tiny_model(predictor, store, "test-tiny-v2", seed=1)
     with Session(running_app.engine) as s, s.begin():
         for version in (TEST_VERSION, other):
-            repo.register_version(s, version=version, path=str(store.path(version)), sha256=f"{len(version):064x}")
+            repo.register_version(s, version=version, path=str(store.path(version)), sha256=store.weights_sha256(version))
         repo.promote(s, other)
     client = running_app.client()
     try:

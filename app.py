@@ -233,7 +233,11 @@ class AppServices:
             raise UserInputError(str(exc)) from exc
 
     def decode_stored(self, relpath: str) -> DecodedImage:
-        return load_image(self.blobstore.path(relpath), limits=self.limits, name=relpath)
+        path = self.blobstore.path(relpath)
+        if not path.is_file():  # retention deleted an image nobody rated (app.unrated_upload_retention_days)
+            raise UserInputError("This image is no longer stored (images nobody rated are deleted after "
+                                 f"{self.config.app.unrated_upload_retention_days:g} days). Please upload it again.")
+        return load_image(path, limits=self.limits, name=relpath)
 
     def check_text(self, text: str | None, what: str) -> str:
         text = text or ""

@@ -246,3 +246,13 @@ def test_export_links_expire(running_app):
     client.predict("jsonl", api_name="/operator_export")  # any new link sweeps expired ones (so does the scheduler)
     assert not folder.exists() and len(list(exports.iterdir())) >= 1
     assert httpx.get(link).status_code in (403, 404)
+
+
+def test_a_result_whose_image_retention_deleted_asks_for_a_new_upload(running_app, meme_path):
+    client = running_app.client()
+    details = client.predict(handle_file(str(meme_path)), True, True, "", api_name="/analyze_meme")[5]
+    with Session(running_app.engine) as s:
+        relpath = s.get(Upload, s.get(Prediction, details["prediction_id"]).image_sha256).relpath
+    running_app.blobstore.path(relpath).unlink()  # what purge_unrated_uploads does after the retention time
+    with pytest.raises(AppError, match="no longer stored"):
+        client.predict("edited text", True, True, "", api_name="/reanalyze_meme")

@@ -45,7 +45,6 @@ import pandas as pd
 from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-
 from starlette.middleware import Middleware
 
 from feedback_db.blobstore import BlobStore
@@ -56,13 +55,13 @@ from guard import ClientGuard, ClientLimitMiddleware, free_bytes
 from mmapp.config import Config, load_config
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image, strip_metadata
 from mmapp.model_store import BRIDGE, ModelIntegrityError, ModelStore
-from mmapp.scrub import scrub_home
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
+from mmapp.scrub import scrub_home
 from mmapp.towers import Towers
 from retrain import api as retrain_api
 from retrain.features import FeatureSource, TowerFeatureSource
-from retrain.promotion import adopt_store_current, fallback_versions, promote_saved_version, registry_sha256
 from retrain.housekeeping import expire_exports, run_housekeeping
+from retrain.promotion import adopt_store_current, fallback_versions, promote_saved_version, registry_sha256
 from retrain.scheduler import RetrainScheduler, start_scheduler
 from retrain.worker import WorkerSupervisor, check_runner, worker_argv
 

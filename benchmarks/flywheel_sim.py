@@ -171,7 +171,10 @@ class AppFeedback:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        app_config = dataclasses.replace(config, app=dataclasses.replace(config.app, port=port))
+        # every simulated user comes from 127.0.0.1: lift the per-client limits (docs/security.md)
+        app_config = dataclasses.replace(config, app=dataclasses.replace(
+            config.app, port=port, uploads_per_minute=1e6, upload_burst=10**6, uploads_per_day=0,
+            events_per_minute=1e6, event_burst=10**6))
         watcher = webapp.ModelWatcher(predictor, engine, interval_s=1.0)
         self.demo = webapp.build_app(app_config, predictor, engine, BlobStore(home / "uploads"), watcher=watcher)
         self.demo.launch(**{**webapp.launch_options(app_config), "prevent_thread_lock": True, "quiet": True})

@@ -1,9 +1,9 @@
-"""guard.py: token buckets per keyed client hash, daily quota, trusted proxies, eviction, the watermark."""
+"""app.py per-client limits: token buckets per keyed client hash, daily quota, trusted proxies, eviction, the watermark."""
 from __future__ import annotations
 
 import pytest
 
-from guard import EVENTS, UPLOADS, Budget, ClientLimiter, DiskGuard, request_kind
+from app import EVENTS, UPLOADS, Budget, ClientLimiter, DiskGuard, request_kind
 
 
 class Clock:

@@ -252,8 +252,11 @@ def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap
 
 
 def bank_from_items(config: Config) -> list[tuple[str, str]]:
-    """The bootstrap corpus captions as caption-bank entries."""
+    """The bootstrap corpus as caption-bank entries: titles made into captions a person reads
+    (mmapp.captioning.bank_captions); the training captions, with their keyword tags, stay as they are."""
+    from mmapp.captioning import bank_captions
+
     try:
-        return [(d["caption"], "bank") for d in load_items(config)]
+        return bank_captions(load_items(config))
     except FileNotFoundError:
         return []

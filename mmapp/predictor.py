@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from mmapp.cache import text_key
+from mmapp.captioning import CaptionPolicy, compose_caption, picture_halves, template_caption
 from mmapp.config import Config
 from mmapp.embedder import Embedder
 from mmapp.encoders.image import imagenet_class_names
@@ -34,7 +35,7 @@ class CaptionResult:
     alternatives: list[tuple[str, float]]  # (caption, confidence) for the next candidates
     confidence: float  # calibrated probability mass of the top caption among the candidates
     low_confidence: bool  # True when the match is weak: the UI must say so
-    source: str  # where the top caption came from: "bank" | "correction" | "imagenet"
+    source: str  # where the top caption came from: "bank" | "correction" | "imagenet" | "composed" (two concepts) | "ocr"
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     embedding_ref: str = ""
@@ -57,6 +58,9 @@ class MemeResult:
 
 
 class Predictor:
+    caption_policy: CaptionPolicy = CaptionPolicy()  # wording knobs (mmapp.captioning), chosen on the guard photos
+    compose_captions: bool = True  # False: serve the top bank entry as is (the old behaviour, for benchmarks)
+
     def __init__(self, *, towers: Towers, store: ModelStore, caption_bank: Sequence[tuple[str, str]] = (),
                  confidence_floor: float = 0.1):
         self.towers = towers
@@ -148,7 +152,7 @@ class Predictor:
                 seen[text] = source
         if self.towers.class_text() is not None:
             for name in imagenet_class_names():
-                seen.setdefault(LABEL_TEMPLATES[0].format(name), "imagenet")
+                seen.setdefault(template_caption(name), "imagenet")
         self._bank_texts = list(seen)
         self._bank_sources = list(seen.values())
         self._bank_raw = self.embedder.texts(self._bank_texts) if self._bank_texts else None
@@ -178,14 +182,46 @@ class Predictor:
         # split the mass of one right answer, while an image matching nothing spreads it thin.
         agree = (bank_raw @ bank_raw[idx[0]]) >= AGREE_COS  # (N_bank,)
         confidence = float(probs[agree].sum().clamp(max=1.0))
+        caption, source = texts[idx[0]], sources[idx[0]]
+        alternatives = [(texts[i], float(probs[i])) for i in idx[1:]]
+        low_confidence = confidence < self.confidence_floor
         timings["rank"] = (time.perf_counter() - t1) * 1e3
+        if self.compose_captions and feats.class_probs is not None:
+            t2 = time.perf_counter()
+            words = self._compose(scores, probs, texts, sources, feats.class_probs[0], image, confidence)
+            caption, source = words.caption, words.source
+            # The wording's next concept first, then the served ranking (users' corrections among it).
+            ranked = (words.alternatives[:1] + [(texts[i], float(probs[i])) for i in idx if sources[i] != "imagenet"]
+                      + words.alternatives[1:])
+            alternatives = []
+            for text, conf in ranked:
+                if text != caption and text not in dict(alternatives):
+                    alternatives.append((text, conf))
+            alternatives = alternatives[:k - 1]
+            confidence = words.confidence if words.source in ("imagenet", "composed", "ocr") else confidence
+            low_confidence = words.hedged or confidence < self.confidence_floor
+            timings["compose"] = (time.perf_counter() - t2) * 1e3  # halves of the picture; OCR for pictures of text
         return CaptionResult(
-            caption=texts[idx[0]],
-            alternatives=[(texts[i], float(probs[i])) for i in idx[1:]],
-            confidence=confidence, low_confidence=confidence < self.confidence_floor,
-            source=sources[idx[0]], model_version=model.version, timings_ms=timings,
+            caption=caption, alternatives=alternatives, confidence=confidence, low_confidence=low_confidence,
+            source=source, model_version=model.version, timings_ms=timings,
             embedding_ref=self.embedder.cache.ref(self.embedder.image_encoder.identity, image.sha256)
             if self.embedder.cache else "")
+
+    def _compose(self, scores, probs, texts, sources, class_probs, image: DecodedImage, bank_confidence: float):
+        """The served wording (mmapp.captioning): ImageNet concepts, or the bank when it leads clearly."""
+        is_template = torch.tensor([s == "imagenet" for s in sources])
+        bank_best = imagenet_best = None
+        if bool((~is_template).any()):
+            i = int(scores.masked_fill(is_template, -float("inf")).argmax())
+            bank_best = (texts[i], sources[i], float(scores[i]))
+        if bool(is_template.any()):
+            imagenet_best = float(scores.masked_fill(~is_template, -float("inf")).max())
+        return compose_caption(class_probs.numpy(), image.image, bank_best=bank_best,
+                               imagenet_best_score=imagenet_best, policy=self.caption_policy,
+                               bank_confidence=bank_confidence, served_confidence_low=bank_confidence < self.confidence_floor,
+                               read_text=lambda: self.read_text(image),
+                               part_probs=lambda: self.embedder.image_encoder.encode(
+                                   picture_halves(image.image)).class_probs.numpy())
 
     def read_text(self, image: DecodedImage) -> str:
         """OCR text (cached by image content; see :meth:`Towers.read_text`)."""

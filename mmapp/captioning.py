@@ -18,12 +18,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
-# The hand-captioned photos used for choices (the guard set). Moving them means editing this line only.
-GUARD_PHOTOS_TSV = Path(__file__).resolve().parent.parent / "tests" / "data" / "photos" / "captions.tsv"
-# Held-out photos captioned before any output was seen: reported, never used for choices.
-REPORT_PHOTOS_TSV = _ASSETS / "photos_report" / "captions.tsv"
-HYPERNYMS_JSON = _ASSETS / "imagenet_hypernyms.json"  # written by tools/imagenet_hypernyms.py
+from mmapp.config import ASSETS_DIR, DataConfig
+
+_ASSETS = ASSETS_DIR
+# The hand-captioned photos used for choices (the guard set) and the held-out ones captioned before any
+# output was seen (reported, never used for choices): the config's defaults (data.guard_photos / report_photos).
+GUARD_PHOTOS_TSV = DataConfig().guard_photos
+REPORT_PHOTOS_TSV = DataConfig().report_photos
+HYPERNYMS_JSON = _ASSETS / "imagenet_hypernyms.json"  # written by python -m mmapp.data.imagenet_hypernyms
 
 # Fields of the Open Clip Art catalogue that must never reach a caption a person reads.
 CATALOGUE_MARKERS = re.compile(r"\b(?:tags|keywords|category|categories|title|description)\s*:", re.I)

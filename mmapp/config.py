@@ -75,6 +75,8 @@ class DataConfig:
     # Hand-captioned real photos (image<TAB>caption) that every choice of score mix must not make
     # worse than the zero-training bridge. Shipped with the app; a missing file is an error.
     guard_photos: Path = ASSETS_DIR / "photos" / "captions.tsv"
+    # Hand-captioned real photos no choice ever sees (caption wording, score mix, gates): reported only.
+    report_photos: Path = ASSETS_DIR / "photos_report" / "captions.tsv"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ hypernym chain above it (first hypernym at each step), from Debian's ``wordnet-b
 
 Run once when the class list or WordNet changes (the JSON is committed; nothing reads WordNet at
 run time): ``apt-get download wordnet-base && dpkg -x wordnet-base_*.deb wn &&
-python tools/imagenet_hypernyms.py wn/usr/share/wordnet/data.noun``.
+python -m mmapp.data.imagenet_hypernyms wn/usr/share/wordnet/data.noun``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import importlib
 import json
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "mmapp" / "assets" / "imagenet_hypernyms.json"
+OUT = Path(__file__).resolve().parent.parent / "assets" / "imagenet_hypernyms.json"
 
 
 def read_data_noun(path: Path) -> dict[str, tuple[list[str], list[str]]]:

@@ -167,7 +167,7 @@ def main() -> None:
     old = None
     if not args.sweep:  # the served model with the bank it had before: training captions shown as they are
         raw_bank = [(d["caption"], "bank") for d in load_items(config)]
-        old = Predictor.from_config(config, version=args.version, caption_bank=raw_bank)
+        old = Predictor.from_config(config, version=args.version, towers=predictor.towers, caption_bank=raw_bank)
     opts = EncoderOptions(placement=resolve_placement("cpu"), cache_dir=config.storage.home / "weights")
     judge_encoder = create_encoder(JUDGE, opts, kind="text")
     judge = Judge(judge_encoder.encode)

@@ -13,7 +13,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np

@@ -71,10 +71,10 @@ def test_bank_captions_never_carry_catalogue_fields():
 @pytest.mark.corpus
 def test_the_whole_openclipart_bank_is_clean():
     from mmapp.config import load_config
-    from mmapp.pipeline import bank_from_items, dataset_dir
+    from mmapp.pipeline import bank_from_items
 
     config = load_config()
-    if not (dataset_dir(config) / "items.jsonl").is_file():
+    if not (config.paths.dataset() / "items.jsonl").is_file():
         pytest.skip("no imported Open Clip Art corpus")
     bank = bank_from_items(config)
     assert len(bank) > 500

@@ -187,7 +187,9 @@ def serve(args) -> None:
     app_engine = make_engine(config.storage.resolved_database_url)  # read for the current model version only
     init_db(app_engine)
     started = time.perf_counter()
-    predictor = webapp.build_predictor(config, app_engine)
+    from mmapp.towers import Towers
+
+    predictor = webapp.build_predictor(config, app_engine, Towers.from_config(config))
     print(f"predictor ready in {time.perf_counter() - started:.1f} s (model {predictor.version!r})", flush=True)
     engine = make_engine(f"sqlite:///{scratch / 'bench.db'}")
     init_db(engine)

@@ -193,8 +193,9 @@ class Predictor:
             # The wording's next concept first, then the served ranking (users' corrections among it).
             ranked = (words.alternatives[:1] + [(texts[i], float(probs[i])) for i in idx if sources[i] != "imagenet"]
                       + words.alternatives[1:])
+            backfill = [(texts[i], float(probs[i])) for i in probs.topk(min(len(texts), 4 * k)).indices.tolist()]
             alternatives = []
-            for text, conf in ranked:
+            for text, conf in ranked + backfill:  # the served ranking fills what the wording did not offer
                 if text != caption and text not in dict(alternatives):
                     alternatives.append((text, conf))
             alternatives = alternatives[:k - 1]

@@ -48,6 +48,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.middleware import Middleware
 
+from feedback_db.accounts import Accounts, AuthPolicy, Identity
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_busy
 from feedback_db.export import EXPORT_FORMATS, export_feedback
@@ -77,6 +78,8 @@ PREVIEW_SIDE = 640  # longest side of the image shown back to the user
 EXPORT_LABELS = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSONL", "hf": "Hugging Face datasets"}
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,96}")
+SESSION_COOKIE = "mmapp_session"  # the server-issued login token (HttpOnly, SameSite=Strict); never in gr.State
+ROLE_NAMES = {"operator": "operator", "trusted": "trusted annotator", "rater": "rater"}
 
 
 # ---- per-client limits and the free-disk watermark -----------------------------------------------
@@ -384,14 +387,31 @@ class AppServices:
     retrain_features: Callable[[], FeatureSource] | None = None  # None: the predictor's own towers
     guard: ClientGuard | None = None  # per-client limits and the disk watermark; None: from config
     limits: ImageLimits = field(init=False)
+    accounts: Accounts = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = image_limits(self.config)
         if self.guard is None:
             self.guard = ClientGuard.from_config(self.config)
         self.read_engine = read_only_engine(self.engine)
+        self.accounts = Accounts(self.engine, auth_policy(self.config))
+        if operator_credentials_configured(self.config):  # MMAPP_OPERATOR_USER/PASSWORD stay the way in
+            self.accounts.ensure_operator(self.config.app.operator_user, self.config.app.operator_password)
         if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
             self.retrain_features = functools.partial(TowerFeatureSource, self.predictor.towers, self.config)
+
+    # -- who is asking: decided by the server from the login cookie, never by a client-chosen field --
+    def identity(self, request: Any) -> Identity | None:
+        cookies = (getattr(request, "cookies", None) or {}) if request is not None else {}
+        return self.accounts.identity(cookies.get(SESSION_COOKIE))
+
+    def with_user(self, session_data: dict, request: Any) -> dict:
+        """``session_data`` with ``user`` = the logged-in account's name (None when anonymous)."""
+        who = self.identity(request)
+        return {**session_data, "user": who.name if who is not None else None}
+
+    def login_enabled(self) -> bool:
+        return operator_credentials_configured(self.config) or bool(self.accounts.list())
 
     # -- inputs --
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
@@ -435,7 +455,7 @@ class AppServices:
                 row = repo.record_prediction(
                     s, request_id=request_id, kind=kind, image_sha256=sha256, model_version=model_version,
                     outputs=outputs, latency_ms=latency_ms, session_id=session["session_id"],
-                    user=session.get("operator"), input_text=input_text, ablation=ablation,
+                    user=session.get("user"), input_text=input_text, ablation=ablation,
                     stage_ms=stage_ms, embedding_ref=embedding_ref[:255])
                 return row.id
 
@@ -470,13 +490,13 @@ class AppServices:
                 saved: dict[str, Any] = {}
                 if has_scores or comment:
                     rating = repo.record_rating(s, request_id=f"{request_id}:rating", prediction_id=prediction_id,
-                                                session_id=session["session_id"], user=session.get("operator"),
+                                                session_id=session["session_id"], user=session.get("user"),
                                                 comment=comment or None, **scores)
                     saved["rating_id"] = rating.id
                 for fld, value in corrections.items():
                     row = repo.record_correction(s, request_id=f"{request_id}:{fld}", prediction_id=prediction_id,
                                                  field=fld, value=value, session_id=session["session_id"],
-                                                 user=session.get("operator"))
+                                                 user=session.get("user"))
                     saved[f"{fld}_correction_id"] = row.id
                 return saved
 
@@ -512,13 +532,21 @@ class AppServices:
         raise UserInputError(f"There is no report for version {version!r}; reports exist for: {known}.")
 
 
+def auth_policy(config: Config) -> AuthPolicy:
+    a = config.auth
+    return AuthPolicy(scrypt_log2_n=a.scrypt_log2_n, session_idle_minutes=a.session_idle_minutes,
+                      session_max_hours=a.session_max_hours, lockout_after=a.lockout_after,
+                      lockout_base_s=a.lockout_base_s, lockout_max_s=a.lockout_max_s)
+
+
 def image_limits(config: Config) -> ImageLimits:
     return ImageLimits(max_bytes=config.app.max_upload_mb * 2**20, max_pixels=config.app.max_image_pixels)
 
 
 def new_session() -> dict[str, Any]:
-    """Per-browser-session data: an anonymous id (never an IP) and the operator name once logged in."""
-    return {"session_id": uuid.uuid4().hex, "operator": None}
+    """Per-browser-session data: an anonymous id (never an IP). Who is logged in is not kept here: the
+    server reads it from the login cookie on each request (``AppServices.identity``)."""
+    return {"session_id": uuid.uuid4().hex}
 
 
 def request_id_or_new(value: str | None) -> str:
@@ -745,6 +773,7 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
                 build_operator_tab(services, session)
     demo.queue(default_concurrency_limit=config.app.concurrency_limit, max_size=config.app.queue_max_size)
     demo.client_guard = services.guard
+    demo.mmapp_auth_routes = auth_routes(services)  # served by launch(**launch_options(config, demo))
     return demo
 
 
@@ -784,7 +813,10 @@ def _event_fn(handler: Callable[..., dict[str, Any] | None], outputs: dict[str, 
         return gr.skip() if changed is None else {outputs[name]: value for name, value in changed.items()}
 
     # Gradio names the API's parameters after the function's; these are the handler's, less ``services``.
+    # A ``request`` parameter gets the gr.Request annotation, so Gradio passes the request (and leaves it
+    # out of the API): that is how handlers see the login cookie.
     event_fn.__signature__ = inspect.signature(handler)
+    event_fn.__annotations__ = {"request": gr.Request} if "request" in event_fn.__signature__.parameters else {}
     event_fn.__name__ = event_fn.__qualname__ = getattr(handler, "func", handler).__name__
     return user_errors(event_fn)
 
@@ -828,10 +860,11 @@ def saved_markdown(saved: dict[str, Any]) -> str:
 # -- caption tab --
 
 def caption_image(services: AppServices, upload: str | None, request_id: str | None,
-                  session_data: dict) -> dict[str, Any]:
+                  session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
     """Caption an uploaded image and store the prediction; the form below starts empty for it."""
     if not upload:
         raise UserInputError("Choose an image to upload first.")
+    session_data = services.with_user(session_data, request)
     services.watcher.maybe_reload()
     request_id = request_id_or_new(request_id)
     started = time.perf_counter()
@@ -856,10 +889,12 @@ def caption_image(services: AppServices, upload: str | None, request_id: str | N
 
 
 def submit_caption_feedback(services: AppServices, coherence, relevance, detail, corrected: str, comment: str,
-                            request_id: str, result: dict | None, session_data: dict) -> dict[str, Any]:
+                            request_id: str, result: dict | None, session_data: dict,
+                            request: gr.Request | None = None) -> dict[str, Any]:
     """Store the rating and, when the caption was edited, the correction of the caption in ``result``."""
     if not result:
         raise UserInputError("Upload an image first: there is no caption to rate yet.")
+    session_data = services.with_user(session_data, request)
     corrected = " ".join(services.check_text(corrected, "corrected caption").split())
     scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
     corrections = {"caption": corrected} if corrected and corrected != result["caption"] else {}
@@ -938,10 +973,11 @@ def _analyse_meme(services: AppServices, decoded: DecodedImage, text: str | None
 
 
 def analyze_meme(services: AppServices, upload: str | None, use_image: bool, use_text: bool,
-                 request_id: str | None, session_data: dict) -> dict[str, Any]:
+                 request_id: str | None, session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
     """Read the text of an uploaded meme (OCR), analyse it under the toggles' ablation, store the prediction."""
     if not upload:
         raise UserInputError("Choose a meme image to upload first.")
+    session_data = services.with_user(session_data, request)
     ablate = ablation_from_toggles(use_image, use_text)
     services.watcher.maybe_reload()
     model_ready_for_memes(services.predictor)
@@ -957,10 +993,11 @@ def analyze_meme(services: AppServices, upload: str | None, use_image: bool, use
 
 
 def reanalyze_meme(services: AppServices, text: str, use_image: bool, use_text: bool, request_id: str | None,
-                   result: dict | None, session_data: dict) -> dict[str, Any]:
+                   result: dict | None, session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
     """Analyse the meme in ``result`` again with the (edited) ``text`` and the toggles; no OCR this time."""
     if not result:
         raise UserInputError("Upload a meme first.")
+    session_data = services.with_user(session_data, request)
     ablate = ablation_from_toggles(use_image, use_text)
     text = services.check_text(text, "meme text").strip()
     if ablate == "image" and not text:
@@ -977,10 +1014,11 @@ def reanalyze_meme(services: AppServices, text: str, use_image: bool, use_text: 
 
 def submit_meme_feedback(services: AppServices, coherence, relevance, detail, corrected_text: str,
                          corrected_label: str | None, comment: str, request_id: str, result: dict | None,
-                         session_data: dict) -> dict[str, Any]:
+                         session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
     """Store the rating and the text/label corrections of the analysis in ``result``."""
     if not result:
         raise UserInputError("Upload a meme first: there is no analysis to rate yet.")
+    session_data = services.with_user(session_data, request)
     labels = services.predictor.labels
     corrected_text = " ".join(services.check_text(corrected_text, "corrected text").split())
     scores, comment = services.rating_inputs(coherence, relevance, detail, comment)
@@ -1060,29 +1098,61 @@ def build_meme_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
     return ui
 
 
-# -- operator tab --
+# -- operator tab: login (operators and raters), the operator's tables, rater accounts, exports --
+
+# The page's login: the button's script posts the credentials to /auth/login (a plain HTTP route beside
+# Gradio, outside its queue), which sets the HttpOnly session cookie; the password never enters a
+# Gradio event. The event that follows gets only the HTTP status ("200", "401", "403", "429:<seconds>")
+# in place of the password and reads the identity from the cookie.
+LOGIN_JS = """async (user, password, session) => {
+  const r = await fetch("auth/login", {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify({user: user, password: password})});
+  let status = String(r.status);
+  if (r.status === 429) { status += ":" + (r.headers.get("Retry-After") || ""); }
+  return [user, status, session];
+}"""
+LOGOUT_JS = """async (...args) => { await fetch("auth/logout", {method: "POST", credentials: "same-origin"}); return args; }"""
+RATER_ACTIONS = {"make trusted annotator": {"role": "trusted"}, "make rater (untrusted)": {"role": "rater"},
+                 "make operator": {"role": "operator"}, "disable": {"disabled": True}, "enable": {"disabled": False},
+                 "unlock": {}, "new password": {}}
+RATER_COLUMNS = ["user", "role", "disabled", "failed_logins", "locked_until", "last_login_at", "ratings",
+                 "corrections", "used", "rejected"]
+
 
 def operator_credentials_configured(config: Config) -> bool:
     return bool(config.app.operator_user and config.app.operator_password)
 
 
-def check_operator_login(config: Config, user: str, password: str) -> bool:
-    if not operator_credentials_configured(config):
-        return False
-    # Compare both fields in constant time, always both, so timing says nothing about which one was wrong.
-    ok_user = hmac.compare_digest((user or "").encode(), config.app.operator_user.encode())
-    ok_password = hmac.compare_digest((password or "").encode(), config.app.operator_password.encode())
-    return ok_user and ok_password
+def login_failure_message(status: str | None) -> str:
+    """What the page says for the login route's HTTP status; never echoes what the client sent."""
+    code, _, retry = (status or "").partition(":")
+    if code == "429":
+        return f"Too many failed logins for this account: try again in {retry or 'a few minutes'} s." \
+            if retry.isdigit() else "Too many failed logins for this account: try again later."
+    if code == "403":
+        return "This account is disabled."
+    return "Wrong user or password."
 
 
-def require_operator(session_data: dict) -> None:
-    """Every operator handler starts with this: the page hides the panel, but the API is open."""
-    if not session_data.get("operator"):
+def require_operator(services: AppServices, request: Any) -> Identity:
+    """Every operator handler starts with this: the page hides the panel, but the API is open. The
+    identity comes from the login cookie, so a copied session hash carries no operator rights."""
+    who = services.identity(request)
+    if who is None or not who.is_operator:
         raise UserInputError("Log in as operator first.")
+    return who
+
+
+def rater_table(services: AppServices) -> pd.DataFrame:
+    accounts = {a["name"]: a for a in services.accounts.list()}
+    counts = services.read(repo.feedback_counts_per_rater)
+    rows = [{**{k: v for k, v in accounts.get(c["user"], {}).items() if k in RATER_COLUMNS},
+             **c, "role": ROLE_NAMES.get(c["role"], c["role"])} for c in counts]
+    return _table(rows, RATER_COLUMNS)
 
 
 def operator_tables(services: AppServices) -> dict[str, Any]:
-    """The operator panel's version line, recent predictions and feedback, and counts."""
+    """The operator panel's version line, recent predictions and feedback, counts and rater accounts."""
     predictor = services.predictor
 
     def query(s: Session) -> dict:
@@ -1100,34 +1170,43 @@ def operator_tables(services: AppServices) -> dict[str, Any]:
             "predictions": _table(data["predictions"], PREDICTION_COLUMNS),
             "feedback": _table(data["feedback"], FEEDBACK_COLUMNS),
             "per_day": _table(list(reversed(data["per_day"])), ["day", "predictions", "ratings", "corrections"]),
-            "per_label": _table(data["per_label"], ["predicted_label", "corrected_label", "n"])}
+            "per_label": _table(data["per_label"], ["predicted_label", "corrected_label", "n"]),
+            "raters": rater_table(services)}
 
 
-def operator_login(services: AppServices, user: str, password: str, session_data: dict) -> dict[str, Any]:
-    """Check the credentials; on success the session carries the operator's name and the panel shows."""
-    if not operator_credentials_configured(services.config):
-        raise UserInputError("Operator login is disabled: no operator credentials are configured on this server.")
-    if not check_operator_login(services.config, user, password):
-        time.sleep(1.0)  # slows down guessing
-        raise UserInputError("Wrong user or password.")
-    return {"session": {**session_data, "operator": user}, "login_box": gr.update(visible=False),
-            "panel": gr.update(visible=True), "password": "", "login_status": "", **operator_tables(services)}
+def operator_login(services: AppServices, user: str, login_status: str, session_data: dict,
+                   request: gr.Request | None = None) -> dict[str, Any]:
+    """After the page's script posted the credentials to /auth/login: show who is logged in (and the
+    operator panel to an operator). ``login_status`` is that route's HTTP status, only used for the
+    message; the cookie alone decides. API clients log in with ``POST /auth/login`` first."""
+    if not services.login_enabled():
+        raise UserInputError("Login is disabled: no operator credentials or accounts are configured on this server.")
+    who = services.identity(request)
+    if who is None:
+        raise UserInputError(login_failure_message(login_status))
+    whoami = f"Logged in as **{who.name}** ({ROLE_NAMES[who.role]})."
+    out = {"session": session_data, "login_box": gr.update(visible=False), "account_box": gr.update(visible=True),
+           "whoami": whoami, "password": "", "login_status": "", "panel": gr.update(visible=who.is_operator)}
+    return {**out, **operator_tables(services)} if who.is_operator else out
 
 
-def operator_refresh(services: AppServices, session_data: dict) -> dict[str, Any]:
-    require_operator(session_data)
+def operator_refresh(services: AppServices, request: gr.Request | None = None) -> dict[str, Any]:
+    require_operator(services, request)
     return operator_tables(services)
 
 
-def operator_logout(session_data: dict) -> dict[str, Any]:
-    return {"session": {**session_data, "operator": None}, "login_box": gr.update(visible=True),
-            "panel": gr.update(visible=False), "export_file": gr.update(value=None, visible=False),
-            **retrain_panel_closed()}
+def operator_logout(services: AppServices, session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
+    """End the login session on the server (the page's script also drops the cookie)."""
+    cookies = getattr(request, "cookies", None) or {}
+    services.accounts.logout(cookies.get(SESSION_COOKIE))
+    return {"session": session_data, "login_box": gr.update(visible=True), "account_box": gr.update(visible=False),
+            "whoami": "", "panel": gr.update(visible=False), "export_file": gr.update(value=None, visible=False),
+            "rater_notice": "", **retrain_panel_closed()}
 
 
-def operator_export(services: AppServices, fmt: str, session_data: dict) -> dict[str, Any]:
+def operator_export(services: AppServices, fmt: str, request: gr.Request | None = None) -> dict[str, Any]:
     """All feedback and its images in ``fmt``, zipped into a folder only this answer names."""
-    require_operator(session_data)
+    require_operator(services, request)
     if fmt not in EXPORT_FORMATS:
         raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
     # A random folder per export: the exports dir is servable, so a path must not be guessable; and
@@ -1141,12 +1220,52 @@ def operator_export(services: AppServices, fmt: str, session_data: dict) -> dict
     return {"export_file": gr.update(value=archive, visible=True)}
 
 
+def operator_create_rater(services: AppServices, name: str, role: str,
+                          request: gr.Request | None = None) -> dict[str, Any]:
+    """A new account with a generated password, shown once here (hand it to the rater)."""
+    who = require_operator(services, request)
+    role = role if role in ROLE_NAMES else "trusted"
+    try:
+        created, password = services.accounts.create((name or "").strip(), role, created_by=who.name)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from exc
+    notice = (f"Created **{created.name}** ({ROLE_NAMES[created.role]}). Password, shown this once: "
+              f"`{password}`")
+    return {"rater_notice": notice, "raters": rater_table(services), "rater_name": ""}
+
+
+def operator_update_rater(services: AppServices, name: str, action: str,
+                          request: gr.Request | None = None) -> dict[str, Any]:
+    """Change a rater's role, disable/enable, unlock, or issue a new password; open sessions end."""
+    who = require_operator(services, request)
+    name = (name or "").strip()
+    if action not in RATER_ACTIONS:
+        raise UserInputError(f"unknown action {action!r}; choose one of {list(RATER_ACTIONS)}")
+    if name == who.name and action in ("disable", "make trusted annotator", "make rater (untrusted)"):
+        raise UserInputError("You cannot disable or demote your own account while logged in with it.")
+    notice = f"**{name}**: {action} done."
+    try:
+        if action == "unlock":
+            services.accounts.unlock(name)
+        elif action == "new password":
+            from feedback_db.accounts import generate_password
+            password = generate_password()
+            services.accounts.update(name, password=password)
+            notice = f"**{name}**: new password, shown this once: `{password}` (their open sessions ended)."
+        else:
+            services.accounts.update(name, **RATER_ACTIONS[action])
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from exc
+    return {"rater_notice": notice, "raters": rater_table(services)}
+
+
 def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
     ui = SimpleNamespace(session=session)
-    enabled = operator_credentials_configured(services.config)
+    enabled = services.login_enabled()
     with gr.Column(visible=True, elem_id="operator-login") as ui.login_box:
         if enabled:
-            gr.Markdown("### Operator login\nRecent predictions and feedback, counts and exports.")
+            gr.Markdown("### Log in\nOperators: recent predictions and feedback, counts, raters and exports. "
+                        "Raters: your ratings and corrections are stored under your account.")
         else:
             gr.Markdown("### Operator page disabled\n⚠️ No operator credentials are configured on this server. "
                         "Set `MMAPP_OPERATOR_USER` and `MMAPP_OPERATOR_PASSWORD` and restart to enable it.")
@@ -1155,17 +1274,33 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
             ui.password = gr.Textbox(label="Password", type="password", interactive=enabled, scale=1)
         ui.login = gr.Button("Log in", variant="primary", interactive=enabled)
         ui.login_status = gr.Markdown()
+    with gr.Row(visible=False, elem_id="account-box") as ui.account_box:
+        ui.whoami = gr.Markdown(elem_id="whoami")
+        ui.logout = gr.Button("Log out", size="sm", scale=0)
     with gr.Column(visible=False) as ui.panel:
         with gr.Row():
             ui.version = gr.Markdown(elem_id="operator-version")
             ui.refresh = gr.Button("Refresh", size="sm", scale=0)
-            ui.logout = gr.Button("Log out", size="sm", scale=0)
         with gr.Row():
             ui.per_day = gr.Dataframe(label="Counts per day (UTC, last 14 days)", interactive=False, max_height=320)
             ui.per_label = gr.Dataframe(label="Meme predictions per predicted / corrected label", interactive=False,
                                         max_height=320)
         ui.predictions = gr.Dataframe(label="Recent predictions", interactive=False, max_height=400)
         ui.feedback = gr.Dataframe(label="Recent feedback", interactive=False, max_height=400)
+        gr.Markdown("#### Raters\nAccounts and their feedback. A trusted annotator's corrections count fully; "
+                    "anonymous sessions and untrusted raters need a trusted rater's agreement (see the README).")
+        ui.raters = gr.Dataframe(label="Rater accounts (anonymous sessions pooled)", interactive=False,
+                                 max_height=320, elem_id="rater-table")
+        with gr.Row(equal_height=False):
+            ui.rater_name = gr.Textbox(label="Account name", scale=2)
+            ui.rater_role = gr.Dropdown([(label, role) for role, label in ROLE_NAMES.items()], value="trusted",
+                                        label="Role of a new account", scale=1)
+            ui.create_rater = gr.Button("Create account", scale=1)
+        with gr.Row(equal_height=False):
+            ui.rater_action = gr.Dropdown(list(RATER_ACTIONS), value="make trusted annotator", label="Change account",
+                                          scale=2)
+            ui.update_rater = gr.Button("Apply to the named account", scale=1)
+        ui.rater_notice = gr.Markdown(elem_id="rater-notice")
         gr.Markdown("#### Export feedback and images")
         with gr.Row(equal_height=False):
             ui.export_format = gr.Radio([(label, fmt) for fmt, label in EXPORT_LABELS.items()], value="csv",
@@ -1176,26 +1311,33 @@ def build_operator_tab(services: AppServices, session: gr.State) -> SimpleNamesp
         with gr.Column(elem_id="retrain-controls") as ui.retrain_column:
             ui.retrain = build_retrain_controls(services, session)
 
-    tables = ("version", "predictions", "feedback", "per_day", "per_label")
-    login_outputs = _components(ui, "session", "login_box", "panel", "password", "login_status", *tables)
+    tables = ("version", "predictions", "feedback", "per_day", "per_label", "raters")
+    login_outputs = _components(ui, "session", "login_box", "account_box", "whoami", "panel", "password",
+                                "login_status", *tables)
     # One function for the button and the Enter key: the two events share its concurrency group (limit 4).
     login = _event_fn(functools.partial(operator_login, services), login_outputs)
     logged_in = [
-        ui.login.click(login, [ui.user, ui.password, session], list(login_outputs.values()),
+        ui.login.click(login, [ui.user, ui.password, session], list(login_outputs.values()), js=LOGIN_JS,
                        api_name="operator_login", concurrency_limit=4),
-        ui.password.submit(login, [ui.user, ui.password, session], list(login_outputs.values()),
+        ui.password.submit(login, [ui.user, ui.password, session], list(login_outputs.values()), js=LOGIN_JS,
                            api_name="operator_login_enter", api_visibility="undocumented", concurrency_limit=4)]
     opened = _event_fn(functools.partial(retrain_panel_opened, services), ui.retrain.opened_outputs)
     for event, name in zip(logged_in, ("retrain_open", "retrain_open_enter")):  # fill in and start polling
-        event.success(opened, [session], list(ui.retrain.opened_outputs.values()), api_name=name,
+        event.success(opened, None, list(ui.retrain.opened_outputs.values()), api_name=name,
                       api_visibility="private", queue=False)
-    _listen(ui.refresh.click, functools.partial(operator_refresh, services), [session], _components(ui, *tables),
+    _listen(ui.refresh.click, functools.partial(operator_refresh, services), None, _components(ui, *tables),
             api_name="operator_refresh", concurrency_limit=4)
-    _listen(ui.logout.click, operator_logout, [session],
-            {**_components(ui, "session", "login_box", "panel", "export_file"), **ui.retrain.closed_outputs},
-            api_name="operator_logout", queue=False)
-    _listen(ui.export.click, functools.partial(operator_export, services), [ui.export_format, session],
+    _listen(ui.logout.click, functools.partial(operator_logout, services), [session],
+            {**_components(ui, "session", "login_box", "account_box", "whoami", "panel", "export_file",
+                           "rater_notice"), **ui.retrain.closed_outputs},
+            api_name="operator_logout", queue=False, js=LOGOUT_JS)
+    _listen(ui.export.click, functools.partial(operator_export, services), [ui.export_format],
             _components(ui, "export_file"), api_name="operator_export", concurrency_id="export", concurrency_limit=1)
+    _listen(ui.create_rater.click, functools.partial(operator_create_rater, services), [ui.rater_name, ui.rater_role],
+            _components(ui, "rater_notice", "raters", "rater_name"), api_name="operator_create_rater",
+            concurrency_limit=2)
+    _listen(ui.update_rater.click, functools.partial(operator_update_rater, services), [ui.rater_name, ui.rater_action],
+            _components(ui, "rater_notice", "raters"), api_name="operator_update_rater", concurrency_limit=2)
     return ui
 
 
@@ -1212,16 +1354,18 @@ def retrain_view(services: AppServices, status: dict[str, Any]) -> dict[str, Any
             "seen": status_fingerprint(status)}
 
 
-def retrain_status(services: AppServices, session_data: dict) -> dict[str, Any]:
-    require_operator(session_data)
+def retrain_status(services: AppServices, request: gr.Request | None = None) -> dict[str, Any]:
+    require_operator(services, request)
     return retrain_view(services, services.retrain_status())
 
 
-def poll_retrain_status(services: AppServices, session_data: dict, seen: str | None) -> dict[str, Any] | None:
+def poll_retrain_status(services: AppServices, seen: str | None,
+                        request: gr.Request | None = None) -> dict[str, Any] | None:
     """The timer's tick: never an error in the page; None (nothing redrawn) unless the status changed."""
-    if not session_data.get("operator"):
-        return None
     try:
+        who = services.identity(request)
+        if who is None or not who.is_operator:
+            return None
         status = services.retrain_status()
     except Exception:  # a busy or unreachable database; the next tick tries again
         log.warning("retrain status poll failed", exc_info=True)
@@ -1229,9 +1373,9 @@ def poll_retrain_status(services: AppServices, session_data: dict, seen: str | N
     return None if status_fingerprint(status) == seen else retrain_view(services, status)
 
 
-def retrain_now(services: AppServices, session_data: dict) -> dict[str, Any]:
+def retrain_now(services: AppServices, request: gr.Request | None = None) -> dict[str, Any]:
     """Start a retrain run in the background, or say which run is already going."""
-    require_operator(session_data)
+    require_operator(services, request)
     started = services.trigger_retrain()
     if started["started"] and started["run_id"] is None:  # retrain.runner "worker": the worker takes it
         notice = "Retrain requested: the retrain worker starts it within seconds; its progress shows above."
@@ -1242,9 +1386,9 @@ def retrain_now(services: AppServices, session_data: dict) -> dict[str, Any]:
     return {"notice": notice, **retrain_view(services, services.retrain_status())}
 
 
-def retrain_rollback(services: AppServices, version: str | None, session_data: dict) -> dict[str, Any]:
+def retrain_rollback(services: AppServices, version: str | None, request: gr.Request | None = None) -> dict[str, Any]:
     """Make an earlier promoted ``version`` current again; this server follows within RELOAD_POLL_S."""
-    require_operator(session_data)
+    require_operator(services, request)
     version = (version or "").strip()
     if not version:
         raise UserInputError("Choose the version to roll back to.")
@@ -1259,9 +1403,9 @@ def retrain_rollback(services: AppServices, version: str | None, session_data: d
             "rollback_version": gr.update(choices=rollback_choices(status["versions"]), value=None)}
 
 
-def retrain_report(services: AppServices, version: str | None, session_data: dict) -> dict[str, Any]:
+def retrain_report(services: AppServices, version: str | None, request: gr.Request | None = None) -> dict[str, Any]:
     """The human-eval report of ``version`` as a download and a link; nothing for an empty choice."""
-    require_operator(session_data)
+    require_operator(services, request)
     if not (version or "").strip():
         return {"report_file": gr.update(value=None, visible=False), "report_link": ""}
     entry = services.report(version.strip())
@@ -1276,9 +1420,10 @@ def retrain_report(services: AppServices, version: str | None, session_data: dic
     return {"report_file": gr.update(value=str(html), visible=True), "report_link": link}
 
 
-def retrain_panel_opened(services: AppServices, session_data: dict) -> dict[str, Any] | None:
-    """After a login: draw the panel and start the status timer."""
-    if not session_data.get("operator"):
+def retrain_panel_opened(services: AppServices, request: gr.Request | None = None) -> dict[str, Any] | None:
+    """After a login: draw the panel and start the status timer (operators only)."""
+    who = services.identity(request)
+    if who is None or not who.is_operator:
         return None
     return {**retrain_view(services, services.retrain_status()), "timer": gr.update(active=True)}
 
@@ -1325,28 +1470,95 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
     view = ("status", "runs", "versions", "report_version", "rollback_version", "seen")
     ui.opened_outputs = _components(ui, *view, "timer")
     ui.closed_outputs = _components(ui, "timer", "notice", "report_link", "report_file")
-    _listen(ui.refresh.click, functools.partial(retrain_status, services), [session], _components(ui, *view),
+    _listen(ui.refresh.click, functools.partial(retrain_status, services), None, _components(ui, *view),
             api_name="retrain_status", concurrency_limit=4)
-    _listen(ui.timer.tick, functools.partial(poll_retrain_status, services), [session, ui.seen],
+    _listen(ui.timer.tick, functools.partial(poll_retrain_status, services), [ui.seen],
             _components(ui, *view), api_name="retrain_poll", api_visibility="undocumented", queue=False,
             show_progress="hidden")
-    _listen(ui.retrain_now.click, functools.partial(retrain_now, services), [session],
+    _listen(ui.retrain_now.click, functools.partial(retrain_now, services), None,
             _components(ui, "notice", *view), api_name="retrain_now", concurrency_id=RETRAIN_EVENTS,
             concurrency_limit=1)
-    _listen(ui.rollback.click, functools.partial(retrain_rollback, services), [ui.rollback_version, session],
+    _listen(ui.rollback.click, functools.partial(retrain_rollback, services), [ui.rollback_version],
             _components(ui, "notice", *view), api_name="retrain_rollback", concurrency_id=RETRAIN_EVENTS,
             concurrency_limit=1)
-    _listen(ui.report_version.input, functools.partial(retrain_report, services), [ui.report_version, session],
+    _listen(ui.report_version.input, functools.partial(retrain_report, services), [ui.report_version],
             _components(ui, "report_file", "report_link"), api_name="retrain_report", concurrency_limit=4)
     return ui
 
 
+# ---- login routes: plain HTTP beside Gradio ------------------------------------------------------
+
+MAX_LOGIN_BODY = 4096  # bytes; a login is two short strings
+
+
+def auth_routes(services: AppServices) -> list:
+    """``POST /auth/login`` (JSON or form ``user``, ``password``) sets the HttpOnly, SameSite=Strict
+    session cookie; ``POST /auth/logout`` ends the session; ``GET /auth/whoami`` says who the cookie is.
+    They run outside Gradio's queue (in the server's thread pool), so guesses queued against one account
+    never wait in front of another person's login or of anyone's Gradio events."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from urllib.parse import urlsplit
+
+    auth = services.config.auth
+
+    def cross_site(request: HTTPRequest) -> bool:
+        origin = request.headers.get("origin")
+        return bool(origin) and origin != "null" and urlsplit(origin).netloc != request.headers.get("host")
+
+    async def login(request: HTTPRequest) -> JSONResponse:
+        if cross_site(request):
+            return JSONResponse({"error": "cross-site login refused"}, status_code=403)
+        body = await request.body()
+        if len(body) > MAX_LOGIN_BODY:
+            return JSONResponse({"error": "request too large"}, status_code=413)
+        try:
+            if request.headers.get("content-type", "").startswith("application/json"):
+                fields = json.loads(body or b"{}")
+            else:
+                from urllib.parse import parse_qs
+                fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8")).items()}
+            user, password = str(fields.get("user") or ""), str(fields.get("password") or "")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return JSONResponse({"error": "send JSON or a form with 'user' and 'password'"}, status_code=400)
+        if not services.login_enabled():
+            return JSONResponse({"error": "login is disabled on this server"}, status_code=403)
+        result = await run_in_threadpool(services.accounts.login, user, password)
+        if not result.ok:
+            if result.retry_after_s > 0:
+                return JSONResponse({"error": result.message}, status_code=429,
+                                    headers={"Retry-After": str(int(result.retry_after_s) + 1)})
+            return JSONResponse({"error": result.message}, status_code=403 if "disabled" in result.message else 401)
+        response = JSONResponse({"user": result.identity.name, "role": result.identity.role})
+        response.set_cookie(SESSION_COOKIE, result.token, max_age=result.max_age_s, path="/", httponly=True,
+                            samesite="strict", secure=auth.cookie_secure)
+        return response
+
+    async def logout(request: HTTPRequest) -> JSONResponse:
+        ended = await run_in_threadpool(services.accounts.logout, request.cookies.get(SESSION_COOKIE))
+        response = JSONResponse({"logged_out": ended})
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=auth.cookie_secure)
+        return response
+
+    async def whoami(request: HTTPRequest) -> JSONResponse:
+        who = await run_in_threadpool(services.identity, request)
+        if who is None:
+            return JSONResponse({"error": "not logged in"}, status_code=401)
+        return JSONResponse({"user": who.name, "role": who.role})
+
+    return [Route("/auth/login", login, methods=["POST"]), Route("/auth/logout", logout, methods=["POST"]),
+            Route("/auth/whoami", whoami, methods=["GET"])]
+
+
 # ---- launch ---------------------------------------------------------------------------------------
 
-def launch_options(config: Config, *, guard: ClientGuard | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares; ``guard``: the
-    page's ``demo.client_guard`` (per-client HTTP limits and the disk watermark; default: from config)."""
-    guard = guard or ClientGuard.from_config(config)
+def launch_options(config: Config, demo: gr.Blocks | None = None, *, guard: ClientGuard | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch`` that every way of serving the app shares. Pass the
+    ``demo`` from :func:`build_app` to serve its login routes (/auth/...; without them nobody can log in)
+    and its per-client HTTP limits and disk watermark (``demo.client_guard``; default: from config)."""
+    guard = guard or getattr(demo, "client_guard", None) or ClientGuard.from_config(config)
     exports_dir = config.paths.exports  # export_feedback creates it on first use
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
@@ -1355,7 +1567,8 @@ def launch_options(config: Config, *, guard: ClientGuard | None = None) -> dict[
             "allowed_paths": [str(exports_dir)],
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
             "show_error": False,
-            "app_kwargs": {"middleware": [Middleware(ClientLimitMiddleware, guard=guard)]}}
+            "app_kwargs": {"middleware": [Middleware(ClientLimitMiddleware, guard=guard)],
+                           "routes": list(getattr(demo, "mmapp_auth_routes", []))}}
 
 
 def warn_if_no_operator(config: Config) -> None:
@@ -1455,7 +1668,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
               f"retrain schedule {config.retrain.cron!r} run by "
               + (f"the retrain worker (pid {worker.proc.pid})" if worker else "this process"), flush=True)
-        demo.launch(**launch_options(config, guard=demo.client_guard))
+        demo.launch(**launch_options(config, demo))
     finally:  # hands the scheduler lease on at once instead of after its TTL; stops the worker
         if scheduler is not None:
             scheduler.shutdown()

@@ -29,6 +29,8 @@ CORRECTION_STATUSES = ("new", "used", "rejected")
 VERSION_STATUSES = ("candidate", "promoted", "rejected", "retired")
 RUN_TRIGGERS = ("schedule", "operator", "cli")
 RUN_STATUSES = ("running", "succeeded", "failed", "refused", "promoted")
+RATER_ROLES = ("operator", "trusted", "rater")  # rater: an account whose feedback follows the anonymous rules
+LOGIN_OUTCOMES = ("ok", "wrong_password", "unknown_user", "locked", "disabled")
 
 
 def utcnow() -> datetime:
@@ -245,3 +247,54 @@ class SchedulerState(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_fired_for: Mapped[datetime]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Rater(Base):
+    """An account: the operator, a trusted annotator, or a plain rater. Anonymous sessions have none.
+
+    ``password_hash`` is a versioned KDF string (``scrypt$n$r$p$salt$hash``); never the password.
+    ``failed_logins``/``locked_until`` drive the per-account backoff.
+    """
+
+    __tablename__ = "raters"
+    __table_args__ = (
+        CheckConstraint(_one_of("role", RATER_ROLES), name="role"),
+        CheckConstraint("failed_logins >= 0", name="failed_logins"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_by: Mapped[Optional[str]] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[Optional[datetime]]
+    failed_logins: Mapped[int] = mapped_column(default=0, server_default="0")
+    locked_until: Mapped[Optional[datetime]]
+    last_login_at: Mapped[Optional[datetime]]
+
+
+class LoginAttempt(Base):
+    """One login try, as the server saw it: the name typed and the outcome. No IP, no password."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (CheckConstraint(_one_of("outcome", LOGIN_OUTCOMES), name="outcome"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)  # as typed, cut to 64 characters
+    rater_id: Mapped[Optional[int]] = mapped_column(ForeignKey("raters.id"))
+    outcome: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class AuthSession(Base):
+    """A server-issued login: the browser holds the token in an HttpOnly cookie, the database only its sha256."""
+
+    __tablename__ = "auth_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]  # absolute end, whatever the activity
+    revoked_at: Mapped[Optional[datetime]]

@@ -17,6 +17,11 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from feedback_db.models import (
     ABLATIONS,
+    LOGIN_OUTCOMES,
+    RATER_ROLES,
+    AuthSession,
+    LoginAttempt,
+    Rater,
     CORRECTION_FIELDS,
     CORRECTION_STATUSES,
     PREDICTION_KINDS,
@@ -1088,3 +1093,188 @@ def rejected_items(
     if correction_ids is not None:
         query = query.where(RejectedItem.correction_id.in_(list(correction_ids)))
     return list(s.scalars(query))
+
+
+# --- rater accounts, login attempts, login sessions -------------------------------------------
+
+_RATER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def check_rater_name(name: Any) -> str:
+    if not isinstance(name, str) or not _RATER_NAME.fullmatch(name):
+        raise ValueError("a rater name is 1-64 characters from A-Z a-z 0-9 . _ @ -, starting with a letter or "
+                         f"digit, got {str(name)[:40]!r}")
+    return name
+
+
+def create_rater(s: Session, *, name: str, role: str, password_hash: str, created_by: Optional[str] = None) -> Rater:
+    """A new account; ValueError if the name is taken (names are never reused for another person)."""
+    check_rater_name(name)
+    _check_one_of("role", role, RATER_ROLES)
+    _check_key("password_hash", password_hash, 255)
+    if get_rater(s, name) is not None:
+        raise ValueError(f"a rater named {name!r} already exists")
+    row = Rater(name=name, role=role, password_hash=password_hash, created_by=created_by)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def get_rater(s: Session, name: str) -> Optional[Rater]:
+    return s.scalars(select(Rater).where(Rater.name == name)).one_or_none()
+
+
+def _require_rater(s: Session, name: str) -> Rater:
+    row = get_rater(s, name)
+    if row is None:
+        raise ValueError(f"no rater named {name!r}")
+    return row
+
+
+def list_raters(s: Session) -> list[Rater]:
+    return list(s.scalars(select(Rater).order_by(Rater.name)))
+
+
+def update_rater(s: Session, name: str, *, role: Optional[str] = None, password_hash: Optional[str] = None,
+                 disabled: Optional[bool] = None, now: Optional[datetime] = None) -> Rater:
+    """Change an account's role, password or disabled flag. A new password, a role change or disabling
+    ends the account's open login sessions; a new password also clears its lockout."""
+    row = _require_rater(s, name)
+    now = _check_aware("now", now) or utcnow()
+    if role is not None:
+        _check_one_of("role", role, RATER_ROLES)
+        row.role = role
+    if password_hash is not None:
+        row.password_hash = _check_key("password_hash", password_hash, 255)
+        row.failed_logins, row.locked_until = 0, None
+    if disabled is not None:
+        row.disabled_at = now if disabled else None
+    s.flush()
+    revoke_rater_sessions(s, row.id, now=now)
+    return row
+
+
+def unlock_rater(s: Session, name: str) -> Rater:
+    row = _require_rater(s, name)
+    row.failed_logins, row.locked_until = 0, None
+    s.flush()
+    return row
+
+
+def record_login_attempt(s: Session, *, name: str, outcome: str, rater: Optional[Rater] = None,
+                         locked_until: Optional[datetime] = None, now: Optional[datetime] = None) -> LoginAttempt:
+    """Log one login try and update the account's failure count (reset on success, +1 on a wrong
+    password, with ``locked_until`` as the policy decided)."""
+    _check_one_of("outcome", outcome, LOGIN_OUTCOMES)
+    now = _check_aware("now", now) or utcnow()
+    if rater is not None:
+        if outcome == "ok":
+            rater.failed_logins, rater.locked_until, rater.last_login_at = 0, None, now
+        elif outcome == "wrong_password":
+            rater.failed_logins += 1
+            rater.locked_until = _check_aware("locked_until", locked_until)
+    row = LoginAttempt(name=str(name)[:64], rater_id=rater.id if rater is not None else None, outcome=outcome,
+                       created_at=now)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def login_attempts(s: Session, *, name: Optional[str] = None, limit: int = 100) -> list[LoginAttempt]:
+    query = select(LoginAttempt).order_by(LoginAttempt.id.desc()).limit(_check_limit(limit))
+    if name is not None:
+        query = query.where(LoginAttempt.name == name)
+    return list(s.scalars(query))
+
+
+def create_auth_session(s: Session, *, token_sha256: str, rater: Rater, expires_at: datetime,
+                        now: Optional[datetime] = None) -> AuthSession:
+    _check_sha256("token_sha256", token_sha256)
+    now = _check_aware("now", now) or utcnow()
+    row = AuthSession(token_sha256=token_sha256, rater_id=rater.id, created_at=now, last_seen_at=now,
+                      expires_at=_check_aware("expires_at", expires_at))
+    s.add(row)
+    s.flush()
+    return row
+
+
+def session_rater(s: Session, token_sha256: str, *, idle_s: float, now: Optional[datetime] = None,
+                  touch_after_s: float = 30.0) -> Optional[Rater]:
+    """The account a login session belongs to, or None when the session is unknown, revoked, past its
+    absolute expiry, idle longer than ``idle_s``, or its account is disabled. A live session's
+    ``last_seen_at`` moves forward (written at most every ``touch_after_s``)."""
+    if not isinstance(token_sha256, str) or not _SHA256.fullmatch(token_sha256):
+        return None
+    now = _check_aware("now", now) or utcnow()
+    row = s.get(AuthSession, token_sha256)
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
+        return None
+    if (now - row.last_seen_at).total_seconds() > idle_s:
+        row.revoked_at = now
+        s.flush()
+        return None
+    rater = s.get(Rater, row.rater_id)
+    if rater is None or rater.disabled_at is not None:
+        return None
+    if (now - row.last_seen_at).total_seconds() >= touch_after_s:
+        row.last_seen_at = now
+        s.flush()
+    return rater
+
+
+def revoke_auth_session(s: Session, token_sha256: str, *, now: Optional[datetime] = None) -> bool:
+    now = _check_aware("now", now) or utcnow()
+    row = s.get(AuthSession, token_sha256) if _SHA256.fullmatch(str(token_sha256)) else None
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = now
+    s.flush()
+    return True
+
+
+def revoke_rater_sessions(s: Session, rater_id: int, *, now: Optional[datetime] = None) -> int:
+    now = _check_aware("now", now) or utcnow()
+    result = s.execute(update(AuthSession).where(AuthSession.rater_id == rater_id, AuthSession.revoked_at.is_(None))
+                       .values(revoked_at=now))
+    return result.rowcount or 0
+
+
+def purge_auth_sessions(s: Session, *, before: datetime) -> int:
+    """Delete sessions that ended (expired or revoked) before ``before``."""
+    _check_aware("before", before)
+    result = s.execute(delete(AuthSession).where(or_(AuthSession.expires_at < before, AuthSession.revoked_at < before)))
+    return result.rowcount or 0
+
+
+def rater_roles(s: Session) -> dict[str, str]:
+    """Role of every enabled account by name; names not listed are anonymous (or disabled) for cleaning."""
+    rows = s.execute(select(Rater.name, Rater.role).where(Rater.disabled_at.is_(None))).all()
+    return {name: role for name, role in rows}
+
+
+def feedback_counts_per_rater(s: Session) -> list[dict[str, Any]]:
+    """Per account: role, ratings, corrections (all, used, rejected), last feedback time; anonymous sessions
+    are one row ("(anonymous)")."""
+    out: dict[str, dict[str, Any]] = {}
+    roles = {r.name: r for r in list_raters(s)}
+
+    def entry(user: Optional[str]) -> dict[str, Any]:
+        key = user if user in roles else "(anonymous)" if user is None else user
+        if key not in out:
+            r = roles.get(key)
+            out[key] = {"user": key, "role": r.role if r else ("anonymous" if user is None else "unknown"),
+                        "disabled": bool(r and r.disabled_at), "ratings": 0, "corrections": 0, "used": 0,
+                        "rejected": 0}
+        return out[key]
+
+    for user, n in s.execute(select(Rating.user, func.count()).group_by(Rating.user)).all():
+        entry(user)["ratings"] += n
+    for user, status, n in s.execute(select(Correction.user, Correction.status, func.count())
+                                     .group_by(Correction.user, Correction.status)).all():
+        e = entry(user)
+        e["corrections"] += n
+        if status in ("used", "rejected"):
+            e[status] += n
+    for name in roles:
+        entry(name)
+    return sorted(out.values(), key=lambda e: (e["user"] == "(anonymous)", e["user"]))

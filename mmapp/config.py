@@ -123,6 +123,25 @@ class RetrainConfig:
     stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
     runner: str = "worker"  # worker: `python -m retrain worker` (python app.py starts it) trains; in-process: a web thread
     worker_poll_s: float = 2.0  # how often the worker looks for an operator's "retrain now"
+    # Trust (docs/security.md "Accounts and sessions"): operators and trusted annotators vs. everyone else.
+    trusted_label_votes: int = 2  # votes a trusted rater's label counts for in the label quorum (2 = a quorum alone)
+    anonymous_rule: str = "trusted_agreement"  # how untrusted feedback is confirmed: "trusted_agreement" | "quorum" | "open" (off)
+    anonymous_quorum: int = 3  # "quorum": distinct sessions that must give the same label / a close caption per image
+    anonymous_agree_cos: float = 0.8  # two captions of one image "agree" at this text cosine or above
+    max_anonymous_per_run: int = 50  # "quorum": at most this many anonymous items accepted per run (per night)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Rater accounts and login sessions (feedback_db.accounts; docs/security.md "Accounts and sessions")."""
+
+    session_idle_minutes: float = 30.0  # a login session unused this long is ended
+    session_max_hours: float = 12.0  # absolute lifetime of a login session (and of its cookie)
+    lockout_after: int = 5  # failed logins in a row before an account is locked
+    lockout_base_s: float = 30.0  # first lock; doubles with each further failure
+    lockout_max_s: float = 900.0  # longest lock
+    cookie_secure: bool = False  # set the cookie's Secure flag (turn on behind HTTPS)
+    scrypt_log2_n: int = 14  # scrypt cost of new password hashes (2**14: ~16 MiB, ~50 ms per check)
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

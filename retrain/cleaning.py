@@ -23,7 +23,12 @@ NEAR_DUPLICATE = "near_duplicate"
 SIMILARITY_OUTLIER = "similarity_outlier"
 CHANCE_AGREEMENT = "chance_agreement"
 USER_SHARE = "user_share"
+ANONYMOUS_UNCONFIRMED = "anonymous_unconfirmed"  # no trusted rater (or, by rule, no quorum) agrees yet
+ANONYMOUS_CAP = "anonymous_cap"  # over this run's cap on anonymous items
+ANONYMOUS_RULES = ("trusted_agreement", "quorum", "open")  # open: no trust rule (simulations, closed setups)
 REASONS: dict[str, bool] = {
+    ANONYMOUS_UNCONFIRMED: False,
+    ANONYMOUS_CAP: False,
     NO_QUORUM: False,
     LABEL_DISAGREEMENT: True,
     EXACT_DUPLICATE: True,
@@ -44,8 +49,18 @@ class CleaningConfig:
     outlier_z: float = -2.5  # robust z of image–text agreement below which a pair is rejected
     near_duplicate_cos: float = 0.98  # image AND text cosine at or above this = near duplicate
     min_agreement: float = 1.0  # a caption must beat random captions of its image by this many SDs
+    trusted_label_votes: int = 2  # votes one trusted rater's label counts for
+    anonymous_rule: str = "trusted_agreement"  # how untrusted items are confirmed: one of ANONYMOUS_RULES
+    anonymous_quorum: int = 3  # "quorum": distinct untrusted raters agreeing on one image
+    anonymous_agree_cos: float = 0.8  # caption text cosine at which two captions of one image agree
+    max_anonymous_per_run: int = 50  # "quorum": cap on untrusted items accepted by quorum in one run
 
     def __post_init__(self) -> None:
+        if self.anonymous_rule not in ANONYMOUS_RULES:
+            raise ValueError(f"anonymous_rule must be one of {ANONYMOUS_RULES}, got {self.anonymous_rule!r}")
+        if self.trusted_label_votes < 1 or self.anonymous_quorum < 1 or self.max_anonymous_per_run < 0:
+            raise ValueError("trusted_label_votes and anonymous_quorum must be >= 1 and max_anonymous_per_run >= 0, "
+                             f"got {self.trusted_label_votes}, {self.anonymous_quorum}, {self.max_anonymous_per_run}")
         if self.label_quorum < 1:
             raise ValueError(f"label_quorum must be >= 1, got {self.label_quorum}")
         if not 0.0 < self.max_user_share <= 1.0:
@@ -58,7 +73,11 @@ class CleaningConfig:
         """From ``mmapp.config.RetrainConfig`` (its cleaning knobs)."""
         return cls(label_quorum=retrain_config.label_quorum, max_user_share=retrain_config.max_user_share,
                    outlier_z=retrain_config.outlier_z, near_duplicate_cos=retrain_config.near_duplicate_cos,
-                   min_agreement=retrain_config.min_agreement)
+                   min_agreement=retrain_config.min_agreement,
+                   trusted_label_votes=retrain_config.trusted_label_votes,
+                   anonymous_rule=retrain_config.anonymous_rule, anonymous_quorum=retrain_config.anonymous_quorum,
+                   anonymous_agree_cos=retrain_config.anonymous_agree_cos,
+                   max_anonymous_per_run=retrain_config.max_anonymous_per_run)
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class Candidate:
     # score of the same image with random reference captions, in units of their SD (about 0 for a
     # random caption).
     agreement: float = math.nan
+    trusted: bool = False  # from an operator or trusted annotator account (decided by the server's login)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,7 +118,7 @@ class Rejection:
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate
         return {"item_id": c.item_id, "user": c.user, "kind": c.kind, "text": c.text, "label": c.label,
-                "image_key": c.image_key, "reason": self.reason, "final": self.final, "detail": self.detail}
+                "image_key": c.image_key, "trusted": c.trusted, "reason": self.reason, "final": self.final, "detail": self.detail}
 
 
 @dataclass
@@ -121,29 +141,93 @@ def normalize_text(text: str) -> str:
 # --- rules ------------------------------------------------------------------------------------
 
 
-def check_label_quorum(candidates: Sequence[Candidate], quorum: int) -> Split:
-    """Where several raters corrected the label of one image, keep the label at least ``quorum`` of
-    them chose (a strict plurality); the others disagree. Without such a label all are held back.
-    One rater's repeated votes count once (their latest). Items seen by one rater pass untouched."""
+def check_label_quorum(candidates: Sequence[Candidate], quorum: int, trusted_votes: int = 1) -> Split:
+    """Where several raters corrected the label of one image, keep the label with at least ``quorum``
+    votes (a strict plurality); the others disagree. Without such a label all are held back.
+    One rater's repeated votes count once (their latest). Items seen by one rater pass untouched.
+    A trusted rater's vote counts ``trusted_votes`` times, and where any trusted rater voted only
+    trusted votes count: untrusted sessions, however many, cannot outvote a trusted annotator."""
     by_image: dict[str, list[Candidate]] = defaultdict(list)
     for c in candidates:
         if c.kind == "label":
             by_image[c.image_key].append(c)
     verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
     for image_key, items in by_image.items():
-        latest = {c.user: c.label for c in items}  # dict keeps the last vote per user
+        latest = {c.user: (c.label, c.trusted) for c in items}  # dict keeps the last vote per user
         if len(latest) < 2:
             continue
-        votes = Counter(latest.values())
+        any_trusted = any(trusted for _, trusted in latest.values())
+        votes: Counter[str] = Counter()
+        for label, trusted in latest.values():
+            if trusted or not any_trusted:
+                votes[label] += trusted_votes if trusted else 1
         ranked = votes.most_common()
         top_label, top_votes = ranked[0]
         tie = len(ranked) > 1 and ranked[1][1] == top_votes
-        detail = {"votes": dict(votes), "raters": len(latest), "quorum": quorum}
+        detail = {"votes": dict(votes), "raters": len(latest), "quorum": quorum, "trusted_voted": any_trusted}
         for c in items:
             if tie or top_votes < quorum:
                 verdict[c.item_id] = (NO_QUORUM, detail)
             elif c.label != top_label:
                 verdict[c.item_id] = (LABEL_DISAGREEMENT, {**detail, "agreed_label": top_label})
+    return _apply(candidates, verdict)
+
+
+def _agree(a: Candidate, b: Candidate, min_cos: float) -> bool:
+    """Same image and the same answer: equal label, or captions equal after normalising or with text
+    cosine >= ``min_cos``."""
+    if a.kind != b.kind or a.image_key != b.image_key:
+        return False
+    if a.kind == "label":
+        return a.label == b.label
+    if normalize_text(a.text) == normalize_text(b.text):
+        return True
+    if a.text_embedding is None or b.text_embedding is None:
+        return False
+    ta, tb = _unit_rows([a.text_embedding, b.text_embedding])
+    return float(ta @ tb) >= min_cos
+
+
+def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -> Split:
+    """Anti-sybil rule: an item from an anonymous session or an untrusted account is kept only when
+
+    * a trusted rater gave an agreeing answer for the same image in this run (either rule), or
+    * rule "quorum": at least ``anonymous_quorum`` distinct untrusted raters agree on it, and the run
+      has not yet accepted ``max_anonymous_per_run`` untrusted items this way (earliest first).
+
+    Everything else is held back (not final): a trusted rater may confirm it in a later run. Under
+    "trusted_agreement" a script with any number of sessions gets nothing in by itself; under
+    "quorum" at most the cap per run; "open" turns the rule off (every session counts as a rater,
+    as before accounts existed: for simulations and deployments where every client is known).
+    """
+    if config.anonymous_rule == "open":
+        return list(candidates), []
+    trusted_by_image: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
+    untrusted_by_image: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        (trusted_by_image if c.trusted else untrusted_by_image)[(c.kind, c.image_key)].append(c)
+    verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
+    by_quorum = 0
+    for c in candidates:
+        if c.trusted:
+            continue
+        key = (c.kind, c.image_key)
+        if any(_agree(c, t, config.anonymous_agree_cos) for t in trusted_by_image[key]):
+            continue
+        if config.anonymous_rule == "quorum":
+            agreeing = {o.user for o in untrusted_by_image[key] if _agree(c, o, config.anonymous_agree_cos)}
+            if len(agreeing) >= config.anonymous_quorum:
+                if by_quorum < config.max_anonymous_per_run:
+                    by_quorum += 1
+                    continue
+                verdict[c.item_id] = (ANONYMOUS_CAP, {"cap": config.max_anonymous_per_run,
+                                                      "agreeing_raters": len(agreeing)})
+                continue
+            verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "quorum", "agreeing_raters": len(agreeing),
+                                                          "quorum": config.anonymous_quorum})
+            continue
+        verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "trusted_agreement",
+                                                      "trusted_items_on_image": len(trusted_by_image[key])})
     return _apply(candidates, verdict)
 
 
@@ -246,14 +330,18 @@ def user_quota(counts: Iterable[int], max_share: float) -> int | None:
 
 
 def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
-    """Poisoning guard: keep each user's earliest items up to the quota from :func:`user_quota`."""
-    per_user = Counter(c.user for c in candidates)
-    k = user_quota(per_user.values(), max_share)
+    """Poisoning guard: keep each untrusted user's earliest items up to the quota from :func:`user_quota`.
+    Trusted raters are never capped; their items count in the total the shares are measured against."""
+    per_user = Counter(c.user for c in candidates if not c.trusted)
+    n_trusted = sum(1 for c in candidates if c.trusted)
+    k = user_quota([*per_user.values(), *([1] * n_trusted)], max_share) if per_user else None
     if k is None:
         return list(candidates), []
     seen: Counter[str] = Counter()
     verdict = {}
     for c in candidates:
+        if c.trusted:
+            continue
         seen[c.user] += 1
         if seen[c.user] > k:
             verdict[c.item_id] = (USER_SHARE, {"user_items": per_user[c.user], "quota": k,
@@ -263,7 +351,7 @@ def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
 
 def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
           reference_agreement: np.ndarray | None = None) -> CleaningResult:
-    """All rules in order: label quorum, exact and near duplicates, agreement outliers (against the
+    """All rules in order: label quorum, confirmation of untrusted items (anonymous rules), exact and near duplicates, agreement outliers (against the
     other candidates, or ``reference_agreement`` of trusted pairs when given), agreement no better
     than chance, user share. The share cap runs last, so shares are measured over clean items."""
     ids = [c.item_id for c in candidates]
@@ -271,7 +359,8 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
         dupes = [i for i, n in Counter(ids).items() if n > 1]
         raise ValueError(f"candidate item_ids must be unique, got repeats {dupes[:5]}")
     kept, rejected = list(candidates), []
-    for rule in (lambda cs: check_label_quorum(cs, config.label_quorum),
+    for rule in (lambda cs: check_label_quorum(cs, config.label_quorum, config.trusted_label_votes),
+                 lambda cs: confirm_untrusted(cs, config),
                  drop_exact_duplicates,
                  lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
                  lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement),

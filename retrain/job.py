@@ -388,7 +388,8 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
                                                     ctx.config, seed)
     candidates = [Candidate(item.item_id, item.user, item.kind, item.image_sha256, item.text, item.label,
                             image_embedding=item_feats.image[i].numpy(), text_embedding=item_feats.text[i].numpy(),
-                            agreement=float(agreement[i]) if item.kind == "pair" else float("nan"))
+                            agreement=float(agreement[i]) if item.kind == "pair" else float("nan"),
+                            trusted=item.trusted)
                   for i, item in enumerate(items)]
     cleaning = clean(candidates, CleaningConfig.from_retrain(ctx.config.retrain))
     by_id = {item.item_id: item for item in items}

@@ -88,6 +88,7 @@ def collect(engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
             "gate": stats.get("gate"),
             "ratings": ratings_summary(ratings),
             "agreement": agreement_summary(ratings),
+            "raters": rater_summary(ratings, _label_votes(s), repo.feedback_counts_per_rater(s)),
             "corrections": _correction_rates(s),
             "retrieval": _retrieval_over_versions(s, version, run),
             "ablation": _ablation(stats),
@@ -127,6 +128,49 @@ def _ratings(s: Session) -> list[dict[str, Any]]:
              "item": f"{r['image_sha256']}|{r['model_version']}|{r['ablation']}|{r['output']}",
              "rater": r["user"] or f"session:{r['session_id']}", **{score: r[score] for score in SCORES}}
             for r in repo.ratings_with_outputs(s)]
+
+
+def _label_votes(s: Session) -> list[dict[str, Any]]:
+    return [{"image": r["image_sha256"], "rater": r["user"] or f"session:{r['session_id']}", "label": r["value"]}
+            for r in repo.corrections_since(s, None) if r["field"] == "label"]
+
+
+def rater_summary(ratings: list[dict[str, Any]], label_votes: list[dict[str, Any]],
+                  counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per account (anonymous sessions pooled as "(anonymous)"): role, feedback counts, and agreement
+    with the consensus of the *other* raters — the share of the rater's scores within 1 point of the
+    others' median on the same item, and the share of label corrections equal to the others' majority
+    label of the same image (None where nobody else rated the same thing)."""
+    def who(rater: str) -> str:
+        return "(anonymous)" if rater.startswith("session:") else rater
+
+    close: dict[str, list[bool]] = defaultdict(list)
+    by_item: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    for r in ratings:
+        for score in SCORES:
+            if r[score] is not None:
+                by_item[(r["item"], score)][r["rater"]] = r[score]
+    for votes in by_item.values():
+        for rater, x in votes.items():
+            others = [y for o, y in votes.items() if o != rater]
+            if others:
+                close[who(rater)].append(abs(x - float(np.median(others))) <= 1.0)
+    same_label: dict[str, list[bool]] = defaultdict(list)
+    by_image: dict[str, dict[str, str]] = defaultdict(dict)
+    for v in label_votes:
+        by_image[v["image"]][v["rater"]] = v["label"]
+    for votes in by_image.values():
+        for rater, label in votes.items():
+            others = Counter(lab for o, lab in votes.items() if o != rater).most_common(1)
+            if others:
+                same_label[who(rater)].append(label == others[0][0])
+
+    def share(flags: list[bool]) -> Optional[float]:
+        return round(sum(flags) / len(flags), 3) if flags else None
+
+    return [{**c, "score_agreement": share(close.get(c["user"], [])), "scores_compared": len(close.get(c["user"], [])),
+             "label_agreement": share(same_label.get(c["user"], [])),
+             "labels_compared": len(same_label.get(c["user"], []))} for c in counts]
 
 
 def mean_interval(values: np.ndarray, *, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -433,6 +477,11 @@ def render_html(data: dict[str, Any]) -> str:
         "bootstrap interval.</p>" + _img(plot_ratings(data["ratings"]), "rating distributions") + "</section>",
         '<section id="agreement"><h2>Inter-rater agreement (Krippendorff\'s alpha, ordinal)</h2>'
         + _table(agreement, ["score", "alpha", "items_with_several_ratings", "raters", "note"]) + "</section>",
+        '<section id="raters"><h2>Raters</h2><p>Feedback per account (anonymous sessions pooled) and agreement '
+        "with the other raters' consensus on the same items.</p>"
+        + _table(data.get("raters") or [], ["user", "role", "disabled", "ratings", "corrections", "used", "rejected",
+                                            "score_agreement", "scores_compared", "label_agreement",
+                                            "labels_compared"]) + "</section>",
         '<section id="corrections"><h2>Correction rates</h2><p>Share of predictions that received a correction '
         "(95% Wilson interval).</p>" + _table(rates, ["version", "predictions", "corrected_predictions", "rate", "ci",
                                                        "by_field"])

@@ -25,6 +25,7 @@ HELDOUT_FRACTION = 0.2  # of images; changing it reshuffles the held-out set, so
 TUNE_FRACTION = 0.15  # of the training side: picks the score mix and the fusion head's best epoch
 _HELDOUT_SALT = "mmapp-heldout-v1"
 _TUNE_SALT = "mmapp-tune-v1"
+TRUSTED_ROLES = ("operator", "trusted")  # account roles whose feedback counts fully (retrain.cleaning)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class FeedbackItem:
     created_at: datetime
     predicted: str  # what the model had said (caption or label)
     model_version: str  # which version said it
+    trusted: bool = False  # ``user`` is an enabled operator or trusted-annotator account
 
     @property
     def heldout(self) -> bool:
@@ -89,6 +91,8 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
     Rated pairs count for training only if rated after the current version was promoted."""
     items: list[FeedbackItem] = []
     ignored: dict[str, int] = {}
+    roles = repo.rater_roles(s)  # the role now: a demoted or disabled account's unused items lose their trust
+    trusted = lambda user: roles.get(user or "") in TRUSTED_ROLES
     rows = repo.corrections_since(s, None, statuses=("new",))
     ocr_fix = repo.latest_ocr_text(s, {r["prediction_id"] for r in rows if r["field"] == "label"})
     for r in rows:
@@ -108,11 +112,11 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
             item_id=f"correction:{r['correction_id']}", kind=kind, prediction_id=r["prediction_id"],
             correction_id=r["correction_id"], image_sha256=r["image_sha256"], image_relpath=r["image_relpath"],
             text=text, label=label, user=_who(r["user"], r["session_id"]), created_at=r["created_at"],
-            predicted=predicted, model_version=r["model_version"]))
+            predicted=predicted, model_version=r["model_version"], trusted=trusted(r["user"])))
 
     current = repo.current_version(s)
     since = current.promoted_at if current is not None else None
-    for item, rated_at in _rated_pairs(s, min_rating):
+    for item, rated_at in _rated_pairs(s, min_rating, roles):
         if item.heldout or since is None or rated_at > since:
             items.append(item)
 
@@ -121,7 +125,7 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
     return Selection(train, heldout, ignored)
 
 
-def _rated_pairs(s: Session, min_rating: float) -> list[tuple[FeedbackItem, datetime]]:
+def _rated_pairs(s: Session, min_rating: float, roles: dict[str, str]) -> list[tuple[FeedbackItem, datetime]]:
     """Caption predictions rated well on average (coherence and relevance), with no caption correction."""
     out = []
     for r in repo.well_rated_captions(s, min_rating=min_rating):
@@ -132,7 +136,7 @@ def _rated_pairs(s: Session, min_rating: float) -> list[tuple[FeedbackItem, date
             item_id=f"rated:{r['prediction_id']}", kind="pair", prediction_id=r["prediction_id"], correction_id=None,
             image_sha256=r["image_sha256"], image_relpath=r["image_relpath"], text=caption, label=None,
             user=_who(r["user"], r["session_id"]), created_at=r["rated_at"], predicted=caption,
-            model_version=r["model_version"]), r["rated_at"]))
+            model_version=r["model_version"], trusted=roles.get(r["user"] or "") in TRUSTED_ROLES), r["rated_at"]))
     return out
 
 

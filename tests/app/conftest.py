@@ -25,6 +25,7 @@ PHOTOS = REPO / "mmapp" / "assets" / "photos"
 TEST_VERSION = "test-tiny-v1"
 LABELS = ("positive", "sarcastic", "dark humor")
 OPERATOR = ("operator", "s3cret-pass")
+SESSION_COOKIE = "mmapp_session"  # app.SESSION_COOKIE (not imported here: importing app loads Gradio)
 
 
 def free_port() -> int:
@@ -110,10 +111,23 @@ class RunningApp:
     home: Path
     blobstore: object
 
-    def client(self):
+    def client(self, token: str | None = None):
+        """A ``gradio_client`` client; with ``token`` it sends that login cookie on every request."""
         from gradio_client import Client
 
-        return Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
+        extra = {"httpx_kwargs": {"cookies": {SESSION_COOKIE: token}}} if token else {}
+        return Client(self.url, verbose=False, download_files=False, analytics_enabled=False, **extra)
+
+    def login(self, user: str = OPERATOR[0], password: str = OPERATOR[1]):
+        """``POST /auth/login`` as a script would; returns the httpx response (the cookie is in it on success)."""
+        import httpx
+
+        return httpx.post(f"{self.url.rstrip('/')}/auth/login", json={"user": user, "password": password}, timeout=30)
+
+    def operator_client(self, user: str = OPERATOR[0], password: str = OPERATOR[1]):
+        response = self.login(user, password)
+        assert response.status_code == 200, response.text
+        return self.client(response.cookies[SESSION_COOKIE])
 
 
 def start_app(home: Path, predictor, *, build_options: dict | None = None, **app_overrides) -> RunningApp:
@@ -128,7 +142,7 @@ def start_app(home: Path, predictor, *, build_options: dict | None = None, **app
     blobstore = BlobStore(home / "uploads")
     watcher = webapp.ModelWatcher(predictor, engine, interval_s=0.2)
     demo = webapp.build_app(config, predictor, engine, blobstore, watcher=watcher, **(build_options or {}))
-    demo.launch(**{**webapp.launch_options(config, guard=demo.client_guard), "prevent_thread_lock": True, "quiet": True})
+    demo.launch(**{**webapp.launch_options(config, demo), "prevent_thread_lock": True, "quiet": True})
     return RunningApp(demo.local_url, demo, engine, config, home, blobstore)
 
 

@@ -57,8 +57,8 @@ def retrain_app(predictor, held_features):
 
 
 def operator_client(running):
-    client = running.client()
-    client.predict(*OPERATOR, api_name="/operator_login")
+    client = running.operator_client()  # POST /auth/login, then the login cookie on every request
+    client.predict(OPERATOR[0], "200", api_name="/operator_login")
     return client
 
 

@@ -278,15 +278,18 @@ def test_operator_page_needs_login(running_app):
         client.predict("csv", api_name="/operator_export")
     with pytest.raises(AppError, match="Wrong user or password"):
         client.predict(OPERATOR[0], "wrong", api_name="/operator_login")
+    assert running_app.login(OPERATOR[0], "wrong-password").status_code == 401
 
 
 def test_operator_tables_and_exports(running_app, meme_path, tmp_path):
-    client = running_app.client()
-    details = caption(client)
-    client.predict(4, 4, 4, "an operator-visible caption", "", "", api_name="/rate_caption")
-    analyze(client, meme_path)
-    out = client.predict(*OPERATOR, api_name="/operator_login")
-    version, predictions, feedback, per_day, per_label = out[-5:]
+    anonymous = running_app.client()
+    details = caption(anonymous)
+    anonymous.predict(4, 4, 4, "an operator-visible caption", "", "", api_name="/rate_caption")
+    analyze(anonymous, meme_path)
+    client = running_app.operator_client()  # POST /auth/login; the cookie rides on every request
+    out = client.predict(OPERATOR[0], "200", api_name="/operator_login")
+    version, predictions, feedback, per_day, per_label, raters = out[-6:]
+    assert OPERATOR[0] in [row[0] for row in raters["data"]]
     assert TEST_VERSION in version
     assert details["prediction_id"] in [row[0] for row in predictions["data"]]
     assert "an operator-visible caption" in [row[10] for row in feedback["data"]]
@@ -323,6 +326,7 @@ def test_operator_page_is_unusable_without_configured_credentials(predictor, tmp
         for user, password in (("", ""), (OPERATOR[0], OPERATOR[1])):
             with pytest.raises(AppError, match="disabled"):
                 client.predict(user, password, api_name="/operator_login")
+            assert running.login(user, password).status_code == 403
         with pytest.raises(AppError, match="Log in"):
             client.predict(api_name="/operator_refresh")
     finally:

@@ -124,8 +124,10 @@ class SyntheticSource:
 def make_config(home: Path, *, finetune: dict | None = None, **retrain):
     """Settings for tests: few epochs, few bootstrap resamples (override any ``retrain.*`` by keyword)."""
     # 120 test pairs resolve R@1 in steps of 0.008: a tolerance of 0.01 would be one query.
+    # The synthetic users have no accounts; "open" keeps them counting as raters (tests of the trust
+    # rules set anonymous_rule themselves).
     retrain = {"replay_size": 120, "min_new_items": 1, "cron": "0 3 * * *", "tolerance": 0.05, "n_bootstrap": 50,
-               **retrain}
+               "anonymous_rule": "open", **retrain}
     return load_config("offline", env={}, storage={"home": str(home)}, retrain=retrain,
                        finetune={"epochs": 6, "fusion_epochs": 6, **(finetune or {})},
                        train={"epochs": 15, "batch_size": 64, "lr": 3e-3, "seed": 0})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 import zipfile
 from pathlib import Path
 
@@ -50,9 +51,19 @@ def session() -> dict:
     return app.new_session()
 
 
+def logged_in(services, user: str = OPERATOR[0], password: str = OPERATOR[1]) -> gr.Request:
+    """A request carrying the login cookie the server issued for ``user`` (as /auth/login would set it)."""
+    result = services.accounts.login(user, password)
+    assert result.ok, result.message
+    return gr.Request(cookies={app.SESSION_COOKIE: result.token})
+
+
 @pytest.fixture
-def operator(services, session) -> dict:
-    return app.operator_login(services, *OPERATOR, session)["session"]
+def operator(services) -> gr.Request:
+    return logged_in(services)
+
+
+ANONYMOUS = gr.Request(cookies={})
 
 
 def rows(services, model, *where) -> list:
@@ -182,60 +193,76 @@ def test_bad_input_is_a_clear_user_error_and_stores_nothing(services, session, m
 # ---- operator --------------------------------------------------------------------------------------
 
 def test_operator_actions_are_refused_without_login(services, session):
-    refused = [functools.partial(app.operator_refresh, services, session),
-               functools.partial(app.operator_export, services, "csv", session),
-               functools.partial(app.retrain_status, services, session),
-               functools.partial(app.retrain_now, services, session),
-               functools.partial(app.retrain_rollback, services, TEST_VERSION, session),
-               functools.partial(app.retrain_report, services, TEST_VERSION, session)]
-    for action in refused:
-        with pytest.raises(UserInputError, match="Log in as operator first"):
-            action()
-    assert app.poll_retrain_status(services, session, None) is None  # the timer's tick: silent, nothing drawn
-    assert app.retrain_panel_opened(services, session) is None
+    forged = gr.Request(cookies={app.SESSION_COOKIE: "not-a-session-the-server-issued"})
+    for request in (None, ANONYMOUS, forged):
+        refused = [functools.partial(app.operator_refresh, services, request),
+                   functools.partial(app.operator_export, services, "csv", request),
+                   functools.partial(app.operator_create_rater, services, "someone", "trusted", request),
+                   functools.partial(app.operator_update_rater, services, OPERATOR[0], "disable", request),
+                   functools.partial(app.retrain_status, services, request),
+                   functools.partial(app.retrain_now, services, request),
+                   functools.partial(app.retrain_rollback, services, TEST_VERSION, request),
+                   functools.partial(app.retrain_report, services, TEST_VERSION, request)]
+        for action in refused:
+            with pytest.raises(UserInputError, match="Log in as operator first"):
+                action()
+        assert app.poll_retrain_status(services, None, request) is None  # the timer's tick: silent, nothing drawn
+        assert app.retrain_panel_opened(services, request) is None
+    # the page's script reports the login route's status; the cookie alone decides, the status only words it
     with pytest.raises(UserInputError, match="Wrong user or password"):
-        app.operator_login(services, OPERATOR[0], "wrong", session)
+        app.operator_login(services, OPERATOR[0], "401", session, ANONYMOUS)
+    with pytest.raises(UserInputError, match="Wrong user or password"):  # a password sent here is never echoed
+        app.operator_login(services, OPERATOR[0], OPERATOR[1], session, ANONYMOUS)
+    with pytest.raises(UserInputError, match="try again in 31 s"):
+        app.operator_login(services, OPERATOR[0], "429:31", session, ANONYMOUS)
 
 
 def test_operator_login_is_disabled_without_configured_credentials(services, session, tmp_path):
+    from feedback_db.engine import init_db, make_engine
+
     config = make_config(tmp_path, operator_user="", operator_password="")
-    disabled = app.AppServices(config=config, predictor=services.predictor, engine=services.engine,
+    engine = make_engine(f"sqlite:///{tmp_path / 'no-accounts.db'}")  # no operator in the env, no accounts
+    init_db(engine)
+    disabled = app.AppServices(config=config, predictor=services.predictor, engine=engine,
                                blobstore=services.blobstore, watcher=services.watcher, exports_dir=tmp_path)
-    for user, password in (("", ""), OPERATOR):
+    assert not disabled.login_enabled()
+    for user, status in (("", ""), (OPERATOR[0], "200")):
         with pytest.raises(UserInputError, match="disabled"):
-            app.operator_login(disabled, user, password, session)
+            app.operator_login(disabled, user, status, session, ANONYMOUS)
+    engine.dispose()
 
 
 def test_operator_login_shows_the_tables_and_allows_the_actions(services, session, tmp_path):
     caption = app.caption_image(services, str(CAT), "", session)["result"]
     app.submit_caption_feedback(services, 4, 4, 4, "an operator-visible caption", "", "", caption, session)
 
-    out = app.operator_login(services, *OPERATOR, session)
-    logged_in = out["session"]
-    assert logged_in == {**session, "operator": OPERATOR[0]} and session["operator"] is None  # a new dict
+    request = logged_in(services)
+    out = app.operator_login(services, OPERATOR[0], "200", session, request)
+    assert out["session"] == session and "operator" not in session  # nothing about the login lives in gr.State
     assert out["panel"]["visible"] is True and out["login_box"]["visible"] is False and out["password"] == ""
+    assert out["account_box"]["visible"] is True and OPERATOR[0] in out["whoami"]
     assert TEST_VERSION in out["version"]
     assert caption["prediction_id"] in out["predictions"]["id"].tolist()
     assert "an operator-visible caption" in out["feedback"]["value"].tolist()
     assert out["per_day"]["predictions"].sum() == count(services, Prediction)
 
-    refreshed = app.operator_refresh(services, logged_in)
-    assert set(refreshed) == {"version", "predictions", "feedback", "per_day", "per_label"}
+    refreshed = app.operator_refresh(services, request)
+    assert set(refreshed) == {"version", "predictions", "feedback", "per_day", "per_label", "raters"}
     assert refreshed["predictions"]["id"].max() >= caption["prediction_id"]
 
-    archive = Path(app.operator_export(services, "csv", logged_in)["export_file"]["value"])
+    archive = Path(app.operator_export(services, "csv", request)["export_file"]["value"])
     assert archive.is_relative_to(services.exports_dir)
     with zipfile.ZipFile(archive) as zf:
         names = zf.namelist()
     assert any(n.endswith("feedback.csv") for n in names) and any("/images/" in n for n in names)
     with pytest.raises(UserInputError, match="unknown export format 'xls'"):
-        app.operator_export(services, "xls", logged_in)
+        app.operator_export(services, "xls", request)
 
-    out = app.operator_logout(logged_in)
-    assert out["session"]["operator"] is None and out["session"]["session_id"] == session["session_id"]
+    out = app.operator_logout(services, session, request)
+    assert out["session"]["session_id"] == session["session_id"]
     assert out["panel"]["visible"] is False and out["timer"]["active"] is False
-    with pytest.raises(UserInputError, match="Log in as operator first"):
-        app.operator_refresh(services, out["session"])
+    with pytest.raises(UserInputError, match="Log in as operator first"):  # the server ended the session
+        app.operator_refresh(services, request)
 
 
 # ---- retrain panel ------------------------------------------------------------------------------------
@@ -250,8 +277,8 @@ def test_retrain_status_shape(services, operator):
     assert view["rollback_version"]["choices"] == []  # the only version is the current one
     assert view["report_version"]["choices"] == []
 
-    assert app.poll_retrain_status(services, operator, view["seen"]) is None  # unchanged: nothing redrawn
-    assert set(app.poll_retrain_status(services, operator, "stale")) == RETRAIN_VIEW
+    assert app.poll_retrain_status(services, view["seen"], operator) is None  # unchanged: nothing redrawn
+    assert set(app.poll_retrain_status(services, "stale", operator)) == RETRAIN_VIEW
     opened = app.retrain_panel_opened(services, operator)
     assert set(opened) == RETRAIN_VIEW | {"timer"} and opened["timer"]["active"] is True
     assert app.retrain_panel_closed()["timer"]["active"] is False
@@ -276,7 +303,9 @@ def test_event_function_maps_names_to_components_and_user_errors_to_gr_error(ser
     status, other = object(), object()  # stand-ins for components: the adapter only uses them as keys
     fn = app._event_fn(functools.partial(app.submit_caption_feedback, services), {"status": status, "x": other})
     assert list(inspect.signature(fn).parameters) == [  # the API's parameter names
-        "coherence", "relevance", "detail", "corrected", "comment", "request_id", "result", "session_data"]
+        "coherence", "relevance", "detail", "corrected", "comment", "request_id", "result", "session_data", "request"]
+    # the login cookie reaches a handler as Gradio's request object, which Gradio fills in and leaves out of the API
+    assert typing.get_type_hints(fn) == {"request": gr.Request}
     with pytest.raises(gr.Error, match="Upload an image first"):
         fn(3, 3, 3, "", "", "", None, session)
 
@@ -285,4 +314,4 @@ def test_event_function_maps_names_to_components_and_user_errors_to_gr_error(ser
     assert list(out) == [status] and "Saved" in out[status]
 
     poll = app._event_fn(functools.partial(app.poll_retrain_status, services), {})
-    assert poll(session, None) == gr.skip()  # None from a handler: nothing redrawn
+    assert poll(None) == gr.skip()  # None from a handler: nothing redrawn

@@ -394,7 +394,7 @@ class AppServices:
         if self.guard is None:
             self.guard = ClientGuard.from_config(self.config)
         self.read_engine = read_only_engine(self.engine)
-        self.accounts = Accounts(self.engine, auth_policy(self.config))
+        self.accounts = Accounts(self.engine, AuthPolicy.from_config(self.config.auth))
         if operator_credentials_configured(self.config):  # MMAPP_OPERATOR_USER/PASSWORD stay the way in
             self.accounts.ensure_operator(self.config.app.operator_user, self.config.app.operator_password)
         if self.retrain_features is None:  # reuse the loaded towers: a retrain never loads a second set
@@ -530,13 +530,6 @@ class AppServices:
                 return entry
         known = ", ".join(r["version"] for r in reports) or "none yet"
         raise UserInputError(f"There is no report for version {version!r}; reports exist for: {known}.")
-
-
-def auth_policy(config: Config) -> AuthPolicy:
-    a = config.auth
-    return AuthPolicy(scrypt_log2_n=a.scrypt_log2_n, session_idle_minutes=a.session_idle_minutes,
-                      session_max_hours=a.session_max_hours, lockout_after=a.lockout_after,
-                      lockout_base_s=a.lockout_base_s, lockout_max_s=a.lockout_max_s)
 
 
 def image_limits(config: Config) -> ImageLimits:

@@ -50,6 +50,12 @@ class AuthPolicy:
             raise ValueError(f"bad lockout settings: after={self.lockout_after}, base={self.lockout_base_s}, "
                              f"max={self.lockout_max_s}")
 
+    @classmethod
+    def from_config(cls, auth: object) -> "AuthPolicy":
+        """From ``mmapp.config.AuthConfig`` (read by attribute; this package imports no config)."""
+        return cls(**{f: getattr(auth, f) for f in ("scrypt_log2_n", "session_idle_minutes", "session_max_hours",
+                                                     "lockout_after", "lockout_base_s", "lockout_max_s")})
+
     def lock_for_s(self, failed_logins: int) -> float:
         """Seconds an account stays locked after its ``failed_logins``-th failure in a row (0 = not locked):
         ``lockout_base_s`` at the ``lockout_after``-th, doubling with each further one, capped."""

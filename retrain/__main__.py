@@ -7,6 +7,8 @@
   python -m retrain status [--json]
   python -m retrain rollback VERSION
   python -m retrain report [VERSION]
+  python -m retrain accounts list | create NAME --role trusted|rater|operator | set NAME ROLE |
+                             disable NAME | enable NAME | unlock NAME | password NAME   (rater accounts)
 """
 from __future__ import annotations
 
@@ -116,6 +118,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_accounts(args) -> int:
+    """Rater accounts (docs/security.md "Accounts and sessions"). A new password is generated and printed
+    once, or read from stdin with --password-stdin (never from the command line, which shells keep)."""
+    from feedback_db.accounts import Accounts, AuthPolicy, generate_password
+
+    config, engine = _setup(args)
+    accounts = Accounts(engine, AuthPolicy.from_config(config.auth))
+    password = sys.stdin.readline().rstrip("\n") if getattr(args, "password_stdin", False) else None
+    if args.action == "list":
+        for a in accounts.list():
+            state = "disabled" if a["disabled"] else f"locked until {a['locked_until']}" if a["locked_until"] else "ok"
+            print(f"{a['name']:<24} {a['role']:<9} {state:<30} failed {a['failed_logins']}  "
+                  f"last login {a['last_login_at'] or '-'}")
+    elif args.action == "create":
+        who, password = accounts.create(args.name, args.role, password, created_by="cli")
+        print(f"created {who.name} ({who.role})" + ("" if args.password_stdin else f"; password: {password}"))
+    elif args.action == "set":
+        accounts.update(args.name, role=args.role)
+        print(f"{args.name}: role {args.role}; open sessions ended")
+    elif args.action in ("disable", "enable"):
+        accounts.update(args.name, disabled=args.action == "disable")
+        print(f"{args.name}: {args.action}d")
+    elif args.action == "unlock":
+        accounts.unlock(args.name)
+        print(f"{args.name}: unlocked")
+    elif args.action == "password":
+        new = password or generate_password()
+        accounts.update(args.name, password=new)
+        print(f"{args.name}: new password" + ("" if password else f": {new}") + "; open sessions ended")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=None, help="config profile (default: $MMAPP_PROFILE or offline)")
@@ -136,6 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write the human-eval report of a version (default: the current one)")
     p.add_argument("version", nargs="?")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("accounts", help="rater accounts: list, create, set role, disable/enable, unlock, password")
+    acc = p.add_subparsers(dest="action", required=True)
+    acc.add_parser("list", help="every account with its role and lock state")
+    q = acc.add_parser("create", help="a new account; prints its generated password once")
+    q.add_argument("name")
+    q.add_argument("--role", choices=("trusted", "rater", "operator"), default="trusted")
+    q.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    q = acc.add_parser("set", help="change an account's role (its open sessions end)")
+    q.add_argument("name")
+    q.add_argument("role", choices=("trusted", "rater", "operator"))
+    for action in ("disable", "enable", "unlock"):
+        acc.add_parser(action).add_argument("name")
+    q = acc.add_parser("password", help="a new password (generated and printed once, or from stdin)")
+    q.add_argument("name")
+    q.add_argument("--password-stdin", action="store_true")
+    p.set_defaults(func=cmd_accounts)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -728,7 +728,8 @@ def status_fingerprint(status: dict[str, Any]) -> str:
 
 HEADER = """# mmapp
 Caption images, analyse memes, and teach the model: every rating and correction you submit is stored
-and used to retrain it. No IP address is stored; you are an anonymous session."""
+and used to retrain it. No IP address is stored; you are an anonymous session unless you log in with
+a rater account (Operator tab)."""
 
 CSS = """
 #operator-login {max-width: 640px;}

@@ -48,7 +48,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.middleware import Middleware
 
-from feedback_db.accounts import Accounts, AuthPolicy, Identity
+from feedback_db.accounts import Accounts, AuthPolicy, Identity, generate_password
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_busy
 from feedback_db.export import EXPORT_FORMATS, export_feedback
@@ -1242,7 +1242,6 @@ def operator_update_rater(services: AppServices, name: str, action: str,
         if action == "unlock":
             services.accounts.unlock(name)
         elif action == "new password":
-            from feedback_db.accounts import generate_password
             password = generate_password()
             services.accounts.update(name, password=password)
             notice = f"**{name}**: new password, shown this once: `{password}` (their open sessions ended)."

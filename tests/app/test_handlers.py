@@ -267,6 +267,37 @@ def test_operator_login_shows_the_tables_and_allows_the_actions(services, sessio
 
 # ---- retrain panel ------------------------------------------------------------------------------------
 
+def test_operator_manages_rater_accounts_and_a_raters_feedback_carries_their_name(services, session, operator):
+    out = app.operator_create_rater(services, "dana", "trusted", operator)
+    password = out["rater_notice"].split("`")[1]
+    assert out["rater_name"] == "" and "dana" in out["raters"]["user"].tolist()
+    with pytest.raises(UserInputError, match="already exists"):
+        app.operator_create_rater(services, "dana", "rater", operator)
+    with pytest.raises(UserInputError, match="rater name"):
+        app.operator_create_rater(services, "two words", "rater", operator)
+
+    dana = logged_in(services, "dana", password)
+    out = app.operator_login(services, "dana", "200", session, dana)
+    assert out["panel"]["visible"] is False and "trusted annotator" in out["whoami"]  # a rater sees no panel
+    with pytest.raises(UserInputError, match="Log in as operator first"):
+        app.operator_refresh(services, dana)
+    caption = app.caption_image(services, str(CAT), "", session, dana)["result"]
+    app.submit_caption_feedback(services, 0, 0, 0, "a cat, says dana", "", "", caption, session, dana)
+    app.submit_caption_feedback(services, 0, 0, 0, "a cat, says nobody", "", "", caption, session, ANONYMOUS)
+    users = {c.value: c.user for c in rows(services, Correction, Correction.prediction_id == caption["prediction_id"])}
+    assert users == {"a cat, says dana": "dana", "a cat, says nobody": None}
+    assert rows(services, Prediction, Prediction.id == caption["prediction_id"])[0].user == "dana"
+
+    app.operator_update_rater(services, "dana", "make rater (untrusted)", operator)
+    assert services.identity(dana) is None  # a role change ends her open sessions
+    with pytest.raises(UserInputError, match="cannot disable or demote your own account"):
+        app.operator_update_rater(services, OPERATOR[0], "disable", operator)
+    with pytest.raises(UserInputError, match="unknown action"):
+        app.operator_update_rater(services, "dana", "delete", operator)
+    new = app.operator_update_rater(services, "dana", "new password", operator)["rater_notice"].split("`")[1]
+    assert services.accounts.login("dana", new).identity.role == "rater"
+
+
 def test_retrain_status_shape(services, operator):
     view = app.retrain_status(services, operator)
     assert set(view) == RETRAIN_VIEW

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback_db.models import Correction, Prediction, Rating
-from tests.app.conftest import OPERATOR, PHOTOS, REPO
+from tests.app.conftest import OPERATOR, PHOTOS, REPO, SESSION_COOKIE
 
 pytestmark = pytest.mark.browser
 
@@ -146,3 +146,22 @@ def test_operator_page_after_login(page):
     wait_for_text(page, "#retrain-status", "Next scheduled run")  # the retrain panel fills in after login
     assert page.locator("#retrain-now").is_visible()
     page.screenshot(path=str(ARTIFACTS / "operator.png"), full_page=True)
+
+
+def test_login_cookie_is_httponly_and_logout_ends_it(page, running_app):
+    page.get_by_role("tab", name="Operator").click()
+    field(page, "operator-login").fill(OPERATOR[0])
+    page.locator("#operator-login input[type=password]").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    page.get_by_text("Wrong user or password").first.wait_for()
+    page.locator("#operator-login input[type=password]").fill(OPERATOR[1])
+    page.locator("#operator-login input[type=password]").press("Enter")  # the error overlay covers the button
+    wait_for_text(page, "#whoami", f"Logged in as {OPERATOR[0]}")
+    cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert SESSION_COOKIE not in page.evaluate("document.cookie")  # the page's scripts cannot read it
+    assert page.evaluate("fetch('auth/whoami').then(r => r.status)") == 200
+    page.get_by_role("button", name="Log out").click()
+    page.locator("#operator-login").wait_for(state="visible")
+    page.wait_for_function("fetch('auth/whoami').then(r => r.status === 401)")
+    assert not page.locator("#operator-version").is_visible()

@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import (
-    alembic_config,
     PG_MIGRATION_LOCK_KEY,
+    alembic_config,
     is_busy_error,
     make_engine,
     read_only_engine,
@@ -143,9 +143,11 @@ def _init_db_in_processes(url: str, cwd: Path, n: int) -> list[subprocess.Popen]
 def _assert_migrated_once(procs: list[subprocess.Popen], url: str) -> None:
     stderr = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * len(procs), stderr
+    from alembic.script import ScriptDirectory
+
     engine = make_engine(url)
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()  # the newest migration
     with engine.connect() as c:
-        head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
     assert {"predictions", "ratings", "corrections", "locks"} <= set(inspect(engine).get_table_names())
     engine.dispose()

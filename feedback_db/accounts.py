@@ -231,6 +231,7 @@ class Accounts:
                 repo.record_login_attempt(s, name=name, outcome="disabled", rater=row, now=now)
                 return LoginResult(False, "This account is disabled.")
             repo.record_login_attempt(s, name=name, outcome="ok", rater=row, now=now)
+            repo.purge_auth_sessions(s, before=now - timedelta(days=1))  # ended sessions do not pile up
             token = secrets.token_urlsafe(32)
             max_age = self.policy.session_max_hours * 3600
             repo.create_auth_session(s, token_sha256=token_sha256(token), rater=row,

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
-from feedback_db.engine import retry_on_busy
+from feedback_db.engine import read_only_engine, retry_on_busy
 from feedback_db.models import RATER_ROLES, utcnow
 
 log = logging.getLogger("mmapp.accounts")
@@ -245,16 +245,29 @@ class Accounts:
         return result
 
     def identity(self, token: str | None) -> Optional[Identity]:
-        """The account behind a session cookie, or None (no cookie, unknown, expired, idle, logged out)."""
+        """The account behind a session cookie, or None (no cookie, unknown, expired, idle, logged out).
+        A read-only check (it never holds SQLite's write lock); the session's idle clock is written at
+        most every ``min(30 s, idle / 4)``."""
         if not token or len(token) > 128:
             return None
+        now, digest = self.clock(), token_sha256(token)
         idle_s = self.policy.session_idle_minutes * 60
 
-        def look(s: Session) -> Optional[Identity]:
-            row = repo.session_rater(s, token_sha256(token), idle_s=idle_s, now=self.clock(),
-                                     touch_after_s=min(30.0, idle_s / 4))
-            return Identity(row.name, row.role) if row is not None else None
-        return self._tx(look)
+        def look(s: Session):
+            found = repo.session_rater(s, digest, idle_s=idle_s, now=now)
+            return None if found is None else (Identity(found[0].name, found[0].role), found[1].last_seen_at)
+
+        found = retry_on_busy(lambda: self._read(look))
+        if found is None:
+            return None
+        who, last_seen = found
+        if (now - last_seen).total_seconds() >= min(30.0, idle_s / 4):
+            self._tx(lambda s: repo.touch_auth_session(s, digest, now=now))
+        return who
+
+    def _read(self, fn):
+        with Session(read_only_engine(self.engine)) as s, s.begin():
+            return fn(s)
 
     def logout(self, token: str | None) -> bool:
         if not token or len(token) > 128:

@@ -1198,11 +1198,11 @@ def create_auth_session(s: Session, *, token_sha256: str, rater: Rater, expires_
     return row
 
 
-def session_rater(s: Session, token_sha256: str, *, idle_s: float, now: Optional[datetime] = None,
-                  touch_after_s: float = 30.0) -> Optional[Rater]:
-    """The account a login session belongs to, or None when the session is unknown, revoked, past its
-    absolute expiry, idle longer than ``idle_s``, or its account is disabled. A live session's
-    ``last_seen_at`` moves forward (written at most every ``touch_after_s``)."""
+def session_rater(s: Session, token_sha256: str, *, idle_s: float,
+                  now: Optional[datetime] = None) -> Optional[tuple[Rater, AuthSession]]:
+    """The account a login session belongs to (with the session row), or None when the session is
+    unknown, revoked, past its absolute expiry, idle longer than ``idle_s``, or its account is
+    disabled. Reads only: the caller moves ``last_seen_at`` forward with :func:`touch_auth_session`."""
     if not isinstance(token_sha256, str) or not _SHA256.fullmatch(token_sha256):
         return None
     now = _check_aware("now", now) or utcnow()
@@ -1210,16 +1210,18 @@ def session_rater(s: Session, token_sha256: str, *, idle_s: float, now: Optional
     if row is None or row.revoked_at is not None or row.expires_at <= now:
         return None
     if (now - row.last_seen_at).total_seconds() > idle_s:
-        row.revoked_at = now
-        s.flush()
         return None
     rater = s.get(Rater, row.rater_id)
     if rater is None or rater.disabled_at is not None:
         return None
-    if (now - row.last_seen_at).total_seconds() >= touch_after_s:
-        row.last_seen_at = now
-        s.flush()
-    return rater
+    return rater, row
+
+
+def touch_auth_session(s: Session, token_sha256: str, *, now: Optional[datetime] = None) -> None:
+    """Mark a session as used now (its idle clock restarts)."""
+    now = _check_aware("now", now) or utcnow()
+    s.execute(update(AuthSession).where(AuthSession.token_sha256 == _check_sha256("token_sha256", token_sha256),
+                                        AuthSession.last_seen_at < now).values(last_seen_at=now))
 
 
 def revoke_auth_session(s: Session, token_sha256: str, *, now: Optional[datetime] = None) -> bool:

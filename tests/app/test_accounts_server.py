@@ -98,8 +98,8 @@ def test_logged_out_and_idle_sessions_are_refused(auth_app):
                   .values(last_seen_at=utcnow() - timedelta(minutes=idle + 1)))
     with pytest.raises(AppError, match="Log in as operator first"):
         client.predict(api_name="/operator_refresh")
+    token = login_token(auth_app)
     with Session(auth_app.engine) as s, s.begin():  # and one past its absolute expiry
-        token = login_token(auth_app)
         s.execute(update(AuthSession).where(AuthSession.token_sha256 == token_sha256(token))
                   .values(expires_at=utcnow() - timedelta(seconds=1)))
     with pytest.raises(AppError, match="Log in as operator first"):

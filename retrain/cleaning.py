@@ -173,19 +173,19 @@ def check_label_quorum(candidates: Sequence[Candidate], quorum: int, trusted_vot
     return _apply(candidates, verdict)
 
 
-def _agree(a: Candidate, b: Candidate, min_cos: float) -> bool:
-    """Same image and the same answer: equal label, or captions equal after normalising or with text
-    cosine >= ``min_cos``."""
-    if a.kind != b.kind or a.image_key != b.image_key:
-        return False
-    if a.kind == "label":
-        return a.label == b.label
-    if normalize_text(a.text) == normalize_text(b.text):
-        return True
-    if a.text_embedding is None or b.text_embedding is None:
-        return False
-    ta, tb = _unit_rows([a.text_embedding, b.text_embedding])
-    return float(ta @ tb) >= min_cos
+def _agreement_matrix(rows: Sequence[Candidate], cols: Sequence[Candidate], min_cos: float) -> np.ndarray:
+    """(len(rows), len(cols)) bool: the two items answer one image the same way — equal label, or
+    captions equal after normalising or with text cosine >= ``min_cos`` (cosine only when every item
+    has a text embedding). All items share one image and one kind."""
+    if not rows or not cols:
+        return np.zeros((len(rows), len(cols)), dtype=bool)
+    if rows[0].kind == "label":
+        return np.array([[r.label == c.label for c in cols] for r in rows], dtype=bool)
+    same = np.array([[normalize_text(r.text)] for r in rows]) == np.array([[normalize_text(c.text) for c in cols]])
+    if all(x.text_embedding is not None for x in (*rows, *cols)):
+        cos = _unit_rows([r.text_embedding for r in rows]) @ _unit_rows([c.text_embedding for c in cols]).T
+        same |= cos >= min_cos
+    return same
 
 
 def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -> Split:
@@ -206,28 +206,32 @@ def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -
     untrusted_by_image: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for c in candidates:
         (trusted_by_image if c.trusted else untrusted_by_image)[(c.kind, c.image_key)].append(c)
+    confirmed: set[str] = set()  # untrusted items a trusted rater agrees with
+    agreeing: dict[str, int] = {}  # untrusted item -> distinct untrusted raters giving the same answer
+    for key, items in untrusted_by_image.items():
+        by_trusted = _agreement_matrix(items, trusted_by_image.get(key, []), config.anonymous_agree_cos)
+        confirmed.update(c.item_id for c, row in zip(items, by_trusted) if row.any())
+        if config.anonymous_rule == "quorum":
+            among = _agreement_matrix(items, items, config.anonymous_agree_cos)  # (n, n), diagonal True
+            users = np.array([c.user for c in items])
+            agreeing.update((c.item_id, len(set(users[row]))) for c, row in zip(items, among))
     verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
     by_quorum = 0
     for c in candidates:
-        if c.trusted:
-            continue
-        key = (c.kind, c.image_key)
-        if any(_agree(c, t, config.anonymous_agree_cos) for t in trusted_by_image[key]):
+        if c.trusted or c.item_id in confirmed:
             continue
         if config.anonymous_rule == "quorum":
-            agreeing = {o.user for o in untrusted_by_image[key] if _agree(c, o, config.anonymous_agree_cos)}
-            if len(agreeing) >= config.anonymous_quorum:
-                if by_quorum < config.max_anonymous_per_run:
-                    by_quorum += 1
-                    continue
-                verdict[c.item_id] = (ANONYMOUS_CAP, {"cap": config.max_anonymous_per_run,
-                                                      "agreeing_raters": len(agreeing)})
-                continue
-            verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "quorum", "agreeing_raters": len(agreeing),
-                                                          "quorum": config.anonymous_quorum})
+            n = agreeing[c.item_id]
+            if n >= config.anonymous_quorum and by_quorum < config.max_anonymous_per_run:
+                by_quorum += 1
+            elif n >= config.anonymous_quorum:
+                verdict[c.item_id] = (ANONYMOUS_CAP, {"cap": config.max_anonymous_per_run, "agreeing_raters": n})
+            else:
+                verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "quorum", "agreeing_raters": n,
+                                                              "quorum": config.anonymous_quorum})
             continue
-        verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "trusted_agreement",
-                                                      "trusted_items_on_image": len(trusted_by_image[key])})
+        verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "trusted_agreement", "trusted_items_on_image":
+                                                      len(trusted_by_image.get((c.kind, c.image_key), []))})
     return _apply(candidates, verdict)
 
 

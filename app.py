@@ -411,7 +411,7 @@ class AppServices:
         return {**session_data, "user": who.name if who is not None else None}
 
     def login_enabled(self) -> bool:
-        return operator_credentials_configured(self.config) or bool(self.accounts.list())
+        return operator_credentials_configured(self.config) or bool(self.accounts.list_accounts())
 
     # -- inputs --
     def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
@@ -1138,7 +1138,7 @@ def require_operator(services: AppServices, request: Any) -> Identity:
 
 
 def rater_table(services: AppServices) -> pd.DataFrame:
-    accounts = {a["name"]: a for a in services.accounts.list()}
+    accounts = {a["name"]: a for a in services.accounts.list_accounts()}
     counts = services.read(repo.feedback_counts_per_rater)
     rows = [{**{k: v for k, v in accounts.get(c["user"], {}).items() if k in RATER_COLUMNS},
              **c, "role": ROLE_NAMES.get(c["role"], c["role"])} for c in counts]

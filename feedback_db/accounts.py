@@ -191,7 +191,7 @@ class Accounts:
     def unlock(self, name: str) -> None:
         self._tx(lambda s: repo.unlock_rater(s, name))
 
-    def list(self) -> list[dict]:
+    def list_accounts(self) -> list[dict]:
         def rows(s: Session) -> list[dict]:
             return [{"name": r.name, "role": r.role, "disabled": r.disabled_at is not None,
                      "failed_logins": r.failed_logins, "locked_until": r.locked_until,

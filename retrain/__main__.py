@@ -127,7 +127,7 @@ def cmd_accounts(args) -> int:
     accounts = Accounts(engine, AuthPolicy.from_config(config.auth))
     password = sys.stdin.readline().rstrip("\n") if getattr(args, "password_stdin", False) else None
     if args.action == "list":
-        for a in accounts.list():
+        for a in accounts.list_accounts():
             state = "disabled" if a["disabled"] else f"locked until {a['locked_until']}" if a["locked_until"] else "ok"
             print(f"{a['name']:<24} {a['role']:<9} {state:<30} failed {a['failed_logins']}  "
                   f"last login {a['last_login_at'] or '-'}")

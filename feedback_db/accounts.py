@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable, Optional
@@ -146,6 +148,7 @@ class Accounts:
         self.policy = policy
         self.clock = clock
         self._dummy_hash = hash_password(secrets.token_urlsafe(16), log2_n=policy.scrypt_log2_n)
+        self._name_locks = [threading.Lock() for _ in range(64)]  # striped by name: one attempt per name at a time
 
     def _tx(self, fn):
         def run():
@@ -204,24 +207,39 @@ class Accounts:
         """Check a password under the per-account backoff; on success open a session.
 
         A locked account is refused before any hashing, with the time left; a wrong password adds one
-        failure and may lock the account. Unknown names cost the same hashing as known ones.
+        failure and may lock the account. Unknown names cost the same hashing as known ones. The hash
+        is computed outside any database transaction (it never holds SQLite's write lock), and
+        attempts on one name run one at a time in this process, so a burst of guesses at one account
+        gets ``lockout_after`` hashes, not one per guess.
         """
         name = (name or "").strip()[:64]
+        with self._name_locks[zlib.crc32(name.encode()) % len(self._name_locks)]:
+            return self._login(name, password or "")
+
+    def _login(self, name: str, password: str) -> LoginResult:
         now = self.clock()
         wrong = LoginResult(False, "Wrong user or password.")
 
-        def attempt(s: Session) -> LoginResult:
+        def snapshot(s: Session):
+            row = repo.get_rater(s, name) if name else None
+            return None if row is None else (row.password_hash, row.locked_until)
+
+        found = retry_on_busy(lambda: self._read(snapshot))
+        if found is not None and found[1] is not None and found[1] > now:
+            left = (found[1] - now).total_seconds()
+            self._tx(lambda s: repo.record_login_attempt(s, name=name, outcome="locked", rater=repo.get_rater(s, name),
+                                                         now=now))
+            log.warning("login refused for account name %r: locked for %.0f s more", name, left)
+            return LoginResult(False, f"Too many failed logins for this account: try again in {left:.0f} s.",
+                               retry_after_s=left)
+        ok = verify_password(password, found[0] if found is not None else self._dummy_hash) and found is not None
+
+        def record(s: Session) -> LoginResult:
             row = repo.get_rater(s, name) if name else None
             if row is None:
-                verify_password(password or "", self._dummy_hash)
                 repo.record_login_attempt(s, name=name, outcome="unknown_user", now=now)
                 return wrong
-            if row.locked_until is not None and row.locked_until > now:
-                left = (row.locked_until - now).total_seconds()
-                repo.record_login_attempt(s, name=name, outcome="locked", rater=row, now=now)
-                return LoginResult(False, f"Too many failed logins for this account: try again in {left:.0f} s.",
-                                   retry_after_s=left)
-            if not verify_password(password or "", row.password_hash):
+            if not ok:
                 lock_s = self.policy.lock_for_s(row.failed_logins + 1)
                 until = now + timedelta(seconds=lock_s) if lock_s else None
                 repo.record_login_attempt(s, name=name, outcome="wrong_password", rater=row, locked_until=until,
@@ -239,7 +257,7 @@ class Accounts:
             return LoginResult(True, f"Logged in as {row.name} ({row.role}).", Identity(row.name, row.role),
                                token, int(max_age))
 
-        result = self._tx(attempt)
+        result = self._tx(record)
         if not result.ok:
             log.warning("failed login for account name %r: %s", name, result.message)
         return result

@@ -164,8 +164,8 @@ class Accounts:
             raise ValueError(f"role must be one of {RATER_ROLES}, got {role!r}")
         password = check_new_password(password) if password else generate_password()
         hashed = hash_password(password, log2_n=self.policy.scrypt_log2_n)
-        row = self._tx(lambda s: repo.create_rater(s, name=name, role=role, password_hash=hashed,
-                                                   created_by=created_by))
+        self._tx(lambda s: repo.create_rater(s, name=name, role=role, password_hash=hashed,
+                                            created_by=created_by))
         log.info("account %r created with role %r by %r", name, role, created_by)
         return Identity(name, role), password
 

@@ -27,7 +27,8 @@ def main() -> None:
     config = load_config()
     predictor = Predictor.from_config(config, version=args.version)
     served = predictor.space
-    sets = {"openclipart_test": config.paths.dataset() / "test.tsv", "real_photos": config.data.guard_photos}
+    sets = {"openclipart_test": config.paths.dataset() / "test.tsv", "real_photos": config.data.guard_photos,
+            "real_photos_report": config.data.report_photos}  # the guard chose the mix; the report set chose nothing
     spaces = {
         "chance": None,
         "bridge (ConSE, no training)": predictor.towers.bridge_space(),

@@ -115,6 +115,13 @@ def guard_pairs(config: Config, embedder, *, path: Path | None = None) -> PairFe
     return embed_pairs_file(embedder, path).features
 
 
+def report_pairs(config: Config, embedder) -> PairFeatures | None:
+    """The real-photo report set (``data.report_photos``): evaluated and reported, never used for a
+    choice (score mix, gate, caption wording). None when the file is absent (an install without it)."""
+    path = Path(config.data.report_photos)
+    return embed_pairs_file(embedder, path).features if path.is_file() else None
+
+
 # ---- evaluation --------------------------------------------------------------------------------
 
 def evaluate_retrieval(space: JointSpace, feats: PairFeatures, *, max_images: int = 1000,
@@ -239,6 +246,10 @@ def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap
                       "photos_bridge": evaluate_retrieval(bridge, photos)},
         "memes": evaluate_memes(fusion.head, memes, labels),
     }
+    report = report_pairs(config, towers.embedder)
+    if report is not None:  # after every choice is made: nothing above sees these photos
+        metrics["retrieval"]["photos_report"] = evaluate_retrieval(space, report)
+        metrics["retrieval"]["photos_report_bridge"] = evaluate_retrieval(bridge, report)
     meta = VersionMeta(
         labels=tuple(labels), encoders=towers.identity, caption_temperature=fitted.caption_temperature,
         metrics=metrics, training=fitted.info, history=fitted.history,

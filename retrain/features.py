@@ -36,6 +36,8 @@ class FeatureSource(Protocol):
 
     def guard(self) -> PairFeatures: ...  # real photos the served score mix must not worsen
 
+    def report_photos(self) -> PairFeatures | None: ...  # real photos no choice sees (reported only)
+
 
 class _LazyImages(Sequence):
     """Decodes a blob only when the cache asks for it (a miss); counts the decodes."""
@@ -100,3 +102,8 @@ class TowerFeatureSource:
         from mmapp.pipeline import guard_pairs
 
         return guard_pairs(self.config, self.towers.embedder)
+
+    def report_photos(self) -> PairFeatures | None:
+        from mmapp.pipeline import report_pairs
+
+        return report_pairs(self.config, self.towers.embedder)

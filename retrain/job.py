@@ -466,7 +466,8 @@ def evaluate_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatu
                     heldout_pairs=_pairs_of([i for i in heldout if i.kind == "pair"], feats.row_of, feats.item_feats),
                     memes_test=trained.memes.split_of("test") if trained.memes is not None else None,
                     heldout_labels=_labels_of([i for i in heldout if i.kind == "label"], feats.row_of,
-                                              feats.item_feats, labels))
+                                              feats.item_feats, labels),
+                    report_photos=ctx.features.report_photos())
     nb = ctx.config.retrain.n_bootstrap
     current, candidate = selected.current, trained.candidate
     nested = {"current": evaluate_model(current.space, current.fusion_head, labels, sets, n_bootstrap=nb),

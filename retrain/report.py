@@ -27,6 +27,8 @@ from feedback_db.engine import retry_on_busy
 from feedback_db.models import ModelVersion, RetrainRun
 from mmapp.model_store import write_text_atomic
 
+from retrain.evaluation import REPORT_PHOTOS
+
 SCORES = ("coherence", "relevance", "detail")
 SECTIONS = ("summary", "gate", "ratings", "agreement", "corrections", "retrieval", "ablation", "rejected", "examples")
 N_EXAMPLES = 12
@@ -284,7 +286,15 @@ def _retrieval_over_versions(s: Session, version: str, run: Optional[RetrainRun]
         flat = run.stats["flat_metrics"]
         this_run = {k: {"current": flat["current"].get(k), "candidate": flat["candidate"].get(k)}
                     for k in sorted(set(flat["current"]) | set(flat["candidate"]))}
-    return {"bootstrap_test_by_version": series, "this_run": this_run}
+    report_photos = None  # the held-out real photos: reported here, never gated
+    nested = ((run.stats or {}).get("metrics") or {}) if run is not None else {}
+    if all(REPORT_PHOTOS in (nested.get(side) or {}) for side in ("current", "candidate")):
+        report_photos = [{"model": side, **{f"{d} R@{k}": nested[side][REPORT_PHOTOS][d][f"R@{k}"]
+                                            for d in ("image_to_text", "text_to_image") for k in (1, 5)},
+                          "i2t R@1 95% CI": nested[side][REPORT_PHOTOS]["image_to_text"].get("R@1_ci"),
+                          "t2i R@1 95% CI": nested[side][REPORT_PHOTOS]["text_to_image"].get("R@1_ci")}
+                         for side in ("current", "candidate")]
+    return {"bootstrap_test_by_version": series, "this_run": this_run, "report_photos": report_photos}
 
 
 def _ablation(stats: dict) -> Optional[dict]:
@@ -489,6 +499,9 @@ def render_html(data: dict[str, Any]) -> str:
                "correction rates") + "</section>",
         '<section id="retrieval"><h2>Retrieval R@K over versions</h2>'
         + _img(plot_retrieval(data["retrieval"]["bootstrap_test_by_version"]), "retrieval over versions")
+        + ("<h3>Held-out real photos (report set: never used for a choice or by the gate)</h3>"
+           + _table(data["retrieval"]["report_photos"], list(data["retrieval"]["report_photos"][0]))
+           if data["retrieval"].get("report_photos") else "")
         + "</section>",
         '<section id="ablation"><h2>Modality ablation</h2>' + _img(plot_ablation(data["ablation"]), "ablation")
         + (_table([{"side": side, **{k: x["macro_f1"] for k, x in d["deltas"].items()}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -66,3 +67,15 @@ def test_rating_statistics_small_cases():
     assert agreement_summary(rows)["detail"]["alpha"] is None
     summary = ratings_summary(rows)["v"]["coherence"]
     assert summary["n"] == 6 and summary["distribution"] == {"1": 2, "2": 0, "3": 2, "4": 0, "5": 2}
+
+
+def test_the_report_photos_are_reported_but_never_gated(config, engine, source, home):
+    from retrain.evaluation import REPORT_PHOTOS, gate_metrics
+
+    feed_new_concepts(engine, source, 120)
+    out = run_retrain(config, engine, features=source)
+    nested = out.stats["metrics"]
+    assert REPORT_PHOTOS in nested["current"] and REPORT_PHOTOS in nested["candidate"]
+    assert not any(k.startswith(REPORT_PHOTOS) for k in gate_metrics(nested["candidate"]))  # the gate never sees them
+    page = Path(out.report["html"]).read_text()
+    assert "Held-out real photos (report set" in page

@@ -116,6 +116,10 @@ class SyntheticSource:
         splits = np.array(["train"] * 160 + ["val"] * 40 + ["test"] * 40)
         return MemeExamples(image, text, labels, splits, np.array(["bootstrap"] * n))
 
+    def report_photos(self) -> PairFeatures:
+        """Stands in for the held-out real photos (reported, never gated)."""
+        return self.corpus("test")
+
     def guard(self) -> PairFeatures:
         """Stands in for the real photos (no bridge here, so no score mix is chosen against it)."""
         return self.corpus("val")

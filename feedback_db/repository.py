@@ -39,6 +39,7 @@ from feedback_db.models import (
     Upload,
     utcnow,
 )
+from feedback_db.models import BLIND_CHOICES, BLIND_SIDES, BlindPair, BlindVote
 
 M = TypeVar("M", bound=Base)
 
@@ -1280,3 +1281,97 @@ def feedback_counts_per_rater(s: Session) -> list[dict[str, Any]]:
     for name in roles:
         entry(name)
     return sorted(out.values(), key=lambda e: (e["user"] == "(anonymous)", e["user"]))
+
+
+# --- blind before/after comparison (issue 10, item 4) -------------------------------------------
+
+
+def add_blind_pairs(s: Session, *, run_id: int, candidate_version: str, current_version: str,
+                    pairs: Iterable[dict[str, str]]) -> list[BlindPair]:
+    """Store comparison pairs of one run. Each pair: ``item_id``, ``image_sha256``, ``image_relpath``,
+    ``output_a``, ``output_b``, ``candidate_side`` ('a' | 'b'). All or nothing: a bad pair raises before any is added."""
+    _require_run(s, run_id)
+    _check_key("candidate_version", candidate_version, 64)
+    _check_key("current_version", current_version, 64)
+    rows = []
+    for p in pairs:
+        _check_one_of("candidate_side", p["candidate_side"], BLIND_SIDES)
+        _check_key("item_id", p["item_id"], 64)
+        _check_sha256("image_sha256", p["image_sha256"])
+        _check_key("image_relpath", p["image_relpath"], 1024)
+        for side in ("output_a", "output_b"):
+            if not isinstance(p[side], str) or not p[side].strip():
+                raise ValueError(f"{side} must be a non-empty string, got {p[side]!r}")
+        rows.append(BlindPair(run_id=run_id, candidate_version=candidate_version, current_version=current_version,
+                              item_id=p["item_id"], image_sha256=p["image_sha256"], image_relpath=p["image_relpath"],
+                              output_a=p["output_a"], output_b=p["output_b"], candidate_side=p["candidate_side"]))
+    s.add_all(rows)
+    s.flush()
+    return rows
+
+
+def get_blind_pair(s: Session, pair_id: int) -> Optional[BlindPair]:
+    return s.get(BlindPair, pair_id)
+
+
+def next_blind_pair(s: Session, *, rater: str) -> Optional[BlindPair]:
+    """A pair ``rater`` has not voted on, of a version still open to judgement (held candidate or
+    promoted, not rejected or retired): held candidates first, then the pair with the fewest votes."""
+    _check_key("rater", rater, 96)
+    voted = select(BlindVote.pair_id).where(BlindVote.rater == rater)
+    votes = (select(BlindVote.pair_id, func.count().label("n")).group_by(BlindVote.pair_id).subquery())
+    held_first = (ModelVersion.status != "candidate")  # False sorts first
+    return s.scalars(
+        select(BlindPair)
+        .join(ModelVersion, ModelVersion.version == BlindPair.candidate_version)
+        .outerjoin(votes, votes.c.pair_id == BlindPair.id)
+        .where(ModelVersion.status.in_(("candidate", "promoted")), BlindPair.id.not_in(voted))
+        .order_by(held_first, func.coalesce(votes.c.n, 0), BlindPair.id)
+        .limit(1)
+    ).first()
+
+
+def record_blind_vote(s: Session, *, pair_id: int, rater: str, choice: str) -> tuple[BlindVote, bool]:
+    """One vote per rater per pair: returns ``(vote, created)``; a second vote leaves the first standing."""
+    _check_key("rater", rater, 96)
+    _check_one_of("choice", choice, BLIND_CHOICES)
+    if s.get(BlindPair, pair_id) is None:
+        raise ValueError(f"unknown blind pair {pair_id!r}")
+    query = select(BlindVote).where(BlindVote.pair_id == pair_id, BlindVote.rater == rater)
+    existing = s.scalars(query).one_or_none()
+    if existing is not None:
+        return existing, False
+    row = BlindVote(pair_id=pair_id, rater=rater, choice=choice)
+    try:
+        with s.begin_nested():
+            s.add(row)
+    except IntegrityError:  # a concurrent vote by the same rater won
+        return s.scalars(query).one(), False
+    return row, True
+
+
+def blind_tally(s: Session, candidate_version: str) -> dict[str, int]:
+    """Votes on ``candidate_version``'s pairs, decoded: candidate wins, current wins, same; pairs and raters."""
+    rows = s.execute(
+        select(BlindPair.candidate_side, BlindVote.choice, func.count())
+        .join(BlindVote, BlindVote.pair_id == BlindPair.id)
+        .where(BlindPair.candidate_version == candidate_version)
+        .group_by(BlindPair.candidate_side, BlindVote.choice)
+    ).all()
+    out = {"candidate": 0, "current": 0, "same": 0}
+    for side, choice, n in rows:
+        out["same" if choice == "same" else "candidate" if choice == side else "current"] += n
+    out["votes"] = sum(out.values())
+    out["pairs"] = s.scalar(select(func.count()).select_from(BlindPair)
+                            .where(BlindPair.candidate_version == candidate_version)) or 0
+    out["raters"] = s.scalar(select(func.count(func.distinct(BlindVote.rater)))
+                             .join(BlindPair, BlindPair.id == BlindVote.pair_id)
+                             .where(BlindPair.candidate_version == candidate_version)) or 0
+    return out
+
+
+def held_candidates(s: Session) -> list[ModelVersion]:
+    """Versions saved and registered but held (status 'candidate', never promoted), oldest first."""
+    return list(s.scalars(select(ModelVersion)
+                          .where(ModelVersion.status == "candidate", ModelVersion.promoted_at.is_(None))
+                          .order_by(ModelVersion.id)))

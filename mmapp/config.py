@@ -129,6 +129,12 @@ class RetrainConfig:
     anonymous_quorum: int = 3  # "quorum": distinct sessions that must give the same label / a close caption per image
     anonymous_agree_cos: float = 0.8  # two captions of one image "agree" at this text cosine or above
     max_anonymous_per_run: int = 50  # "quorum": at most this many anonymous items accepted per run (per night)
+    # Blind before/after comparison (docs/flywheel.md "Blind comparison"): raters pick current vs candidate.
+    blind_pairs: int = 30  # held-out items per run shown side by side in the Compare tab (0 = off)
+    blind_required: bool = False  # True: a candidate that passes the metric gate is held until raters decide
+    blind_min_votes: int = 30  # votes a held candidate needs before it is decided
+    blind_min_win_rate: float = 0.4  # promote when the Wilson 95% lower bound of its win rate (same = 1/2) reaches this
+    blind_anonymous_votes: bool = False  # let sessions that are not logged in vote (off: accounts only)
 
 
 @dataclass(frozen=True)

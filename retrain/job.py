@@ -40,12 +40,13 @@ from mmapp.evaluation import subsample_candidates
 from mmapp.model_store import ModelStore, ModelVersion, VersionMeta, write_text_atomic
 from mmapp.training import MemeExamples, PairFeatures
 
+from retrain.blind import BlindOutputs, make_pairs
 from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
 from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
                                 small_set_tolerances)
 from retrain.features import FeatureSource, ImageRef
 from retrain.gates import GateDecision, GateSpec, decide
-from retrain.promotion import adopt_store_current, promote_version, sync_pointer
+from retrain.promotion import adopt_store_current, hold_version, promote_version, sync_pointer
 from retrain.selection import FeedbackItem, Selection, hash_fraction, load_feedback, replay_sample, split_items
 from retrain.train import CandidateModel, TrainingSet, fine_tune, fit_scorer
 
@@ -59,7 +60,7 @@ _STAGE_PROGRESS = {"select": 0.05, "features": 0.1, "clean": 0.2, "train": 0.3, 
 
 @dataclass
 class RunOutcome:
-    status: str  # busy | skipped | promoted | refused | failed
+    status: str  # busy | skipped | promoted | held (saved, waiting for blind votes) | refused | failed
     run_id: Optional[int]
     message: str
     version: Optional[str] = None  # the candidate's name
@@ -455,6 +456,7 @@ class Evaluated:
     sets: EvalSets
     nested: dict[str, dict]  # {"current": ..., "candidate": ...} full metrics with intervals
     flat: dict[str, dict[str, float | None]]  # the same, flattened to what the gate compares
+    blind: BlindOutputs  # current vs candidate outputs on held-out items, for raters (retrain.blind)
 
 
 def evaluate_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned,
@@ -472,7 +474,25 @@ def evaluate_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatu
     current, candidate = selected.current, trained.candidate
     nested = {"current": evaluate_model(current.space, current.fusion_head, labels, sets, n_bootstrap=nb),
               "candidate": evaluate_model(candidate.space, candidate.fusion_head, labels, sets, n_bootstrap=nb)}
-    return Evaluated(sets, nested, {k: gate_metrics(v) for k, v in nested.items()})
+    return Evaluated(sets, nested, {k: gate_metrics(v) for k, v in nested.items()},
+                     _blind_outputs(ctx, selected, feats, cleaned, trained))
+
+
+def _blind_outputs(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned,
+                   trained: Trained) -> BlindOutputs:
+    """Both versions' caption for accepted held-out pairs, chosen from one pool: the accepted captions of
+    this run and what the model served for them (the predictions users corrected)."""
+    pairs = [i for i in cleaned.train_items + cleaned.heldout_items if i.kind == "pair"]
+    heldout = [i for i in cleaned.heldout_items if i.kind == "pair"]
+    if ctx.config.retrain.blind_pairs <= 0 or not heldout:
+        return BlindOutputs([], 0, 0)
+    rows = torch.tensor([feats.row_of[i.item_id] for i in heldout], dtype=torch.long)
+    f = feats.item_feats
+    pool = [i.text for i in pairs] + [i.predicted for i in pairs if i.predicted]
+    return make_pairs(current=selected.current.space, candidate=trained.candidate.space, items=heldout,
+                      image_features=f.image[rows], class_probs=None if f.class_probs is None else f.class_probs[rows],
+                      pool_texts=pool, texts=lambda texts: ctx.features.texts(texts),
+                      n=ctx.config.retrain.blind_pairs, seed=ctx.config.train.seed + ctx.run_id)
 
 
 # --- stage: gate ------------------------------------------------------------------------------
@@ -522,7 +542,37 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
     used_ids = [i.correction_id for i in cleaned.train_items if i.correction_id is not None]
     final = _final_rejections(cleaning, cleaned.by_id)
+    blind = evaluated.blind
+    stats["blind"] = {"pairs": len(blind.pairs), "identical": blind.identical, "pool": blind.pool,
+                      "required": config.retrain.blind_required}
+    hold = decision.promote and config.retrain.blind_required and bool(blind.pairs)
+
+    def add_pairs(s: Session) -> None:
+        repo.add_blind_pairs(s, run_id=run_id, candidate_version=version, current_version=selected.current_name,
+                             pairs=blind.pairs)
     ctx.handle.check()
+    if hold:  # saved and registered, not current: retrain.blind.decide_held promotes or rejects it on the votes
+        manifest["blind_hold"] = {"used_correction_ids": used_ids, "min_votes": config.retrain.blind_min_votes,
+                                  "min_win_rate": config.retrain.blind_min_win_rate}
+        meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
+                           caption_temperature=candidate.caption_temperature, parent=selected.current_name,
+                           metrics=evaluated.nested["candidate"], manifest=manifest,
+                           training=_strip_history(candidate.info))
+        ctx.store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
+                       fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name)
+        ctx.handle.check()
+        message = (f"{decision.reason}; held for blind evaluation: {len(blind.pairs)} pair(s), needs "
+                   f"{config.retrain.blind_min_votes} votes")
+
+        def held_bookkeeping(s: Session) -> None:
+            add_pairs(s)
+            repo.mark_corrections(s, final, status="rejected")
+            repo.finish_retrain_run(s, run_id, status="succeeded", message=message, candidate_version=version,
+                                    stats=stats)
+        hold_version(ctx.engine, ctx.store, version=version, parent_version=selected.current_name,
+                     metrics=evaluated.nested["candidate"], manifest=manifest, in_transaction=held_bookkeeping)
+        return Promoted(RunOutcome("held", run_id, message, version=version, current_version=selected.current_name,
+                                   metrics=evaluated.flat, gate=decision.to_dict(), stats=stats), version)
     if decision.promote:
         meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
                            caption_temperature=candidate.caption_temperature, parent=selected.current_name,
@@ -537,6 +587,7 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
             repo.mark_corrections(s, final, status="rejected")
             repo.finish_retrain_run(s, run_id, status="promoted", message=decision.reason,
                                     candidate_version=version, stats=stats)
+            add_pairs(s)  # votes after the fact: reported, they block nothing (retrain.blind_required is off)
         promote_version(ctx.engine, ctx.store, version=version, parent_version=selected.current_name,
                         metrics=evaluated.nested["candidate"], manifest=manifest, in_transaction=bookkeeping)
         status, serving = "promoted", version

@@ -120,6 +120,25 @@ def promote_version(engine: Engine, store: ModelStore, *, version: str, parent_v
         raise
 
 
+def hold_version(engine: Engine, store: ModelStore, *, version: str, parent_version: Optional[str],
+                 metrics: dict[str, Any], manifest: dict[str, Any],
+                 in_transaction: Callable[[Session], None] = lambda s: None) -> None:
+    """Register ``version`` (already saved in ``store``) as a candidate that is NOT current, atomically with
+    ``in_transaction(session)``: a candidate held for blind evaluation (:func:`retrain.blind.decide_held`
+    later promotes it with :func:`promote_version` or rejects it). The pointer file is not touched."""
+    if not store.exists(version):
+        raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
+    sha = store.weights_sha256(version)
+
+    def commit() -> None:
+        with Session(engine) as s, s.begin():
+            repo.register_version(s, version=version, path=str(store.path(version)), sha256=sha,
+                                  parent_version=parent_version, metrics=metrics, manifest=manifest)
+            s.flush()
+            in_transaction(s)
+    retry_on_busy(commit)
+
+
 def promote_saved_version(config, version: str, *, reason: str, engine: Optional[Engine] = None) -> str:
     """Make a version that is already saved (bootstrap, ``train-alignment``) current through the same
     registry transaction a retrain uses; a running app serves it after its next reload poll.

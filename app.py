@@ -763,6 +763,8 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
                 build_caption_tab(services, session)
             with gr.Tab("Meme", id="meme"):
                 build_meme_tab(services, session)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(services, session)
             with gr.Tab("Operator", id="operator"):
                 build_operator_tab(services, session)
     demo.queue(default_concurrency_limit=config.app.concurrency_limit, max_size=config.app.queue_max_size)
@@ -1128,6 +1130,103 @@ def login_failure_message(status: str | None) -> str:
     return "Wrong user or password."
 
 
+# -- compare tab: blind before/after evaluation (retrain.blind) --
+
+COMPARE_CHOICES = {"a": "a", "b": "b", "same": "same", "A is better": "a", "B is better": "b", "About the same": "same"}
+_NO_PAIR = {"pair_id": None, "image": None, "output_a": "", "output_b": ""}
+
+
+def compare_rater(services: AppServices, session_data: dict, request: Any) -> str:
+    """Who votes: the logged-in account, else (when retrain.blind_anonymous_votes) the browser session."""
+    who = services.identity(request)
+    if who is not None:
+        return f"account:{who.name}"
+    if not services.config.retrain.blind_anonymous_votes:
+        raise UserInputError("Log in (Operator tab) to compare outputs: only rater accounts vote.")
+    session_id = (session_data or {}).get("session_id")
+    if not isinstance(session_id, str) or not session_id:
+        raise UserInputError("This browser session has no id; reload the page.")
+    return f"session:{session_id}"
+
+
+def _compare_pair(services: AppServices, rater: str) -> dict[str, Any]:
+    """The next pair ``rater`` has not judged: image and the two outputs, never which side is which version."""
+    def query(s: Session) -> dict[str, Any] | None:
+        row = repo.next_blind_pair(s, rater=rater)
+        return None if row is None else {"id": row.id, "image_relpath": row.image_relpath, "output_a": row.output_a,
+                                         "output_b": row.output_b}
+    pair = services.read(query)
+    if pair is None:
+        return {**_NO_PAIR, "status": "Nothing to compare right now: you have judged every open pair. Thank you!"}
+    path = services.blobstore.path(pair["image_relpath"])
+    return {"pair_id": pair["id"], "image": str(path) if path.is_file() else None, "output_a": pair["output_a"],
+            "output_b": pair["output_b"],
+            "status": "Which description fits the picture better? The two come from two model versions, in random order."
+                      + ("" if path.is_file() else " (The picture is no longer stored; judge by the texts or skip.)")}
+
+
+def compare_next(services: AppServices, session_data: dict, request: gr.Request | None = None) -> dict[str, Any]:
+    """Show the next blind pair for this rater."""
+    return _compare_pair(services, compare_rater(services, session_data, request))
+
+
+def compare_vote(services: AppServices, pair_id: int | None, choice: str, session_data: dict,
+                 request: gr.Request | None = None) -> dict[str, Any]:
+    """Record this rater's pick on ``pair_id`` ("a", "b" or "same"; one vote per pair) and show the next pair."""
+    rater = compare_rater(services, session_data, request)
+    if pair_id is None:
+        raise UserInputError("Show a pair first (Next pair).")
+    if choice not in COMPARE_CHOICES:
+        raise UserInputError(f"Pick one of 'a', 'b' or 'same', got {choice!r}.")
+
+    def vote() -> bool:
+        with Session(services.engine) as s, s.begin():
+            if repo.get_blind_pair(s, int(pair_id)) is None:
+                raise UserInputError(f"There is no comparison #{pair_id}.")
+            return repo.record_blind_vote(s, pair_id=int(pair_id), rater=rater, choice=COMPARE_CHOICES[choice])[1]
+    created = retry_on_busy(vote)
+    nxt = _compare_pair(services, rater)
+    said = "✔ Saved." if created else "You had already judged that pair; your first answer stands."
+    return {**nxt, "status": f"{said} {nxt['status']}"}
+
+
+def build_compare_tab(services: AppServices, session: gr.State) -> SimpleNamespace:
+    ui = SimpleNamespace()
+    gr.Markdown("After a retrain, two model versions describe the same held-out pictures. Pick the better "
+                "description; you are not told which version wrote which (docs/flywheel.md, \"Blind comparison\").")
+    ui.pair_id = gr.State(None)
+    with gr.Row(equal_height=False):
+        ui.image = gr.Image(label="Picture", type="filepath", interactive=False, height=320, buttons=[])
+        with gr.Column():
+            ui.output_a = gr.Textbox(label="A", interactive=False, elem_id="compare-a")
+            ui.output_b = gr.Textbox(label="B", interactive=False, elem_id="compare-b")
+            with gr.Row():
+                ui.a_better = gr.Button("A is better", elem_id="compare-a-better")
+                ui.same = gr.Button("About the same", elem_id="compare-same")
+                ui.b_better = gr.Button("B is better", elem_id="compare-b-better")
+            ui.next = gr.Button("Next pair", size="sm", elem_id="compare-next")
+    ui.status = gr.Markdown(elem_id="compare-status", elem_classes="status-line")
+    shown = _components(ui, "pair_id", "image", "output_a", "output_b", "status")
+    _listen(ui.next.click, functools.partial(compare_next, services), [session], shown, api_name="compare_next",
+            **_FEEDBACK_EVENT)
+    for button, api in ((ui.a_better, "compare_vote"), (ui.same, "compare_vote_same"), (ui.b_better, "compare_vote_b")):
+        # The button's own label is the choice; the API's compare_vote takes "a" | "b" | "same".
+        _listen(button.click, functools.partial(compare_vote, services), [ui.pair_id, button, session], shown,
+                api_name=api, api_visibility="public" if api == "compare_vote" else "undocumented", **_FEEDBACK_EVENT)
+    return ui
+
+
+def retrain_decide_held(services: AppServices, request: gr.Request | None = None) -> dict[str, Any]:
+    """Promote or reject candidates held for blind evaluation whose votes are in (retrain.blind.decide_held)."""
+    from retrain.blind import decide_held
+
+    require_operator(services, request)
+    decisions = decide_held(services.config, services.engine)
+    lines = [f"`{d.version}`: **{d.action}** — {d.reason}" for d in decisions]
+    notice = "\n\n".join(lines) if lines else "No candidate is held for blind evaluation."
+    return {"notice": notice, **retrain_view(services, services.retrain_status())}
+
+
 def require_operator(services: AppServices, request: Any) -> Identity:
     """Every operator handler starts with this: the page hides the panel, but the API is open. The
     identity comes from the login cookie, so a copied session hash carries no operator rights."""
@@ -1442,6 +1541,7 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
         with gr.Column(scale=0, min_width=170):
             ui.retrain_now = gr.Button("Retrain now", variant="primary", elem_id="retrain-now")
             ui.refresh = gr.Button("Refresh status", size="sm")
+            ui.decide_held = gr.Button("Decide pending candidates", size="sm", elem_id="retrain-decide-held")
     ui.notice = gr.Markdown(elem_id="retrain-notice", elem_classes="status-line")
     ui.runs = gr.Dataframe(label="Recent retrain runs", interactive=False, max_height=320)
     ui.versions = gr.Dataframe(label="Model versions", interactive=False, max_height=320)
@@ -1470,6 +1570,9 @@ def build_retrain_controls(services: AppServices, session: gr.State) -> SimpleNa
             show_progress="hidden")
     _listen(ui.retrain_now.click, functools.partial(retrain_now, services), None,
             _components(ui, "notice", *view), api_name="retrain_now", concurrency_id=RETRAIN_EVENTS,
+            concurrency_limit=1)
+    _listen(ui.decide_held.click, functools.partial(retrain_decide_held, services), None,
+            _components(ui, "notice", *view), api_name="retrain_decide_held", concurrency_id=RETRAIN_EVENTS,
             concurrency_limit=1)
     _listen(ui.rollback.click, functools.partial(retrain_rollback, services), [ui.rollback_version],
             _components(ui, "notice", *view), api_name="retrain_rollback", concurrency_id=RETRAIN_EVENTS,

@@ -113,6 +113,17 @@ class RetrainWorker:
         threading.Thread(target=self._run_logged, args=("operator",), name="retrain-request", daemon=True).start()
         return True
 
+    def decide_held(self) -> list:
+        """Promote or reject candidates held for blind evaluation once their votes are in (retrain.blind)."""
+        from retrain.blind import decide_held
+
+        if not self._run_lock.acquire(blocking=False):  # a run is going: decide after it, not beside it
+            return []
+        try:
+            return decide_held(self.config, self.engine)
+        finally:
+            self._run_lock.release()
+
     def _run_logged(self, trigger: str) -> None:
         try:
             outcome = self.run(trigger)
@@ -131,6 +142,7 @@ class RetrainWorker:
             while not self.stop.wait(self.config.retrain.worker_poll_s):
                 try:
                     self.poll_once()
+                    self.decide_held()
                 except Exception:  # a database hiccup: try again next poll
                     log.exception("retrain worker poll failed")
         finally:

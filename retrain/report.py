@@ -2,7 +2,8 @@
 
 Sections: the run and its gate, rating distributions and means per model version with 95%
 intervals, inter-rater agreement (Krippendorff's alpha, ordinal) where items have several ratings,
-correction rates, retrieval R@K over versions, the modality ablation, rejected items with their
+correction rates, retrieval R@K over versions, the blind before/after win rate with a Wilson 95%
+interval (``retrain.blind``), the modality ablation, rejected items with their
 reasons, and example corrections. Written to ``<home>/reports/<version>/report.{json,html}``.
 Reads the database and run manifests; trains and changes nothing.
 """
@@ -26,11 +27,13 @@ from feedback_db import repository as repo
 from feedback_db.engine import retry_on_busy
 from feedback_db.models import ModelVersion, RetrainRun
 from mmapp.model_store import write_text_atomic
+from retrain.blind import win_rate
 
 from retrain.evaluation import REPORT_PHOTOS
 
 SCORES = ("coherence", "relevance", "detail")
-SECTIONS = ("summary", "gate", "ratings", "agreement", "corrections", "retrieval", "ablation", "rejected", "examples")
+SECTIONS = ("summary", "gate", "ratings", "agreement", "corrections", "retrieval", "blind", "ablation", "rejected",
+            "examples")
 N_EXAMPLES = 12
 N_REJECTED_SHOWN = 100
 
@@ -93,6 +96,7 @@ def collect(engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
             "raters": rater_summary(ratings, _label_votes(s), repo.feedback_counts_per_rater(s)),
             "corrections": _correction_rates(s),
             "retrieval": _retrieval_over_versions(s, version, run),
+            "blind": _blind(s, version, stats),
             "ablation": _ablation(stats),
             "rejected": _rejected(s, run),
             "examples": _examples(s, version, run, stats),
@@ -295,6 +299,14 @@ def _retrieval_over_versions(s: Session, version: str, run: Optional[RetrainRun]
                           "t2i R@1 95% CI": nested[side][REPORT_PHOTOS]["text_to_image"].get("R@1_ci")}
                          for side in ("current", "candidate")]
     return {"bootstrap_test_by_version": series, "this_run": this_run, "report_photos": report_photos}
+
+
+def _blind(s: Session, version: str, stats: dict) -> dict[str, Any]:
+    """Raters' blind picks between this version (as the candidate) and the version it was compared with."""
+    result = win_rate(repo.blind_tally(s, version)).to_dict()
+    made = stats.get("blind") or {}
+    return {**result, "identical_outputs": made.get("identical"), "required": made.get("required"),
+            "status": (repo.get_version(s, version).status if repo.get_version(s, version) else None)}
 
 
 def _ablation(stats: dict) -> Optional[dict]:
@@ -503,6 +515,13 @@ def render_html(data: dict[str, Any]) -> str:
            + _table(data["retrieval"]["report_photos"], list(data["retrieval"]["report_photos"][0]))
            if data["retrieval"].get("report_photos") else "")
         + "</section>",
+        '<section id="blind"><h2>Blind before/after comparison</h2><p>Raters saw this version\'s caption and the '
+        "previous version's for the same held-out picture, in random order, and picked the better one (same = half "
+        "a win). Win rate of this version with a 95% Wilson interval.</p>"
+        + _table([{k: data["blind"].get(k) for k in ("pairs", "votes", "raters", "candidate", "current", "same",
+                                                   "rate", "low", "high", "identical_outputs", "required", "status")}],
+                 ["pairs", "votes", "raters", "candidate", "current", "same", "rate", "low", "high",
+                  "identical_outputs", "required", "status"]) + "</section>",
         '<section id="ablation"><h2>Modality ablation</h2>' + _img(plot_ablation(data["ablation"]), "ablation")
         + (_table([{"side": side, **{k: x["macro_f1"] for k, x in d["deltas"].items()}}
                    for side, d in (data["ablation"] or {}).items()],

@@ -104,3 +104,10 @@ def test_only_an_operator_decides_held_candidates(services):
         app.retrain_decide_held(services, login(services, "carol"))
     out = app.retrain_decide_held(services, login(services, OPERATOR[0]))
     assert "held-v2" in out["notice"] and "waiting" in out["notice"]  # 3 votes, 30 needed by default
+
+
+def test_the_page_wires_the_compare_events_by_api_name(services):
+    demo = app.build_app(services.config, services.predictor, services.engine, services.blobstore,
+                         watcher=services.watcher)
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"compare_next", "compare_vote", "compare_vote_b", "compare_vote_same", "retrain_decide_held"} <= names

@@ -2,6 +2,7 @@
 held candidate is promoted when raters prefer it and rejected when they do not (real SQLite, real model folders)."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from feedback_db.models import BlindPair, Correction, ModelVersion, RetrainRun
 from mmapp.model_store import ModelStore
 from retrain.blind import decide_held, judge, read_win_rate, wilson_interval, win_rate
 from retrain.job import run_retrain
+from retrain.report import build_report
 
 from .world import feed_new_concepts, make_config
 
@@ -87,6 +89,10 @@ def test_a_held_candidate_is_decided_by_blind_votes(home, engine, source, favour
     _vote(engine, out.version, favour=favour, raters=max(2, math.ceil(20 / len(pairs))))
     result = read_win_rate(engine, out.version)
     assert result.votes >= 20 and result.rate == (1.0 if favour == "candidate" else 0.0)
+
+    report = json.loads(build_report(config, engine, version=out.version)["json"].read_text())["blind"]
+    assert (report["votes"], report["rate"], report["required"]) == (result.votes, result.rate, True)
+    assert (report["low"], report["high"]) == pytest.approx(wilson_interval(result.rate * result.votes, result.votes))
 
     decisions = decide_held(config, engine)
     assert [d.version for d in decisions] == [out.version]

@@ -118,6 +118,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_decide_held(args) -> int:
+    from retrain.blind import decide_held
+
+    config, engine = _setup(args)
+    decisions = decide_held(config, engine)
+    for d in decisions:
+        print(f"{d.version}: {d.action}: {d.reason}")
+    if not decisions:
+        print("no candidate is held for blind evaluation")
+    return 0
+
+
 def cmd_accounts(args) -> int:
     """Rater accounts (docs/security.md "Accounts and sessions"). A new password is generated and printed
     once, or read from stdin with --password-stdin (never from the command line, which shells keep)."""
@@ -170,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write the human-eval report of a version (default: the current one)")
     p.add_argument("version", nargs="?")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("decide-held", help="promote or reject candidates held for blind evaluation (retrain.blind_required)")
+    p.set_defaults(func=cmd_decide_held)
     p = sub.add_parser("accounts", help="rater accounts: list, create, set role, disable/enable, unlock, password")
     acc = p.add_subparsers(dest="action", required=True)
     acc.add_parser("list", help="every account with its role and lock state")

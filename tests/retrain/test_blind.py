@@ -53,11 +53,13 @@ def test_win_rate_counts_same_as_half_and_judge_waits_for_votes():
 
 
 def _vote(engine, version: str, *, favour: str, raters: int) -> None:
-    """Each rater votes on every pair of ``version``: for the candidate's side or the other one."""
+    """Each rater votes on every pair of ``version`` (held ones are offered first): for the candidate's side or
+    the other one."""
     with Session(engine) as s, s.begin():
         for r in range(raters):
             while (pair := repo.next_blind_pair(s, rater=f"account:r{r}")) is not None:
-                assert pair.candidate_version == version
+                if pair.candidate_version != version:
+                    break
                 other = "b" if pair.candidate_side == "a" else "a"
                 repo.record_blind_vote(s, pair_id=pair.id, rater=f"account:r{r}",
                                        choice=pair.candidate_side if favour == "candidate" else other)
@@ -119,3 +121,25 @@ def test_without_the_requirement_pairs_are_stored_and_promotion_is_unchanged(hom
     with Session(engine) as s, s.begin():
         pair = repo.next_blind_pair(s, rater="session:x")
         assert pair is not None and pair.candidate_version == out.version
+
+
+def test_a_held_candidate_whose_parent_no_longer_serves_is_rejected_as_stale(home, engine, source):
+    held_config = make_config(home, blind_required=True, blind_pairs=8, blind_min_votes=1)
+    feed_new_concepts(engine, source, 120)
+    held = run_retrain(held_config, engine, features=source)
+    assert held.status == "held", held.message
+    feed_new_concepts(engine, source, 60, start=120)
+    later = run_retrain(make_config(home, blind_pairs=8), engine, features=source)
+    assert later.status == "promoted", later.message
+    _vote(engine, held.version, favour="candidate", raters=1)
+    decisions = decide_held(held_config, engine)
+    assert [(d.version, d.action) for d in decisions] == [(held.version, "rejected")]
+    assert "stale" in decisions[0].reason
+    assert _registry(engine)[held.version] == ("rejected", False) and _registry(engine)[later.version][1]
+
+
+def test_decide_held_command(home, engine, source, capsys):
+    from retrain.__main__ import main
+
+    assert main(["--home", str(home), "decide-held"]) == 0
+    assert "no candidate is held" in capsys.readouterr().out

@@ -1194,7 +1194,9 @@ def build_compare_tab(services: AppServices, session: gr.State) -> SimpleNamespa
     ui = SimpleNamespace()
     gr.Markdown("After a retrain, two model versions describe the same held-out pictures. Pick the better "
                 "description; you are not told which version wrote which (docs/flywheel.md, \"Blind comparison\").")
-    ui.pair_id = gr.State(None)
+    ui.pair_id = gr.Number(None, visible=False, precision=0, label="pair id")  # an API parameter, hence not gr.State
+    ui.choice = gr.Textbox("", visible=False, label="choice")  # the API's "a" | "b" | "same"
+    ui.vote_api = gr.Button(visible=False)
     with gr.Row(equal_height=False):
         ui.image = gr.Image(label="Picture", type="filepath", interactive=False, height=320, buttons=[])
         with gr.Column():
@@ -1209,10 +1211,12 @@ def build_compare_tab(services: AppServices, session: gr.State) -> SimpleNamespa
     shown = _components(ui, "pair_id", "image", "output_a", "output_b", "status")
     _listen(ui.next.click, functools.partial(compare_next, services), [session], shown, api_name="compare_next",
             **_FEEDBACK_EVENT)
-    for button, api in ((ui.a_better, "compare_vote"), (ui.same, "compare_vote_same"), (ui.b_better, "compare_vote_b")):
-        # The button's own label is the choice; the API's compare_vote takes "a" | "b" | "same".
+    _listen(ui.vote_api.click, functools.partial(compare_vote, services), [ui.pair_id, ui.choice, session], shown,
+            api_name="compare_vote", **_FEEDBACK_EVENT)
+    for button, api in ((ui.a_better, "compare_vote_a"), (ui.same, "compare_vote_same"), (ui.b_better, "compare_vote_b")):
+        # In the page the button's own label is the choice (a Button input is not an API parameter).
         _listen(button.click, functools.partial(compare_vote, services), [ui.pair_id, button, session], shown,
-                api_name=api, api_visibility="public" if api == "compare_vote" else "undocumented", **_FEEDBACK_EVENT)
+                api_name=api, api_visibility="private", **_FEEDBACK_EVENT)
     return ui
 
 

@@ -110,4 +110,8 @@ def test_the_page_wires_the_compare_events_by_api_name(services):
     demo = app.build_app(services.config, services.predictor, services.engine, services.blobstore,
                          watcher=services.watcher)
     names = {fn.api_name for fn in demo.fns.values()}
-    assert {"compare_next", "compare_vote", "compare_vote_b", "compare_vote_same", "retrain_decide_held"} <= names
+    assert {"compare_next", "compare_vote", "compare_vote_a", "compare_vote_b", "compare_vote_same",
+            "retrain_decide_held"} <= names
+    api = demo.get_api_info()["named_endpoints"]
+    assert [p["parameter_name"] for p in api["/compare_vote"]["parameters"]] == ["pair_id", "choice"]
+    assert "/compare_vote_a" not in api  # the page's buttons, not part of the API

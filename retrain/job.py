@@ -545,15 +545,15 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
     blind = evaluated.blind
     stats["blind"] = {"pairs": len(blind.pairs), "identical": blind.identical, "pool": blind.pool,
                       "required": config.retrain.blind_required}
+    # A run with nothing to show raters (labels only, or both versions chose the same caption on every sampled
+    # item) is decided by the metric gate alone, even when retrain.blind_required is on.
     hold = decision.promote and config.retrain.blind_required and bool(blind.pairs)
 
     def add_pairs(s: Session) -> None:
         repo.add_blind_pairs(s, run_id=run_id, candidate_version=version, current_version=selected.current_name,
                              pairs=blind.pairs)
-    ctx.handle.check()
-    if hold:  # saved and registered, not current: retrain.blind.decide_held promotes or rejects it on the votes
-        manifest["blind_hold"] = {"used_correction_ids": used_ids, "min_votes": config.retrain.blind_min_votes,
-                                  "min_win_rate": config.retrain.blind_min_win_rate}
+
+    def save_candidate() -> None:
         meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
                            caption_temperature=candidate.caption_temperature, parent=selected.current_name,
                            metrics=evaluated.nested["candidate"], manifest=manifest,
@@ -561,6 +561,11 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
         ctx.store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
                        fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name)
         ctx.handle.check()
+    ctx.handle.check()
+    if hold:  # saved and registered, not current: retrain.blind.decide_held promotes or rejects it on the votes
+        manifest["blind_hold"] = {"used_correction_ids": used_ids, "min_votes": config.retrain.blind_min_votes,
+                                  "min_win_rate": config.retrain.blind_min_win_rate}
+        save_candidate()
         message = (f"{decision.reason}; held for blind evaluation: {len(blind.pairs)} pair(s), needs "
                    f"{config.retrain.blind_min_votes} votes")
 
@@ -574,13 +579,7 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
         return Promoted(RunOutcome("held", run_id, message, version=version, current_version=selected.current_name,
                                    metrics=evaluated.flat, gate=decision.to_dict(), stats=stats), version)
     if decision.promote:
-        meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
-                           caption_temperature=candidate.caption_temperature, parent=selected.current_name,
-                           metrics=evaluated.nested["candidate"], manifest=manifest,
-                           training=_strip_history(candidate.info))
-        ctx.store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
-                       fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name)
-        ctx.handle.check()
+        save_candidate()
 
         def bookkeeping(s: Session) -> None:
             repo.mark_corrections(s, used_ids, status="used", used_in_version=version)

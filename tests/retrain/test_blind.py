@@ -143,3 +143,18 @@ def test_decide_held_command(home, engine, source, capsys):
 
     assert main(["--home", str(home), "decide-held"]) == 0
     assert "no candidate is held" in capsys.readouterr().out
+
+
+def test_the_worker_decides_held_candidates_between_runs_not_during_one(home, engine, source):
+    from retrain.worker import RetrainWorker
+
+    config = make_config(home, blind_required=True, blind_pairs=8, blind_min_votes=4, blind_min_win_rate=0.3)
+    feed_new_concepts(engine, source, 120)
+    held = run_retrain(config, engine, features=source)
+    assert held.status == "held", held.message
+    _vote(engine, held.version, favour="candidate", raters=4)
+    worker = RetrainWorker(config, engine)
+    with worker._run_lock:  # a run in flight: the poll leaves the decision for later
+        assert worker.decide_held() == []
+    assert [(d.version, d.action) for d in worker.decide_held()] == [(held.version, "promoted")]
+    assert ModelStore(home / "models").current() == held.version

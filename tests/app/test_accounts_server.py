@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.accounts import token_sha256
-from feedback_db.models import AuthSession, Correction, LoginAttempt, Prediction, utcnow
+from feedback_db.models import AuthSession, Correction, LoginAttempt, utcnow
 from tests.app.conftest import OPERATOR, PHOTOS, SESSION_COOKIE, module_home, start_app
 
 pytestmark = pytest.mark.server

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register it and make it current through the registry (a running app reloads it)")
     p = add("eval-retrieval", cmd_eval_retrieval, "cross-modal retrieval R@1/5/10 with 95% intervals")
     p.add_argument("--pairs", required=True)
-    p.add_argument("--model", default="current", help="current | bridge | VERSION")
+    p.add_argument("--model", default="current",
+                   help="current | bridge (the zero-training baseline) | native (pre-aligned towers' own cosine) | VERSION")
     p.add_argument("--max-images", type=int, default=1000)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,11 @@
   and the bridge vector map to ``joint_dim``; text embeddings map to ``joint_dim``. The bridge
   enters the image side through a linear map initialised equal to the text map, and the image
   MLP's last layer starts at zero, so before training the projected space reproduces the bridge.
+* Native baseline (pre-aligned towers such as open_clip, whose image and text embeddings share one
+  space): the zero-training baseline is the towers' own cosine. The image embedding itself plays the
+  bridge's role, and with ``identity_init`` both projections start as the identity (the MLPs are
+  residual adapters starting at zero), so training begins exactly at the native alignment.
+  "Bridge" below means this zero-training *baseline view*, ConSE or native.
 * Served score = ``mix * bridge_score + (1 - mix) * projected_score`` with ``mix`` chosen on
   held-out data, after centering each side (hubness reduction): clip-art training must not make
   real photos worse than the bridge.
@@ -48,11 +53,12 @@ def conse(class_probs: torch.Tensor, class_text: torch.Tensor, top_t: int) -> to
 class AlignmentConfig:
     image_dim: int  # pooled image-tower width (1280 for EfficientNet-Lite)
     text_dim: int  # text-tower width (384 MiniLM, 768 mpnet)
-    bridge_dim: int = 0  # 0 when the image tower has no ImageNet head (open_clip); else text_dim
+    bridge_dim: int = 0  # 0: no baseline input; else text_dim (ConSE vector, or the native image embedding)
     joint_dim: int = 256
     hidden_dim: int = 1024
     dropout: float = 0.1
     temperature_init: float = 0.07
+    identity_init: bool = False  # pre-aligned towers: text_proj and bridge_proj start as the identity
 
 
 class AlignmentModel(nn.Module):
@@ -69,7 +75,12 @@ class AlignmentModel(nn.Module):
         self.text_proj = nn.Linear(c.text_dim, c.joint_dim, bias=False)
         self.text_mlp = nn.Sequential(nn.Linear(c.text_dim, c.hidden_dim), nn.GELU(), nn.Dropout(c.dropout),
                                       nn.Linear(c.hidden_dim, c.joint_dim))
-        nn.init.orthogonal_(self.text_proj.weight)  # rows orthonormal: cosines roughly preserved (JL)
+        if c.identity_init:
+            if c.joint_dim != c.text_dim:
+                raise ValueError(f"identity_init needs joint_dim == text_dim, got {c.joint_dim} and {c.text_dim}")
+            nn.init.eye_(self.text_proj.weight)  # start at the towers' own alignment
+        else:
+            nn.init.orthogonal_(self.text_proj.weight)  # rows orthonormal: cosines roughly preserved (JL)
         nn.init.zeros_(self.text_mlp[-1].weight)
         nn.init.zeros_(self.text_mlp[-1].bias)
         if c.bridge_dim:
@@ -143,7 +154,8 @@ class LocalMix:
 class JointSpace:
     """What a served model version uses to score images against texts.
 
-    ``model`` is None for the bridge-only baseline (``mix`` is then 1).
+    ``model`` is None for the baseline alone (``mix`` is then 1). The baseline view ("bridge") is
+    ConSE when ``class_text`` is set, the towers' native cosine when ``native`` (pre-aligned towers).
     """
 
     class_text: torch.Tensor | None  # (C, D_txt) class prompt embeddings; None without ImageNet head
@@ -155,12 +167,27 @@ class JointSpace:
     joint_center_img: torch.Tensor | None = None  # (J,)
     joint_center_txt: torch.Tensor | None = None  # (J,)
     local: LocalMix | None = None  # per-image mix near users' taught images (None: global mix only)
+    native: bool = False  # pre-aligned towers: the baseline is the native image-text cosine
+
+    def __post_init__(self) -> None:
+        if self.native and self.class_text is not None:
+            raise ValueError("a joint space has one baseline: ConSE (class_text) or native, not both")
 
     @property
     def has_bridge(self) -> bool:
-        return self.class_text is not None
+        """True when a zero-training baseline view exists (ConSE or native)."""
+        return self.class_text is not None or self.native
 
-    def bridge(self, class_probs: torch.Tensor | None) -> torch.Tensor | None:
+    @property
+    def baseline_kind(self) -> str | None:
+        return "native" if self.native else ("conse" if self.class_text is not None else None)
+
+    def bridge(self, class_probs: torch.Tensor | None,
+               features: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, D_txt) unit-norm baseline vectors in the text tower's space: ConSE from ``class_probs``,
+        or (native) the image embeddings ``features`` themselves. None when there is no baseline."""
+        if self.native:
+            return None if features is None else F.normalize(features.float(), dim=-1)
         if not self.has_bridge or class_probs is None:
             return None
         return conse(class_probs, self.class_text, self.top_t)
@@ -168,7 +195,7 @@ class JointSpace:
     def image_views(self, features: torch.Tensor, class_probs: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The per-space image embeddings used in scoring (centered, unit norm)."""
         out = {}
-        b = self.bridge(class_probs)
+        b = self.bridge(class_probs, features)
         if b is not None:
             out["bridge"] = _center(b, self.bridge_center_img)
         if self.model is not None:
@@ -191,6 +218,8 @@ class JointSpace:
                    mix: float | None = None) -> torch.Tensor:
         """(N_img, N_txt) served score. An explicit ``mix`` applies to every image (no local mix)."""
         if self.model is None:
+            if "bridge" not in image_views:
+                raise ValueError("this joint space has neither a baseline (ConSE or native) nor projections")
             return image_views["bridge"] @ text_views["bridge"].T
         joint = image_views["joint"] @ text_views["joint"].T
         if not self.has_bridge:
@@ -220,6 +249,8 @@ class JointSpace:
                "alignment": asdict(self.model.config) if self.model is not None else None}
         if self.local is not None:
             out["local_mix"] = {k: v for k, v in self.local.meta().items() if k != "reference_images"}
+        if self.native:
+            out["baseline"] = "native"  # absent for ConSE / none: metas written before stay valid
         return out
 
     @classmethod
@@ -238,7 +269,8 @@ class JointSpace:
                    mix=float(meta["mix"]), bridge_center_img=tensors.get("bridge_center_img"),
                    bridge_center_txt=tensors.get("bridge_center_txt"),
                    joint_center_img=tensors.get("joint_center_img"),
-                   joint_center_txt=tensors.get("joint_center_txt"), local=local)
+                   joint_center_txt=tensors.get("joint_center_txt"), local=local,
+                   native=meta.get("baseline") == "native")
 
 
 def _center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:

@@ -142,9 +142,15 @@ def evaluate_retrieval(space: JointSpace, feats: PairFeatures, *, max_images: in
 
 
 def resolve_space(towers: Towers, store: ModelStore, model: str) -> tuple[str, JointSpace]:
-    """'bridge', 'current' (the derived pointer) or a version name -> (version, JointSpace)."""
-    if model == BRIDGE:
+    """'bridge'/'baseline' (the zero-training baseline, ConSE or native), 'native' (pre-aligned
+    towers' own cosine), 'current' (the derived pointer) or a version name -> (version, JointSpace)."""
+    if model in (BRIDGE, "baseline"):
         return BRIDGE, towers.bridge_space()
+    if model == "native":
+        if not towers.shares_embedding_space:
+            raise ValueError("--model native needs pre-aligned towers (e.g. the clip profile); these towers "
+                             f"({', '.join(towers.identity.values())}) do not share an embedding space: use 'bridge'")
+        return "native", towers.bridge_space()
     version = store.current() if model == "current" else model
     if version is None:
         raise ValueError("no current model version yet: run `python -m mmapp build-bootstrap` (or python app.py)")
@@ -159,8 +165,9 @@ def fit_corpus_space(towers: Towers, config: Config, train: PairFeatures, val: P
     score mix chosen on ``val``, the mix guarded by the real photos, captions calibrated on ``val``."""
     data = SpaceData(fit=train, early_stop=val, heldout=[("val", val)],
                      guard=("photos", guard) if guard is not None else None, calibration=val)
+    native = towers.baseline_kind == "native"
     return fit_space(data, config=config.train, joint_dim=config.model.joint_dim, class_text=towers.class_text(),
-                     top_t=config.model.bridge_top_t, progress=progress)
+                     top_t=config.model.bridge_top_t, progress=progress, native=native)
 
 
 # ---- memes -------------------------------------------------------------------------------------
@@ -238,12 +245,13 @@ def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap
     labels = list(config.model.meme_labels)
     fusion = fit_meme_head(memes.split_of("train"), val=memes.split_of("val"), name=config.model.fusion_head,
                            num_labels=len(labels), config=config.train, epochs=config.train.meme_epochs)
-    bridge = towers.bridge_space()
+    baseline = towers.bridge_space()  # zero training: ConSE, or the towers' native cosine
     metrics = {
         "retrieval": {"test": evaluate_retrieval(space, splits["test"].features),
-                      "test_bridge": evaluate_retrieval(bridge, splits["test"].features),
+                      "test_baseline": evaluate_retrieval(baseline, splits["test"].features),
                       "photos": evaluate_retrieval(space, photos),
-                      "photos_bridge": evaluate_retrieval(bridge, photos)},
+                      "photos_baseline": evaluate_retrieval(baseline, photos),
+                      "baseline": towers.baseline_kind},
         "memes": evaluate_memes(fusion.head, memes, labels),
     }
     report = report_pairs(config, towers.embedder)

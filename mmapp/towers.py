@@ -61,18 +61,41 @@ class Towers:
     def has_imagenet_head(self) -> bool:
         return bool(getattr(self.embedder.image_encoder, "has_imagenet_head", False))
 
+    @property
+    def shares_embedding_space(self) -> bool:
+        """Pre-aligned towers (open_clip; SigLIP-like models would declare the same): the image and
+        text encoders name one common ``embedding_space``, so their own cosine is a zero-training
+        baseline. Encoders without the attribute (EfficientNet, MiniLM) are separate spaces."""
+        img = getattr(self.embedder.image_encoder, "embedding_space", None)
+        txt = getattr(self.embedder.text_encoder, "embedding_space", None)
+        return img is not None and img == txt
+
     def class_text(self) -> torch.Tensor | None:
         """(1000, D_txt) ImageNet prompt embeddings, or None when the image tower has no ImageNet head."""
-        if not self.has_imagenet_head:
+        if not self.has_imagenet_head or self.shares_embedding_space:
             return None
         with self._lock:
             if self._class_text is None:
                 self._class_text = class_prompt_embeddings(imagenet_class_names(), self.embedder.texts)
             return self._class_text
 
+    @property
+    def baseline_kind(self) -> str:
+        """'native' (pre-aligned towers' own cosine) or 'conse' (ImageNet head + class prompts)."""
+        if self.shares_embedding_space:
+            return "native"
+        if self.has_imagenet_head:
+            return "conse"
+        raise ValueError("these towers have no zero-training baseline: the image tower has no ImageNet head "
+                         "and the towers do not share an embedding space")
+
     def bridge_space(self) -> JointSpace:
-        """The zero-training baseline (ConSE bridge): what serves before any version exists."""
+        """The zero-training baseline, ConSE or native: what serves before any version exists."""
+        if self.baseline_kind == "native":
+            return JointSpace(class_text=None, top_t=self.bridge_top_t, native=True)
         return JointSpace(class_text=self.class_text(), top_t=self.bridge_top_t)
+
+    baseline_space = bridge_space
 
     def read_text(self, image: DecodedImage) -> str:
         """OCR text, cached by image content so a re-analysis never runs OCR twice."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse, ramp
+from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, ramp
 from mmapp.losses import info_nce
 
 
@@ -145,8 +145,8 @@ def mean_mrr(similarity: torch.Tensor, text_to_image: np.ndarray) -> float:
 
 def with_centers(space: JointSpace, train: PairFeatures) -> JointSpace:
     """Set the hubness-reduction centers from the training images and captions."""
-    b = space.bridge(train.class_probs)
-    if b is not None:
+    b = space.bridge(train.class_probs, train.image_features)
+    if b is not None and not space.native:  # the native baseline stays uncentered: mix 1 is the towers' own score
         space.bridge_center_img = b.mean(0)
         space.bridge_center_txt = train.text.mean(0)
     if space.model is not None:
@@ -167,20 +167,30 @@ class AlignmentResult:
 
 def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text: torch.Tensor | None,
                     top_t: int, config: TrainConfig, joint_dim: int, init: AlignmentModel | None = None,
-                    progress: bool = False) -> AlignmentResult:
-    """Train the projections with symmetric InfoNCE; keep the epoch with the best validation R@1."""
+                    progress: bool = False, native: bool = False) -> AlignmentResult:
+    """Train the projections with symmetric InfoNCE; keep the epoch with the best validation R@1.
+
+    ``native`` (pre-aligned towers): the image embedding is the baseline input and, from scratch,
+    the projections start as the identity (``joint_dim`` is then the towers' width), so epoch 0 is
+    the towers' own alignment and a validation set keeps training from falling below it."""
     import time
 
     start = time.monotonic()
     torch.manual_seed(config.seed)  # same data + config -> same projections
-    bridge_train = conse(train.class_probs, class_text, top_t) if class_text is not None else None
+    probe = JointSpace(class_text, top_t, native=native)
+    bridge_train = probe.bridge(train.class_probs, train.image_features)
     if init is not None:
         model = copy.deepcopy(init)
     else:
+        if native:
+            if train.image_features.shape[1] != train.text.shape[1]:
+                raise ValueError(f"pre-aligned towers must share one width, got image {train.image_features.shape[1]}"
+                                 f" and text {train.text.shape[1]}")
+            joint_dim = train.text.shape[1]
         model = AlignmentModel(AlignmentConfig(
             image_dim=train.image_features.shape[1], text_dim=train.text.shape[1],
             bridge_dim=train.text.shape[1] if bridge_train is not None else 0, joint_dim=joint_dim,
-            temperature_init=config.temperature_init))
+            temperature_init=config.temperature_init, **({"identity_init": True} if native else {})))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     epochs = config.epochs
@@ -193,7 +203,7 @@ def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text
     def val_score() -> float:
         if val is None:
             return float("nan")
-        space = with_centers(JointSpace(class_text, top_t, model, mix=0.0), train)
+        space = with_centers(JointSpace(class_text, top_t, model, mix=0.0, native=native), train)
         views_i = space.image_views(val.image_features, val.class_probs)
         views_t = space.text_views(val.text)
         return mean_r1(space.similarity(views_i, views_t, mix=0.0), val.text_to_image)
@@ -232,15 +242,18 @@ def train_alignment(train: PairFeatures, val: PairFeatures | None, *, class_text
 
 def fit_projections(fit: PairFeatures, *, class_text: torch.Tensor | None, top_t: int, config: TrainConfig,
                     joint_dim: int, centers: PairFeatures | None = None, early_stop: PairFeatures | None = None,
-                    parent: JointSpace | None = None, progress: bool = False) -> tuple[JointSpace, AlignmentResult]:
+                    parent: JointSpace | None = None, progress: bool = False,
+                    native: bool = False) -> tuple[JointSpace, AlignmentResult]:
     """Projections trained with InfoNCE on ``fit`` (from ``parent``'s when given), centered on
-    ``centers`` (default ``fit``). The score mix is still to choose (``space.mix`` is 1.0)."""
+    ``centers`` (default ``fit``). The score mix is still to choose (``space.mix`` is 1.0).
+    ``native``: pre-aligned towers, the baseline is their own cosine (see :func:`train_alignment`)."""
     if parent is not None:
-        class_text, top_t = parent.class_text, parent.top_t
+        class_text, top_t, native = parent.class_text, parent.top_t, parent.native
     result = train_alignment(fit, early_stop, class_text=class_text, top_t=top_t, config=config,
                              joint_dim=joint_dim, init=parent.model if parent is not None else None,
-                             progress=progress)
-    space = with_centers(JointSpace(class_text, top_t, result.model), centers if centers is not None else fit)
+                             progress=progress, native=native)
+    space = with_centers(JointSpace(class_text, top_t, result.model, native=native),
+                         centers if centers is not None else fit)
     return space, result
 
 
@@ -266,15 +279,17 @@ class FittedSpace:
 
 
 def fit_space(data: SpaceData, *, config: TrainConfig, joint_dim: int, parent: JointSpace | None = None,
-              class_text: torch.Tensor | None = None, top_t: int = 10, progress: bool = False) -> FittedSpace:
+              class_text: torch.Tensor | None = None, top_t: int = 10, progress: bool = False,
+              native: bool = False) -> FittedSpace:
     """The joint-space recipe: projections, centers, global score mix, local mix, caption temperature.
 
-    From scratch (``parent=None``: ``class_text``/``top_t`` give the bridge) or fine-tuned from a
-    parent version's space (its bridge is kept). ``config`` carries epochs and learning rate.
+    From scratch (``parent=None``: ``class_text``/``top_t`` give the ConSE bridge, ``native=True``
+    the pre-aligned towers' own cosine as the baseline) or fine-tuned from a parent version's space
+    (its baseline is kept). ``config`` carries epochs and learning rate.
     """
     space, result = fit_projections(data.fit, class_text=class_text, top_t=top_t, config=config, joint_dim=joint_dim,
                                     centers=data.centers, early_stop=data.early_stop, parent=parent,
-                                    progress=progress)
+                                    progress=progress, native=native)
     space.mix, table = choose_mix(space, data.heldout, guard=data.guard)
     info: dict = {"best_epoch": result.best_epoch, "seconds": result.seconds, "mix": space.mix, "mix_table": table}
     if data.taught is not None:

@@ -94,7 +94,7 @@ def shared_backbone(model_name: str, pretrained: str, placement: Placement) -> O
 
 class OpenCLIPImageEncoder:
     kind = "image"
-    has_imagenet_head = False  # no classifier: no ConSE bridge, projections only
+    has_imagenet_head = False  # no classifier: no ConSE bridge; the baseline is the native cosine instead
 
     def __init__(self, backbone: OpenCLIPBackbone, *, batch_size: int = 32):
         self.backbone = backbone
@@ -105,6 +105,11 @@ class OpenCLIPImageEncoder:
     @cached_property
     def identity(self) -> str:
         return f"{self.backbone.identity}/image"
+
+    @property
+    def embedding_space(self) -> str:
+        """Pre-aligned towers: the image and text encoders of one CLIP share this space id."""
+        return self.backbone.identity
 
     def encode(self, images: Sequence[Image.Image]) -> ImageFeatures:
         return ImageFeatures(features=self.backbone.encode_images(images, self.batch_size), class_probs=None)
@@ -122,6 +127,10 @@ class OpenCLIPTextEncoder:
     @cached_property
     def identity(self) -> str:
         return f"{self.backbone.identity}/text"
+
+    @property
+    def embedding_space(self) -> str:
+        return self.backbone.identity
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self.backbone.encode_texts(texts, self.batch_size)

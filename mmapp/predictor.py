@@ -150,7 +150,9 @@ class Predictor:
             text = " ".join(text.split())
             if text and text not in seen:
                 seen[text] = source
-        if self.towers.class_text() is not None:
+        # ImageNet class prompts: with ConSE towers, and with pre-aligned towers (their native cosine
+        # ranks prompts zero-shot, as CLIP does)
+        if self.towers.shares_embedding_space or self.towers.class_text() is not None:
             for name in imagenet_class_names():
                 seen.setdefault(template_caption(name), "imagenet")
         self._bank_texts = list(seen)

@@ -83,7 +83,7 @@ def projections_only(home: Path, checkpoint: Path) -> dict:
     return evaluate_retrieval(fitted.space, feats["test"])
 
 
-def run(work: Path, *, threads: int = 1) -> dict:
+def run(work: Path, *, threads: int = 1, train_variants: int = TRAIN_VARIANTS) -> dict:
     work = Path(work)
     checkpoint = ensure_tiny_clip(work, threads=threads)
     home = work / "home"
@@ -91,7 +91,7 @@ def run(work: Path, *, threads: int = 1) -> dict:
         shutil.rmtree(home)  # a fresh scratch home each run: build-bootstrap makes its version current
     scenes = split_scenes(FRACTIONS, seed=0)
     write_bootstrap_dataset({s: scenes[s] for s in ("train", "val", "test")}, home / "datasets" / "openclipart",
-                            train_variants=TRAIN_VARIANTS)
+                            train_variants=train_variants)
     # The guard (what no mix may make worse than the baseline): the shipped real photos mean nothing
     # to towers that only ever saw shapes, so here it is what these towers already know, 48 of their
     # pre-training scenes in new pictures (position jitter variant 7).
@@ -103,6 +103,7 @@ def run(work: Path, *, threads: int = 1) -> dict:
     served = cli(env, "eval-retrieval", "--pairs", test_tsv, "--model", "current")
     meta = json.loads((home / "models" / built["version"] / "meta.json").read_text())
     return {"checkpoint": str(checkpoint), "home": str(home), "version": built["version"],
+            "train_variants": train_variants,
             "mix": meta["training"]["mix"], "baseline": meta["metrics"]["retrieval"]["baseline"],
             "native": native, "served": served, "projections_only": projections_only(home, checkpoint),
             "bootstrap_metrics": meta["metrics"]["retrieval"]}
@@ -124,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (the tiny checkpoint is kept here)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-variants", type=int, default=TRAIN_VARIANTS,
+                    help="pictures per bootstrap training caption (position jitter)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    result = run(args.work, threads=args.threads)
+    result = run(args.work, threads=args.threads, train_variants=args.train_variants)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary(result), indent=2))

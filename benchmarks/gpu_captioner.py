@@ -89,7 +89,6 @@ def bench_captioner(*, device: torch.device, dtype: torch.dtype, quick: bool, ba
                                      min_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         t = _timed(gen, device=device, warmup=warmup, repeats=repeats)
         out[f"batch{batch}"] = {**t, "images_per_s": batch / (t["median_ms"] / 1e3)}
-    del model
     return out
 
 
@@ -106,7 +105,6 @@ def bench_towers(*, device: torch.device, dtype: torch.dtype, quick: bool, batch
         tt = _timed(lambda: model.encode_text(tokens), device=device, warmup=warmup, repeats=repeats)
         out[f"image_batch{batch}"] = {**ti, "per_s": batch / (ti["median_ms"] / 1e3)}
         out[f"text_batch{batch}"] = {**tt, "per_s": batch / (tt["median_ms"] / 1e3)}
-    del model
     return out
 
 

@@ -96,6 +96,13 @@ def test_cli_eval_retrieval_bridge_on_real_photos_beats_chance(tmp_path):
         assert d["R@1_ci"][0] <= d["R@1"] <= d["R@1_ci"][1]
 
 
+def test_cli_eval_retrieval_native_is_refused_for_towers_without_a_shared_space(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(tmp_path), "eval-retrieval", "--pairs",
+                          str(PHOTOS / "captions.tsv"), "--model", "native"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode != 0 and "needs pre-aligned towers" in out.stderr and "use 'bridge'" in out.stderr
+
+
 def test_cli_caption_json_is_the_only_thing_on_stdout(tmp_path):
     result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), home=tmp_path)
     assert result["caption"] and "tags:" not in result["caption"] and result["model_version"] == "bridge"

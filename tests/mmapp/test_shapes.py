@@ -4,7 +4,6 @@ the towers' native zero-shot score, and the previous projections-only design fal
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

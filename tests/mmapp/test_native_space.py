@@ -83,3 +83,15 @@ def test_a_conse_space_meta_has_no_baseline_key_and_old_metas_load():
     tensors = {"class_text": torch.randn(4, 16), **{f"model.{k}": v for k, v in model.state_dict().items()}}
     loaded = JointSpace.from_state(tensors, old)
     assert not loaded.native and not loaded.model.config.identity_init and loaded.has_bridge
+
+
+def test_a_retrain_from_a_native_parent_keeps_the_native_baseline():
+    """The retrain's fine-tune (fit_space with parent=) keeps the parent's baseline and adapters."""
+    train, val, guard = (aligned_pairs(n, s) for n, s in ((256, 7), (96, 8), (48, 9)))
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=3e-3)
+    parent = fit_space(SpaceData(fit=train, early_stop=val, heldout=[("val", val)], guard=("photos", guard)),
+                       config=cfg, joint_dim=256, native=True).space
+    child = fit_space(SpaceData(fit=val, heldout=[("val", val)], guard=("photos", guard)), config=cfg,
+                      joint_dim=256, parent=parent).space
+    assert child.native and child.class_text is None and child.model.config == parent.model.config
+    assert child.bridge_center_img is None  # the native view stays the towers' own cosine

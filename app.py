@@ -1728,7 +1728,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python app.py", description="Serve the mmapp web page.")
     parser.add_argument("--host", help="interface to bind (default from config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default from config: 7860)")
-    parser.add_argument("--profile", help="config profile: offline (default) or clip")
+    parser.add_argument("--profile", help="config profile: offline (default), clip or blip")
     return parser.parse_args(argv)
 
 

@@ -239,7 +239,7 @@ def cmd_analyze_meme(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmapp", description=__doc__)
-    parser.add_argument("--profile", default=None, help="config profile (offline | clip); env MMAPP_PROFILE")
+    parser.add_argument("--profile", default=None, help="config profile (offline | clip | blip); env MMAPP_PROFILE")
     parser.add_argument("--home", default=None, help="data folder (default var/; env MMAPP_HOME)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -25,7 +25,7 @@ from mmapp.paths import Paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-PROFILES = ("offline", "clip")
+PROFILES = ("offline", "clip", "blip")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # data the app ships (not tests/)
 SECRET_FIELDS = (("app", "operator_password"),)  # printed as "***"; database passwords are masked too
 
@@ -44,6 +44,10 @@ class ModelConfig:
     caption_confidence_floor: float = 0.1  # below this calibrated confidence a caption is flagged as a guess
     meme_labels: tuple[str, ...] = ("positive", "sarcastic", "dark humor")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    captioner: str = ""  # "" = captions retrieved from the bank only; "hf" = a transformers captioner (mmapp/captioner.py)
+    captioner_path: str = ""  # local folder with the captioner's save_pretrained files (model + processor)
+    captioner_max_new_tokens: int = 30  # generated caption length budget
+    captioner_num_beams: int = 1  # 1 = greedy decoding; >1 = beam search
 
 
 @dataclass(frozen=True)

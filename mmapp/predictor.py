@@ -16,6 +16,7 @@ import torch
 from mmapp.cache import text_key
 from mmapp.captioning import CaptionPolicy, compose_caption, picture_halves, template_caption
 from mmapp.config import Config
+from mmapp.device import resolve_placement
 from mmapp.embedder import Embedder
 from mmapp.encoders.image import imagenet_class_names
 from mmapp.imageio import DecodedImage
@@ -57,13 +58,27 @@ class MemeResult:
     embedding_ref: str = ""
 
 
+def generative_captioner(config: Config):
+    """The configured generative captioner (``model.captioner``), or None; a missing folder fails here, at start."""
+    if not config.model.captioner:
+        return None
+    if config.model.captioner != "hf":
+        raise ValueError(f"unknown model.captioner {config.model.captioner!r}; valid: '' (retrieval only), 'hf'")
+    from mmapp.captioner import GenerativeCaptioner
+
+    return GenerativeCaptioner(config.model.captioner_path, placement=resolve_placement(config.model.device),
+                               max_new_tokens=config.model.captioner_max_new_tokens,
+                               num_beams=config.model.captioner_num_beams)
+
+
 class Predictor:
     caption_policy: CaptionPolicy = CaptionPolicy()  # wording knobs (mmapp.captioning), chosen on the guard photos
     compose_captions: bool = True  # False: serve the top bank entry as is (the old behaviour, for benchmarks)
 
     def __init__(self, *, towers: Towers, store: ModelStore, caption_bank: Sequence[tuple[str, str]] = (),
-                 confidence_floor: float = 0.1):
+                 confidence_floor: float = 0.1, captioner=None):
         self.towers = towers
+        self.captioner = captioner  # a GenerativeCaptioner, or None: captions come from the bank only
         self.store = store
         self.confidence_floor = confidence_floor
         self._lock = threading.RLock()
@@ -79,8 +94,10 @@ class Predictor:
     def from_config(cls, config: Config, *, version: str | None = None, towers: Towers | None = None,
                     caption_bank: Sequence[tuple[str, str]] = ()) -> "Predictor":
         """Serve ``version`` (default: the derived ``current.json`` pointer, else the bridge)."""
-        predictor = cls(towers=towers or Towers.from_config(config), store=ModelStore(config.paths.models),
-                        caption_bank=caption_bank, confidence_floor=config.model.caption_confidence_floor)
+        towers = towers or Towers.from_config(config)
+        predictor = cls(towers=towers, store=ModelStore(config.paths.models),
+                        caption_bank=caption_bank, confidence_floor=config.model.caption_confidence_floor,
+                        captioner=generative_captioner(config))
         predictor.load_version(version or predictor.store.current() or BRIDGE)
         return predictor
 
@@ -188,6 +205,19 @@ class Predictor:
         alternatives = [(texts[i], float(probs[i])) for i in idx[1:]]
         low_confidence = confidence < self.confidence_floor
         timings["rank"] = (time.perf_counter() - t1) * 1e3
+        if self.captioner is not None:
+            # generated caption first, the bank's best matches beside it; an empty generation
+            # (nothing but special tokens) falls back to the bank
+            t2 = time.perf_counter()
+            generated = self.captioner.generate([image.image])[0]
+            timings["generate"] = (time.perf_counter() - t2) * 1e3
+            if generated.text:
+                return CaptionResult(
+                    caption=generated.text, alternatives=[(texts[i], float(probs[i])) for i in idx],
+                    confidence=generated.confidence, low_confidence=generated.confidence < self.confidence_floor,
+                    source="generated", model_version=model.version, timings_ms=timings,
+                    embedding_ref=self.embedder.cache.ref(self.embedder.image_encoder.identity, image.sha256)
+                    if self.embedder.cache else "")
         if self.compose_captions and feats.class_probs is not None:
             t2 = time.perf_counter()
             words = self._compose(scores, probs, texts, sources, feats.class_probs[0], image, confidence)

@@ -88,3 +88,47 @@ def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
     with Session(engine) as s:
         assert repo.lock_holder(s, LEASE_NAME) is None
     engine.dispose()
+
+
+@pytest.mark.server
+def test_python_app_py_profile_blip_serves_the_generated_caption_first(predictor, app_home, tmp_path):
+    """`python app.py --profile blip` with a local captioner folder (a tiny BLIP taught one shapes
+    caption): the caption endpoint answers with the generated caption, the bank's matches beside it."""
+    from mmapp.data.shapes import render_scene
+    from tests.mmapp.test_captioner import SCENE, save_tiny_blip
+
+    blip = save_tiny_blip(tmp_path / "blip")
+    home = tmp_path / "home"
+    home.mkdir()
+    for shared in ("models", "cache"):
+        (home / shared).symlink_to(app_home / shared, target_is_directory=True)
+    picture = tmp_path / "scene.png"
+    render_scene(SCENE).save(picture)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMAPP")}
+    env.update(MMAPP_HOME=str(home), PYTHONUNBUFFERED="1", MMAPP__MODEL__CAPTIONER_PATH=str(blip),
+               MMAPP__MODEL__DEVICE="cpu")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "app.py", "--profile", "blip", "--port", str(port)], cwd=REPO,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
+        assert details["caption"] == SCENE.caption and details["source"] == "generated", details
+        assert details["alternatives"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode == 0, log.read_text()[-3000:]

@@ -257,7 +257,7 @@ def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap
     report = report_pairs(config, towers.embedder)
     if report is not None:  # after every choice is made: nothing above sees these photos
         metrics["retrieval"]["photos_report"] = evaluate_retrieval(space, report)
-        metrics["retrieval"]["photos_report_bridge"] = evaluate_retrieval(bridge, report)
+        metrics["retrieval"]["photos_report_baseline"] = evaluate_retrieval(baseline, report)
     meta = VersionMeta(
         labels=tuple(labels), encoders=towers.identity, caption_temperature=fitted.caption_temperature,
         metrics=metrics, training=fitted.info, history=fitted.history,

@@ -3,7 +3,6 @@ one vote per rater per pair, anonymous voting only when configured, the operator
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import gradio as gr
 import pytest

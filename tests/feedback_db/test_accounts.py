@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.accounts import AuthPolicy, Accounts, hash_password, token_sha256, verify_password
-from feedback_db.models import AuthSession, LoginAttempt, Rater
+from feedback_db.models import AuthSession
 
 from .factories import add_prediction, add_upload
 

@@ -10,7 +10,7 @@ from feedback_db.accounts import Accounts, AuthPolicy
 from feedback_db.models import Correction, RejectedItem
 from retrain.job import run_retrain
 
-from .world import N_CONCEPTS, N_CORPUS, add_feedback, feed_new_concepts, make_config
+from .world import N_CORPUS, add_feedback, feed_new_concepts, make_config
 
 WRONG = ["a garbage fire", "garbage on fire", "a burning garbage heap", "a fire in the garbage", "trash fire",
          "a burning trash can", "a dumpster fire", "burning rubbish", "a rubbish fire", "fire and garbage"]

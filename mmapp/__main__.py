@@ -87,6 +87,8 @@ def cmd_import(args) -> int:
               f"kept {report['kept']} pairs {report['splits']}; dropped {report['dropped']}\n"
               + "\n".join(f"  {k}: {v}" for k, v in paths.items()))
         return 0
+    if args.source == "memes":
+        return _import_memes(args, config)
     if not args.path:
         raise SystemExit("import pairs needs a FILE or folder")
     pairs = read_pairs(Path(args.path), fmt=args.format)
@@ -94,6 +96,26 @@ def cmd_import(args) -> int:
     write_pairs_tsv(pairs, out)
     _emit(args, {"pairs": len(pairs), "images": len({p.group for p in pairs}), "out": str(out)},
           f"{len(pairs)} pairs ({len({p.group for p in pairs})} images) -> {out}")
+    return 0
+
+
+def _import_memes(args, config) -> int:
+    from mmapp.data.meme_import import read_memes, write_normalised
+
+    if not args.path:
+        raise SystemExit("import memes needs a FILE (Hateful Memes jsonl, Memotion csv, or image/text/label table)")
+    fmt = {"jsonl": None, "csv": None, "tsv": None}.get(args.format, args.format) if args.format else None
+    memes, report = read_memes(Path(args.path), fmt=fmt, label_map=args.label_map,
+                               labels=config.model.meme_labels, images=args.images)
+    if not memes:
+        raise ValueError(f"no memes imported from {args.path}: skipped {dict(report.skipped)}")
+    out = write_normalised(memes, Path(args.out) if args.out else config.paths.dataset("user_memes"),
+                           replace=args.replace)
+    obj = {"read": report.read, "imported": report.imported, "labels": dict(report.labels),
+           "skipped": dict(report.skipped), "out": str(out)}
+    _emit(args, obj, f"imported {report.imported} of {report.read} memes {dict(report.labels)} -> {out}"
+          + (f"\n  skipped: {dict(report.skipped)}" if report.skipped else "")
+          + "\n  used by build-bootstrap and the retrain as extra meme training data")
     return 0
 
 
@@ -139,7 +161,8 @@ def cmd_train_alignment(args) -> int:
     meta = VersionMeta(labels=base.labels if base else (), encoders=towers.identity,
                        caption_temperature=fitted.caption_temperature, parent=current, metrics=metrics,
                        training=fitted.info, history=fitted.history,
-                       data={"train": str(train_path), "val": str(val_path)}, code_version=code_version())
+                       data={"train": str(train_path), "val": str(val_path)}, code_version=code_version(),
+                       meme_text_features=base.meta.meme_text_features if base else "")
     store.save(version, fitted.space, meta=meta, fusion_head=base.fusion_head if base else None,
                fusion_config=base.fusion_config if base else None,
                fusion_name=base.meta.fusion_name if base else None)
@@ -252,10 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("list-encoders", cmd_list_encoders, "list encoders and fusion heads")
     add("config", cmd_config, "print the effective configuration (profile + environment), secrets redacted")
     p = add("import", cmd_import, "import the bootstrap corpus or your own pairs")
-    p.add_argument("source", choices=["openclipart", "pairs"])
-    p.add_argument("path", nargs="?", help="pairs: a TSV/CSV/JSONL/COCO JSON file or a folder")
-    p.add_argument("--format", choices=["tsv", "csv", "jsonl", "coco", "folder"], default=None)
-    p.add_argument("--out", help="pairs: output TSV (image_path<TAB>caption)")
+    p.add_argument("source", choices=["openclipart", "pairs", "memes"])
+    p.add_argument("path", nargs="?", help="pairs: a TSV/CSV/JSONL/COCO JSON file or a folder; "
+                                           "memes: a Hateful Memes jsonl, Memotion csv or image/text/label table")
+    p.add_argument("--format", choices=["tsv", "csv", "jsonl", "coco", "folder", "hateful", "memotion", "table"],
+                   default=None, help="default: from the file (memes: hateful | memotion | table)")
+    p.add_argument("--out", help="pairs: output TSV (image_path<TAB>caption); memes: output folder "
+                                 "(default <home>/datasets/user_memes)")
+    p.add_argument("--label-map", default=None,
+                   help='memes: "[column:]value=label,..." onto our labels, first match wins '
+                        '(e.g. Hateful Memes "0=positive,1=dark humor"); Memotion has a default')
+    p.add_argument("--images", default=None, help="memes: folder holding the images (default: next to FILE)")
+    p.add_argument("--replace", action="store_true", help="memes: replace the imported set instead of merging")
     p = add("embed", cmd_embed, "embed image-caption pairs into the cache")
     p.add_argument("--pairs", required=True, help="TSV: image_path<TAB>caption, paths relative to the file")
     p = add("train-alignment", cmd_train_alignment, "train the projections with InfoNCE")

@@ -43,6 +43,7 @@ class ModelConfig:
     fusion_head: str = "concat"  # late | concat | cross-attention
     caption_confidence_floor: float = 0.1  # below this calibrated confidence a caption is flagged as a guess
     meme_labels: tuple[str, ...] = ("positive", "sarcastic", "dark humor")
+    meme_text_features: str = "vader-v1"  # what a new meme head reads as text: "" (embedding only) | "vader-v1"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     captioner: str = ""  # "" = captions retrieved from the bank only; "hf" = a transformers captioner (mmapp/captioner.py)
     captioner_path: str = ""  # local folder with the captioner's save_pretrained files (model + processor)

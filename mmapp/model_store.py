@@ -55,6 +55,9 @@ class VersionMeta:
     data: dict[str, Any] = field(default_factory=dict)  # what it was trained on (sizes, files)
     config: dict[str, Any] = field(default_factory=dict)  # the settings used, secrets redacted
     manifest: dict[str, Any] | None = None  # the retrain run's manifest, for versions a retrain made
+    # what the meme head reads as text (mmapp.text_features): "" = the text tower's embedding alone
+    # (every version made before it existed), "vader-v1" = embedding + sentiment-incongruence features
+    meme_text_features: str = ""
     code_version: str = ""
     python: str = ""
     torch: str = ""

@@ -172,9 +172,18 @@ def fit_corpus_space(towers: Towers, config: Config, train: PairFeatures, val: P
 
 # ---- memes -------------------------------------------------------------------------------------
 
-def meme_examples(towers: Towers, config: Config, *, progress: bool = True) -> MemeExamples:
-    """Render (once) the synthetic meme set from the bootstrap corpus and embed it (cached)."""
-    from mmapp.data.memes import build_meme_specs, render_meme_set
+def meme_examples(towers: Towers, config: Config, *, progress: bool = True,
+                  text_features: str | None = None) -> MemeExamples:
+    """Render (once) the synthetic meme set (generator ``mmapp.data.memes.GENERATOR_VERSION``) from the
+    bootstrap corpus and photographs, embed it (cached), and add the memes imported with
+    ``python -m mmapp import memes`` when there are any (train/val only, source "bootstrap").
+
+    ``text_features`` is what the head reads as text (``mmapp.text_features``; default
+    ``config.model.meme_text_features``): pass the kind of the version a head is fine-tuned from."""
+    from mmapp.data.memes import GENERATOR_VERSION, build_meme_specs_v2, render_meme_set
+    from mmapp.text_features import meme_text_features
+
+    kind = config.model.meme_text_features if text_features is None else text_features
 
     @dataclass(frozen=True)
     class _Item:
@@ -188,12 +197,34 @@ def meme_examples(towers: Towers, config: Config, *, progress: bool = True) -> M
     items = [_Item(d["item_id"], Path(d["png_path"]), d["category"], tuple(d["keywords"]), d["title"], d["split"])
              for d in load_items(config)]
     labels = list(config.model.meme_labels)
-    specs = build_meme_specs(items, labels=labels, per_item=2, seed=config.train.seed)
-    paths = render_meme_set(specs, config.paths.memes, size=384)
+    specs = build_meme_specs_v2(items, labels=labels, seed=config.train.seed)
+    paths = render_meme_set(specs, config.paths.dataset(f"memes-{GENERATOR_VERSION}"), size=384)
     img, _ = towers.embedder.image_files(paths, progress=progress, desc="memes")
-    text = towers.embedder.texts([s.text for s in specs], progress=progress)
-    return MemeExamples(img.features, text, torch.tensor([labels.index(s.label) for s in specs]),
-                        np.array([s.split for s in specs]), np.array(["bootstrap"] * len(specs)))
+    texts = [s.text for s in specs]
+    y, splits = [labels.index(s.label) for s in specs], [s.split for s in specs]
+    imported = read_user_memes(config, labels)
+    if imported:
+        user_img, _ = towers.embedder.image_files([m.image_path for m in imported], progress=progress,
+                                                  desc="imported memes")
+        image = torch.cat([img.features, user_img.features])
+        texts += [m.text for m in imported]
+        y += [labels.index(m.label) for m in imported]
+        splits += [m.split for m in imported]
+    else:
+        image = img.features
+    text = meme_text_features(texts, kind, lambda t: towers.embedder.texts(t, progress=progress))
+    return MemeExamples(image, text, torch.tensor(y), np.array(splits), np.array(["bootstrap"] * len(y)))
+
+
+def read_user_memes(config: Config, labels: Sequence[str]):
+    """The memes imported with ``python -m mmapp import memes`` (empty when none; rows whose label this
+    model does not have, or whose image is gone, are skipped)."""
+    from mmapp.data.meme_import import read_normalised
+
+    path = config.paths.dataset("user_memes") / "memes.jsonl"
+    if not path.is_file():
+        return []
+    return [m for m in read_normalised(path) if m.label in labels and m.image_path.is_file()]
 
 
 def evaluate_memes(head, feats: MemeExamples, labels: Sequence[str], split: str = "test",
@@ -260,14 +291,22 @@ def build_bootstrap(config: Config, towers: Towers, *, version: str = "bootstrap
         metrics["retrieval"]["photos_report_baseline"] = evaluate_retrieval(baseline, report)
     meta = VersionMeta(
         labels=tuple(labels), encoders=towers.identity, caption_temperature=fitted.caption_temperature,
+        meme_text_features=config.model.meme_text_features,
         metrics=metrics, training=fitted.info, history=fitted.history,
         config={k: redacted(config)[k] for k in ("model", "train")},
         code_version=code_version(), python=platform.python_version(), torch=torch.__version__,
-        data={s: len(e.captions) for s, e in splits.items()})
+        data={**{s: len(e.captions) for s, e in splits.items()}, "memes": len(memes),
+              "memes_generator": _meme_generator()})
     ModelStore(config.paths.models).save(version, space, meta=meta, fusion_head=fusion.head,
                                          fusion_config=fusion.config, fusion_name=config.model.fusion_head)
     say(f"saved model version {version!r} in {time.monotonic() - started:.0f} s")
     return version, meta
+
+
+def _meme_generator() -> str:
+    from mmapp.data.memes import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
 
 
 def bank_from_items(config: Config) -> list[tuple[str, str]]:

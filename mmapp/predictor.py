@@ -22,6 +22,7 @@ from mmapp.encoders.image import imagenet_class_names
 from mmapp.imageio import DecodedImage
 from mmapp.joint import JointSpace
 from mmapp.model_store import BRIDGE, ModelStore, ModelVersion, VersionMeta
+from mmapp.text_features import meme_text_features
 from mmapp.towers import Towers
 
 ABLATIONS = (None, "image", "text")  # what is removed: nothing, the image, the text
@@ -279,7 +280,9 @@ class Predictor:
         feats = self.embedder.images([image.image], [image.sha256])
         timings["encode_image"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        text_emb = self.embedder.texts([text]) if text.strip() else None
+        # the head's text input, as its version was trained (mmapp.text_features; "" = embedding alone)
+        text_emb = meme_text_features([text], model.meta.meme_text_features, self.embedder.texts) \
+            if text.strip() else None
         timings["encode_text"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         with torch.inference_mode():

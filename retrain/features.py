@@ -32,7 +32,7 @@ class FeatureSource(Protocol):
 
     def corpus(self, split: str) -> PairFeatures: ...  # a split of the bootstrap corpus
 
-    def memes(self) -> MemeExamples | None: ...  # the bootstrap meme set (every split)
+    def memes(self, text_features: str = "") -> MemeExamples | None: ...  # the bootstrap meme set (every split)
 
     def guard(self) -> PairFeatures: ...  # real photos the served score mix must not worsen
 
@@ -67,7 +67,7 @@ class TowerFeatureSource:
     config: object  # mmapp.config.Config
     encoded_on_miss: int = 0  # uploads that had to be decoded and encoded (cache misses)
     _corpus: dict[str, PairFeatures] = field(default_factory=dict, repr=False)
-    _memes: MemeExamples | None = field(default=None, repr=False)
+    _memes: dict[str, MemeExamples] = field(default_factory=dict, repr=False)
 
     @property
     def identity(self) -> dict[str, str]:
@@ -91,12 +91,15 @@ class TowerFeatureSource:
                                               read_pairs(self.config.paths.dataset() / f"{split}.tsv")).features
         return self._corpus[split]
 
-    def memes(self) -> MemeExamples | None:
-        if self._memes is None:
+    def memes(self, text_features: str = "") -> MemeExamples | None:
+        """The bootstrap meme set with the text side a head of kind ``text_features`` reads
+        (``mmapp.text_features``; "" = the tower embedding alone, as versions before it were trained)."""
+        if text_features not in self._memes:
             from mmapp.pipeline import meme_examples
 
-            self._memes = meme_examples(self.towers, self.config, progress=False)
-        return self._memes
+            self._memes[text_features] = meme_examples(self.towers, self.config, progress=False,
+                                                       text_features=text_features)
+        return self._memes[text_features]
 
     def guard(self) -> PairFeatures:
         from mmapp.pipeline import guard_pairs

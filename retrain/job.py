@@ -38,6 +38,7 @@ from feedback_db.engine import retry_on_busy
 from mmapp.config import Config, RetrainConfig, redacted
 from mmapp.evaluation import subsample_candidates
 from mmapp.model_store import ModelStore, ModelVersion, VersionMeta, write_text_atomic
+from mmapp.text_features import meme_text_features
 from mmapp.training import MemeExamples, PairFeatures
 
 from retrain.blind import BlindOutputs, make_pairs
@@ -432,10 +433,11 @@ def train_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatures
     """Fine-tune a candidate from the current version (``retrain.train.fine_tune``)."""
     labels = list(selected.current.labels)
     fit, tune = split_items(cleaned.train_items)
-    memes = ctx.features.memes()
+    kind = selected.current.meta.meme_text_features  # the replay must feed the head what it was trained on
+    memes = ctx.features.memes(text_features=kind) if kind else ctx.features.memes()
     pairs = lambda chosen: _pairs_of([i for i in chosen if i.kind == "pair"], feats.row_of, feats.item_feats)
     user_labels = lambda chosen: _labels_of([i for i in chosen if i.kind == "label"], feats.row_of, feats.item_feats,
-                                            labels)
+                                            labels, kind, ctx.features.texts)
     data = TrainingSet(
         replay=feats.replay,
         val=_cap_images(ctx.features.corpus("val"), 1000, ctx.config.train.seed),
@@ -463,12 +465,13 @@ def evaluate_candidate(ctx: RunContext, selected: Selected, feats: GatheredFeatu
                        trained: Trained) -> Evaluated:
     """Current and candidate on the same fixed held-out sets."""
     labels = list(selected.current.labels)
+    current_kind = selected.current.meta.meme_text_features  # candidate heads read the same (fine-tuned from it)
     heldout = cleaned.heldout_items
     sets = EvalSets(bootstrap_test=ctx.features.corpus("test"),
                     heldout_pairs=_pairs_of([i for i in heldout if i.kind == "pair"], feats.row_of, feats.item_feats),
                     memes_test=trained.memes.split_of("test") if trained.memes is not None else None,
                     heldout_labels=_labels_of([i for i in heldout if i.kind == "label"], feats.row_of,
-                                              feats.item_feats, labels),
+                                              feats.item_feats, labels, current_kind, ctx.features.texts),
                     report_photos=ctx.features.report_photos())
     nb = ctx.config.retrain.n_bootstrap
     current, candidate = selected.current, trained.candidate
@@ -555,6 +558,7 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
 
     def save_candidate() -> None:
         meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
+                           meme_text_features=current.meta.meme_text_features,
                            caption_temperature=candidate.caption_temperature, parent=selected.current_name,
                            metrics=evaluated.nested["candidate"], manifest=manifest,
                            training=_strip_history(candidate.info))
@@ -709,11 +713,15 @@ def _pairs_of(items: list[FeedbackItem], row_of: dict[str, int], f: _ItemFeature
 
 
 def _labels_of(items: list[FeedbackItem], row_of: dict[str, int], f: _ItemFeatures,
-               labels: list[str]) -> MemeExamples | None:
+               labels: list[str], text_features: str = "", embed=None) -> MemeExamples | None:
+    """Label corrections as meme-head examples; the text side through ``mmapp.text_features`` with the
+    kind the current version's head reads (the tower embeddings already gathered are reused)."""
     if not items:
         return None
     rows = torch.tensor([row_of[i.item_id] for i in items])
-    return MemeExamples(f.image[rows], f.text[rows], torch.tensor([labels.index(i.label) for i in items]),
+    text = meme_text_features([i.text for i in items], text_features, embed, raw=f.text[rows]) \
+        if text_features else f.text[rows]
+    return MemeExamples(f.image[rows], text, torch.tensor([labels.index(i.label) for i in items]),
                         np.array(["train"] * len(items)), np.array(["user"] * len(items)))
 
 

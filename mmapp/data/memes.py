@@ -294,6 +294,9 @@ class MemeSpec:
     text_valence: str  # upbeat | grim
     split: str  # train | val | test, the source item's split
     source_item_id: str = ""  # the clip-art item the picture comes from
+    crop: tuple[float, float, float, float] | None = None  # (left, top, right, bottom) fractions of the picture
+    mirror: bool = False  # flip the picture left-right before rendering
+    register: str = ""  # v2: the caption's register (sincere | ironic | grim_joke | legacy_upbeat | legacy_grim)
 
 
 def meme_text(top: str, bottom: str) -> str:
@@ -377,7 +380,10 @@ def build_meme_specs(items: Sequence[object], *, labels: Sequence[str] = LABELS,
 
 def meme_filename(spec: MemeSpec, size: int) -> str:
     """File name that changes whenever what would be drawn changes, so stale renders are never reused."""
-    digest = hashlib.sha1(repr((str(spec.image_path), spec.top, spec.bottom, size)).encode()).hexdigest()[:12]
+    key = (str(spec.image_path), spec.top, spec.bottom, size)
+    if spec.crop is not None or spec.mirror:
+        key += (spec.crop, spec.mirror)
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.item_id)[-60:]
     return f"{slug}-{digest}.png"
 
@@ -392,7 +398,7 @@ def render_meme_set(specs: Sequence[MemeSpec], out_dir: str | os.PathLike, *, si
         path = out / meme_filename(spec, size)
         if not path.exists():
             with Image.open(spec.image_path) as picture:
-                meme = render_meme(picture, spec.top, spec.bottom, font_path=font_path, size=size)
+                meme = render_meme(_framed(picture, spec), spec.top, spec.bottom, font_path=font_path, size=size)
             fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".png")
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -403,3 +409,144 @@ def render_meme_set(specs: Sequence[MemeSpec], out_dir: str | os.PathLike, *, si
                 raise
         paths.append(path)
     return paths
+
+
+def _framed(picture: Image.Image, spec: MemeSpec) -> Image.Image:
+    """The spec's crop and mirror of ``picture`` (unchanged when it has neither)."""
+    if spec.crop is not None:
+        w, h = picture.size
+        l, t, r, b = spec.crop
+        picture = picture.crop((round(l * w), round(t * h), max(round(l * w) + 1, round(r * w)),
+                                max(round(t * h) + 1, round(b * h))))
+    if spec.mirror:
+        picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return picture
+
+
+# --- v2: compositional captions, photographic backgrounds ----------------------------------------------
+
+GENERATOR_VERSION = "v2"  # bump whenever build_meme_specs_v2's output changes: renders go to memes-<version>
+
+# Photographs shipped inside installed packages that are NOT the app's real-photo guard/eval photos
+# (mmapp/assets/photos and the memes in tests/data/memes are made from those; china/flower/motorcycle_left
+# and the other scikit-image photos there are excluded here). (package, relative path, split).
+PHOTO_SOURCES = (
+    ("gradio", "media_assets/images/cheetah.jpg", "train"),
+    ("gradio", "media_assets/images/groot.jpeg", "train"),
+    ("gradio", "media_assets/images/tower.jpg", "train"),
+    ("gradio", "test_data/cheetah2.jpg", "train"),
+    ("skimage", "data/horse.png", "train"),
+    ("skimage", "data/cell.png", "train"),
+    ("skimage", "data/phantom.png", "train"),
+    ("skimage", "data/microaneurysms.png", "train"),
+    ("skimage", "data/logo.png", "train"),
+    ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png", "train"),
+    ("skimage", "data/clock_motion.png", "val"),
+    ("skimage", "data/color.png", "val"),
+    ("skimage", "data/chessboard_RGB.png", "test"),
+    ("skimage", "data/motorcycle_right.png", "test"),
+)
+
+
+def photo_backgrounds() -> list[tuple[str, Path, str]]:
+    """(id, path, split) of the photographic backgrounds found in the installed packages (missing ones skipped)."""
+    import importlib.util
+
+    out = []
+    for package, rel, split in PHOTO_SOURCES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if path.is_file():
+            out.append((f"photo/{package}/{Path(rel).stem}", path, split))
+    return out
+
+
+# register -> label index (positive, sarcastic, dark humor); a sincere caption on a grim picture is ironic.
+def label_v2(register: str, image_valence: str) -> int:
+    if register in ("sincere", "legacy_upbeat"):
+        return 1 if image_valence == "grim" else 0
+    if register == "ironic":
+        return 1
+    if register in ("grim_joke", "legacy_grim"):
+        return 2
+    raise ValueError(f"unknown register {register!r}")
+
+
+def build_meme_specs_v2(items: Sequence[object], *, labels: Sequence[str] = LABELS, per_split: dict | None = None,
+                        photos: Sequence[tuple[str, Path, str]] | None = None, seed: int = 0) -> list[MemeSpec]:
+    """The v2 labelled set: captions from :mod:`mmapp.data.meme_text` (sincere / ironic / grim-joke forms
+    and topics, disjoint per split) plus the v1 phrase pools, on clip art and on photographs.
+
+    Label = the caption's register, except that a sincere caption on a grim picture is sarcastic (the
+    picture contradicts it). Per split, labels are balanced; half the pictures are photographs (random
+    crops, mirrored half the time) when the split has any, the rest clip art; grim clip art carries all
+    the "sincere on a grim picture" memes and a share of the ironic and grim-joke ones.
+    """
+    from mmapp.data import meme_text as captions
+
+    labels = tuple(labels)
+    if len(labels) != 3 or len(set(labels)) != 3:
+        raise ValueError(f"labels must be three distinct names, got {labels!r}")
+    per_split = per_split or {"train": 1800, "val": 300, "test": 300}
+    photos = list(photo_backgrounds() if photos is None else photos)
+    clip: dict[str, dict[str, list]] = {s: {v: [] for v in IMAGE_VALENCES} for s in SPLITS}
+    for item in sorted(items, key=lambda it: str(it.item_id)):
+        valence = image_valence(item.category, tuple(item.keywords), item.title)
+        if valence is not None and item.split in clip:
+            clip[item.split][valence].append(item)
+    specs: list[MemeSpec] = []
+    uses: dict[str, int] = {}
+    for split in SPLITS:
+        n = per_split.get(split, 0) // 3
+        pics = clip[split]
+        split_photos = [p for p in photos if p[2] == split]
+        if n < 1 or not (pics["cheerful"] and pics["grim"]):
+            continue
+        rng = random.Random(f"memes-v2:{seed}:{split}")
+        plan: list[tuple[str, str]] = []  # (register, background kind: cheerful | grim | photo)
+        n_contradict = n // 4  # sarcastic by picture: sincere caption on grim clip art
+        for label_index, count in ((0, n), (1, n), (2, n)):
+            for i in range(count):
+                if label_index == 1 and i < n_contradict:
+                    plan.append((rng.choice(("sincere", "sincere", "sincere", "legacy_upbeat")), "grim"))
+                    continue
+                if label_index == 0:
+                    register = "legacy_upbeat" if rng.random() < 0.15 else "sincere"
+                elif label_index == 1:
+                    register = "ironic"
+                else:
+                    register = "legacy_grim" if rng.random() < 0.15 else "grim_joke"
+                r = rng.random()
+                if split_photos and r < 0.5:
+                    kind = "photo"
+                elif label_index == 0 or r < 0.8:
+                    kind = "cheerful"
+                else:
+                    kind = "grim"
+                plan.append((register, kind))
+        rng.shuffle(plan)
+        for register, kind in plan:
+            if register.startswith("legacy_"):
+                phrase = rng.choice(phrase_pool("upbeat" if register == "legacy_upbeat" else "grim", split))
+                top, bottom = compose_caption(phrase, rng)
+            else:
+                top, bottom = captions.generate_caption(register, split, rng)
+            crop, mirror = None, False
+            if kind == "photo":
+                source, path, _ = rng.choice(split_photos)
+                scale = rng.uniform(0.45, 1.0)
+                x0, y0 = rng.uniform(0, 1 - scale), rng.uniform(0, 1 - scale)
+                crop, mirror = (x0, y0, x0 + scale, y0 + scale), rng.random() < 0.5
+                valence = "photo"
+            else:
+                item = rng.choice(pics[kind])
+                source, path, valence = str(item.item_id), Path(item.png_path), kind
+            uses[source] = uses.get(source, 0) + 1
+            specs.append(MemeSpec(
+                item_id=f"{source}~v2~{uses[source] - 1}", image_path=Path(path), top=top, bottom=bottom,
+                text=meme_text(top, bottom), label=labels[label_v2(register, valence)], image_valence=valence,
+                text_valence=register, split=split, source_item_id=source, crop=crop, mirror=mirror,
+                register=register))
+    return specs

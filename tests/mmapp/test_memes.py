@@ -219,3 +219,79 @@ def test_a_split_missing_one_image_valence_yields_no_memes(items):
 
 def test_module_import_does_no_io():
     assert memes._font.cache_info().currsize >= 0  # fonts are opened lazily through a cache
+
+
+# ---- v2: compositional captions, photographic backgrounds -------------------------------------------
+
+from mmapp.data import meme_text as captions  # noqa: E402
+from mmapp.data.memes import PHOTO_SOURCES, build_meme_specs_v2, label_v2, photo_backgrounds  # noqa: E402
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[tuple[str, Path, str]]:
+    out = []
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        for i in range(n):
+            path = tmp_path / f"photo_{split}_{i}.png"
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(path)
+            out.append((f"photo/{split}{i}", path, split))
+    return out
+
+
+def test_caption_generator_forms_and_topics_are_split_disjointly_and_large():
+    for register in captions.REGISTERS:
+        parts = [set(captions.forms(register, s)) for s in SPLITS]
+        assert sum(map(len, parts)) == len(captions.FORMS[register]) >= 25
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    for slot, pool in captions.TOPICS.items():
+        parts = [set(captions.topics(slot, s)) for s in SPLITS]
+        assert sum(map(len, parts)) == len(pool) and all(parts)
+        assert not (parts[0] & parts[2])
+    rng = __import__("random").Random(0)
+    many = {captions.generate_caption(r, "train", rng) for r in captions.REGISTERS for _ in range(300)}
+    assert len(many) > 600  # compositional: few repeats
+    assert all("{" not in t + b for t, b in many) and all((t + b).isupper() or not (t + b).strip() for t, b in many
+                                                          if any(c.isalpha() for c in t + b))
+
+
+def test_v2_label_rules():
+    assert label_v2("sincere", "photo") == 0 and label_v2("sincere", "cheerful") == 0
+    assert label_v2("sincere", "grim") == 1  # the picture contradicts the caption
+    assert {label_v2("ironic", v) for v in ("photo", "cheerful", "grim")} == {1}
+    assert {label_v2("grim_joke", v) for v in ("photo", "cheerful", "grim")} == {2}
+    with pytest.raises(ValueError):
+        label_v2("neutral", "photo")
+
+
+def test_v2_specs_are_balanced_use_photos_and_keep_test_text_unseen(items, photos):
+    specs = build_meme_specs_v2(items, photos=photos, per_split={"train": 300, "val": 60, "test": 60})
+    for split in SPLITS:
+        part = [s for s in specs if s.split == split]
+        assert Counter(s.label for s in part) == {label: len(part) // 3 for label in LABELS}
+        kinds = Counter(s.image_valence for s in part)
+        assert kinds["photo"] > len(part) // 4 and kinds["cheerful"] and kinds["grim"]
+    photo_split = {str(p): s for _, p, s in photos}
+    assert all(photo_split[str(s.image_path)] == s.split for s in specs if s.image_valence == "photo")
+    assert all(s.crop is not None for s in specs if s.image_valence == "photo")
+    for s in specs:
+        assert s.label == LABELS[label_v2(s.register, s.image_valence)]
+        assert s.text == meme_text(s.top, s.bottom)
+    train = {s.text for s in specs if s.split == "train"}
+    assert not train & {s.text for s in specs if s.split == "test"}
+    assert build_meme_specs_v2(items, photos=photos, seed=1) == build_meme_specs_v2(items, photos=photos, seed=1)
+
+
+def test_v2_renders_crops_and_mirrors(items, photos, tmp_path):
+    specs = [s for s in build_meme_specs_v2(items, photos=photos, per_split={"train": 30}) if s.crop][:3]
+    paths = render_meme_set(specs, tmp_path / "out", size=96)
+    assert len(set(paths)) == 3 and all(Image.open(p).size == (96, 96) for p in paths)
+
+
+def test_photo_backgrounds_never_use_the_guard_or_evaluation_photos():
+    assets = Path(memes.__file__).resolve().parents[1] / "assets" / "photos"
+    names = {p.stem for p in assets.glob("*.jpg")}
+    assert not names & {Path(rel).stem for _, rel, _ in PHOTO_SOURCES}
+    assert {"china", "flower", "motorcycle_left", "camera", "coffee", "astronaut"}.isdisjoint(
+        Path(rel).stem for _, rel, _ in PHOTO_SOURCES)
+    for _, path, split in photo_backgrounds():
+        assert path.is_file() and split in SPLITS

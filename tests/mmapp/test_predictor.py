@@ -80,6 +80,27 @@ def test_meme_analysis_with_each_ablation(predictor):
     predictor.load_version("bridge")
 
 
+def test_a_version_records_its_meme_text_features_and_older_ones_still_serve(predictor):
+    from mmapp.text_features import N_EXTRA, VADER_V1
+
+    torch.manual_seed(0)
+    store: ModelStore = predictor.store
+    space = predictor.towers.bridge_space()
+    fcfg = FusionConfig(image_dim=1280, text_dim=384 + N_EXTRA, num_labels=3)
+    store.save("tiny-vader", space, meta=VersionMeta(labels=("positive", "sarcastic", "dark humor"),
+                                                     encoders=predictor.embedder.identity,
+                                                     meme_text_features=VADER_V1),
+               fusion_head=create_fusion_head("concat", fcfg).eval(), fusion_config=fcfg, fusion_name="concat")
+    image = load_image(PHOTOS / "chelsea.jpg")
+    predictor.load_version("tiny-vader")
+    res = predictor.analyze_meme(image, "I JUST LOVE\nDOING THE DISHES")
+    assert abs(sum(res.fused.values()) - 1) < 1e-5 and res.text_only
+    predictor.load_version("tiny")  # made without the field: reads the embedding alone, as before
+    assert predictor._model.meta.meme_text_features == ""
+    assert predictor.analyze_meme(image, "I JUST LOVE\nDOING THE DISHES").fused
+    predictor.load_version("bridge")
+
+
 def run_cli(*args, home: Path) -> dict:
     out = subprocess.run([sys.executable, "-m", "mmapp", "--home", str(home), *args, "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -104,6 +104,18 @@ def _resolve(name: str, base: Path, images: Path | None) -> Path | None:
     return None
 
 
+def _readable(path: Path) -> bool:
+    """Whether PIL can parse the file's header (a broken image must not stop a bootstrap build later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
 def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
@@ -183,6 +195,9 @@ def read_memes(path: str | os.PathLike, *, fmt: str | None = None, label_map: st
         image = _resolve(image_name, path.parent, image_root)
         if image is None:
             report.skipped["image not found"] += 1
+            continue
+        if not _readable(image):
+            report.skipped["image unreadable"] += 1
             continue
         out.append(ImportedMeme(image, text, label, split_of(image, text), fmt, source_id))
         report.labels[label] += 1

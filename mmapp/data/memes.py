@@ -1,4 +1,8 @@
-"""Synthetic memes: classic top/bottom-caption rendering and a labelled set whose label needs both modalities.
+"""Synthetic memes: classic top/bottom-caption rendering and labelled sets.
+
+Two generations: v1 (below: a 2x2 valence design over clip art, ``build_meme_specs``) and v2
+(``build_meme_specs_v2``, what the bootstrap trains on: compositional sincere / ironic / grim-joke
+captions from :mod:`mmapp.data.meme_text` on clip art and photographs; see docs/memes.md).
 
 No meme data set exists offline, so one is built from clip art plus curated captions; accuracy on it is
 not real-world meme accuracy (see docs/memes.md). Pure data code: no model, no database, no I/O at import.

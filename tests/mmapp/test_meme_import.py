@@ -40,7 +40,10 @@ def hateful(tmp_path) -> Path:
         {"id": 3, "img": "img/00003.png", "label": 0, "text": "sunny days are the best"},
         {"id": 4, "img": "img/00004.png", "text": "unlabelled test row"},  # the test_unseen files have no label
         {"id": 5, "img": "img/missing.png", "label": 0, "text": "image is gone"},
+        {"id": 6, "img": "img/broken.png", "label": 1, "text": "not an image"},
     ]
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "broken.png").write_bytes(b"not a png")
     for r, colour in zip(rows[:4], ("green", "black", "yellow", "blue")):
         meme_image(root / r["img"], colour, r["text"], "")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -78,8 +81,8 @@ def test_hateful_memes_need_a_label_map_and_skip_unlabelled_and_missing_rows(hat
     assert [(m.text, m.label) for m in memes] == [("look at this happy dog", "positive"),
                                                    ("a mean joke", "dark humor"),
                                                    ("sunny days are the best", "positive")]
-    assert report.read == 5 and report.imported == 3
-    assert report.skipped == {"no label": 1, "image not found": 1}
+    assert report.read == 6 and report.imported == 3
+    assert report.skipped == {"no label": 1, "image not found": 1, "image unreadable": 1}
     assert all(m.image_path.is_absolute() and m.image_path.is_file() for m in memes)
     assert {m.split for m in memes} <= {"train", "val"}
 

@@ -47,9 +47,9 @@ def test_the_generator_never_writes_an_evaluation_meme():
 def test_served_bootstrap_labels_the_real_photo_memes_well_above_chance():
     """Needs the bootstrap model built under var/ (CI's `python -m mmapp build-bootstrap`); text as written.
 
-    The issue's target is 2/3 (24 of 36). Measured once on the report part (docs/results.md): 23/36
-    fused, 24/36 text-only — just short, so this guards the floor that was reached instead: at least
-    half (18/36; chance 12, the VADER rule 15, the v1 head 20)."""
+    The issue's target is 2/3 (24 of 36). Measured (docs/results.md): the real `build-bootstrap`
+    25/36; seven trainings of the recipe 23-26 (mean 24.6). Asserting 24 would fail about one
+    training in seven, so this guards 22/36 (0.61; chance 12, the VADER rule 15, the v1 head 20)."""
     from mmapp.config import load_config
     from mmapp.imageio import load_image
     from mmapp.model_store import ModelStore
@@ -65,4 +65,4 @@ def test_served_bootstrap_labels_the_real_photo_memes_well_above_chance():
     rows = read_set("report", SET)
     correct = sum(predictor.analyze_meme(load_image(SET / r["file"]), meme_text(r["top"], r["bottom"])).label
                   == r["label"] for r in rows)
-    assert correct >= len(rows) / 2, f"{correct}/{len(rows)}"
+    assert correct >= 22, f"{correct}/{len(rows)}"

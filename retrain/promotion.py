@@ -90,21 +90,32 @@ def adopt_store_current(engine: Engine, store: ModelStore) -> Optional[str]:
     return retry_on_busy(adopt)
 
 
+def _registration(store: ModelStore, version: str, *, parent_version: Optional[str], metrics: dict[str, Any],
+                  manifest: dict[str, Any], report_path: Optional[str] = None) -> Callable[[Session], None]:
+    """What registers a saved ``version`` (its weights hashed once, outside the transaction)."""
+    if not store.exists(version):
+        raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
+    sha = store.weights_sha256(version)
+
+    def register(s: Session) -> None:
+        repo.register_version(s, version=version, path=str(store.path(version)), sha256=sha,
+                              parent_version=parent_version, metrics=metrics, manifest=manifest,
+                              report_path=report_path)
+        s.flush()
+    return register
+
+
 def promote_version(engine: Engine, store: ModelStore, *, version: str, parent_version: Optional[str],
                     metrics: dict[str, Any], manifest: dict[str, Any], report_path: Optional[str] = None,
                     in_transaction: Callable[[Session], None] = lambda s: None) -> None:
     """Register ``version`` (already saved in ``store``) and make it current, atomically with
     ``in_transaction(session)`` and the pointer file."""
-    if not store.exists(version):
-        raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
-    sha = store.weights_sha256(version)
+    register = _registration(store, version, parent_version=parent_version, metrics=metrics, manifest=manifest,
+                             report_path=report_path)
 
     def commit() -> None:
         with Session(engine) as s, s.begin():
-            repo.register_version(s, version=version, path=str(store.path(version)), sha256=sha,
-                                  parent_version=parent_version, metrics=metrics, manifest=manifest,
-                                  report_path=report_path)
-            s.flush()
+            register(s)
             repo.promote(s, version)
             in_transaction(s)
             s.flush()
@@ -126,15 +137,11 @@ def hold_version(engine: Engine, store: ModelStore, *, version: str, parent_vers
     """Register ``version`` (already saved in ``store``) as a candidate that is NOT current, atomically with
     ``in_transaction(session)``: a candidate held for blind evaluation (:func:`retrain.blind.decide_held`
     later promotes it with :func:`promote_version` or rejects it). The pointer file is not touched."""
-    if not store.exists(version):
-        raise FileNotFoundError(f"model version {version!r} is not saved under {store.root}")
-    sha = store.weights_sha256(version)
+    register = _registration(store, version, parent_version=parent_version, metrics=metrics, manifest=manifest)
 
     def commit() -> None:
         with Session(engine) as s, s.begin():
-            repo.register_version(s, version=version, path=str(store.path(version)), sha256=sha,
-                                  parent_version=parent_version, metrics=metrics, manifest=manifest)
-            s.flush()
+            register(s)
             in_transaction(s)
     retry_on_busy(commit)
 

@@ -20,8 +20,17 @@ handlers call (faster; for when the app cannot start). Prints the numbers; write
 ``<home>/flywheel_sim.json`` and copies the honest and the poisoned retrain's reports to
 ``docs/flywheel_sample/``.
 
+6. ``--scenario trusted|anonymous|sybil|all`` (issue 10; instead of 2-5), each on its own database in
+   the sim home over the same bootstrap, under the default cleaning rules, through the app's API:
+   one logged-in trusted annotator correcting 300 feed pictures; ten anonymous sessions correcting
+   300 (then the same database copied and retrained with ``anonymous_rule=quorum``); 100 anonymous
+   sessions pushing one wrong caption in ten wordings onto 30 pictures of one bootstrap category plus
+   one wrong label onto one meme (default rules, then quorum): what reached training, the caption
+   bank and the served output. Held-out and real-photo report-set R@1 before/after, the bridge's
+   beside them. Writes ``<home>/flywheel_trust.json`` (and ``<sample-report>/flywheel_trust.json``).
+
     python benchmarks/flywheel_sim.py [--home DIR] [--feed 500] [--timing 1000] [--fresh] [--direct]
-                                      [--categories a/b,c]
+                                      [--categories a/b,c] [--scenario flywheel|trusted|anonymous|sybil|all]
 """
 from __future__ import annotations
 
@@ -266,6 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--categories", default=",".join(HELDOUT_CATEGORIES),
                         help="comma-separated Open Clip Art categories to hold out of the bootstrap (with subcategories)")
     parser.add_argument("--direct", action="store_true", help="store feedback with repository calls, not the web app")
+    parser.add_argument("--scenario", default="flywheel", choices=("flywheel", "all") + TRUST_SCENARIOS,
+                        help="flywheel: honest anonymous raters + poison + timing (rules opened); trusted | "
+                             "anonymous | sybil | all: issue 10's trust scenarios under the default rules")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -288,7 +300,8 @@ def main(argv=None) -> int:
     split = prepare_home(source_home, home, fresh=args.fresh, heldout=heldout)
     # The simulated raters are anonymous sessions. Since accounts exist, anonymous corrections need a
     # trusted rater's agreement by default (retrain.anonymous_rule); this sim measures learning from
-    # honest anonymous raters as before, so it opens that rule. The trust scenarios are not in it yet.
+    # honest anonymous raters as before, so it opens that rule. The trust scenarios (--scenario) keep
+    # the default rules: run_trust_scenarios builds its own configs.
     config = load_config(storage={"home": str(home)}, retrain={"anonymous_rule": "open"})
     seed_everything(config.train.seed)
     say = lambda msg: print(f"[sim {time.monotonic() - t0:6.0f}s] {msg}", flush=True)
@@ -300,6 +313,12 @@ def main(argv=None) -> int:
     if not store.exists("bootstrap"):
         say("training the sim's bootstrap model without the held-out categories")
         build_bootstrap(config, towers, version="bootstrap", progress=False)
+    if args.scenario != "flywheel":
+        if args.direct:
+            raise SystemExit("the trust scenarios run through the app's API only: drop --direct")
+        run_trust_scenarios(args, home=home, split=split, heldout=heldout, towers=towers, store=store, say=say)
+        say("trust scenarios done")
+        return 0
     engine = make_engine(config.storage.resolved_database_url)
     init_db(engine)
     promote_saved_version(config, "bootstrap", reason="flywheel sim bootstrap", engine=engine)
@@ -447,6 +466,355 @@ def print_summary(r: dict) -> None:
         print(f"retrain time for {t['n_corrections']} new corrections on this machine: {t['seconds']:.1f} s "
               f"(stages {t['stage_seconds']}; images re-encoded on cache miss: {t['encoded_on_cache_miss']})")
     print(f"total {r['total_seconds']:.0f} s")
+
+
+# --- trust scenarios (issue 10) -----------------------------------------------------------------
+
+TRUST_SCENARIOS = ("trusted", "anonymous", "anonymous3", "sybil")  # anonymous3: 100 pictures x 3 of the 10 sessions
+N_TRUST_FEED = 300  # corrections per scenario (issue 10: "after 300 corrections")
+N_ANONYMOUS = 10
+N_SYBILS = 100
+N_SYBIL_PICTURES = 30
+# One wrong caption in ten wordings (issue 10's sybil script).
+SYBIL_WORDINGS = ("a garbage fire", "a dumpster fire", "a burning garbage heap", "a pile of burning trash",
+                  "garbage on fire", "a trash fire", "a fire in a dumpster", "burning rubbish",
+                  "a heap of garbage on fire", "a rubbish fire")
+SIM_PASSWORD = "flywheel-sim-trusted-pw"
+
+
+class TrustApp:
+    """The real app on a free port, with one ``gradio_client`` client per session: anonymous, or
+    logged in as an account (``POST /auth/login`` sets the ``mmapp_session`` cookie)."""
+
+    def __init__(self, home: Path, engine, predictor, config):
+        import socket
+
+        import app as webapp
+        from feedback_db.blobstore import BlobStore
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        app_config = dataclasses.replace(config, app=dataclasses.replace(
+            config.app, port=port, uploads_per_minute=1e6, upload_burst=10**6, uploads_per_day=0,
+            events_per_minute=1e6, event_burst=10**6))
+        # as `python app.py` does: accepted caption corrections join the bank when a version is loaded
+        watcher = webapp.ModelWatcher(predictor, engine, interval_s=0.5,
+                                      on_reload=lambda v: predictor.add_to_caption_bank(
+                                          webapp.accepted_caption_corrections(engine)))
+        self.demo = webapp.build_app(app_config, predictor, engine, BlobStore(home / "uploads"), watcher=watcher)
+        # with the demo: its login routes (/auth/...) are served
+        self.demo.launch(**{**webapp.launch_options(app_config, self.demo), "prevent_thread_lock": True,
+                            "quiet": True})
+        self.url = self.demo.local_url
+
+    def client(self, token: str | None = None):
+        from gradio_client import Client
+
+        from app import SESSION_COOKIE
+
+        extra = {"httpx_kwargs": {"cookies": {SESSION_COOKIE: token}}} if token else {}
+        return Client(self.url, verbose=False, download_files=False, analytics_enabled=False, **extra)
+
+    def login(self, name: str, password: str) -> str:
+        import httpx
+
+        from app import SESSION_COOKIE
+
+        response = httpx.post(f"{self.url.rstrip('/')}/auth/login", json={"user": name, "password": password},
+                              timeout=30)
+        if response.status_code != 200:
+            raise SystemExit(f"login as {name!r} failed: {response.status_code} {response.text}")
+        return response.cookies[SESSION_COOKIE]
+
+    @staticmethod
+    def caption(client, image_path: Path) -> str:
+        from gradio_client import handle_file
+
+        return client.predict(handle_file(str(image_path)), "", api_name="/caption")[1]
+
+    def caption_and_correct(self, client, image_path: Path, corrected: str) -> str:
+        caption = self.caption(client, image_path)
+        client.predict(0, 0, 0, corrected, "", "", api_name="/rate_caption")
+        return caption
+
+    @staticmethod
+    def meme_label(client, image_path: Path) -> str:
+        """The served fused label of a meme picture (``/analyze_meme``, image and text on)."""
+        from gradio_client import handle_file
+
+        out = client.predict(handle_file(str(image_path)), True, True, "", api_name="/analyze_meme")
+        fused = out[2]
+        return fused.get("label") if isinstance(fused, dict) else str(fused)
+
+    def correct_meme_label(self, client, image_path: Path, label: str) -> str:
+        served = self.meme_label(client, image_path)
+        client.predict(0, 0, 0, "", label, "", "", api_name="/rate_meme")
+        return served
+
+    def close(self) -> None:
+        self.demo.close()
+
+
+def _sqlite_copy(src_url: str, dst: Path) -> str:
+    """A consistent copy of a SQLite database (WAL included) through sqlite3's backup API."""
+    import sqlite3
+
+    src = src_url.removeprefix("sqlite:///")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{dst}{suffix}").unlink(missing_ok=True)
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    return f"sqlite:///{dst}"
+
+
+def _fate(engine, *, field: str, match) -> dict:
+    """What became of the corrections of ``field`` whose (image sha256, value) satisfy ``match``."""
+    from collections import Counter
+
+    from sqlalchemy.orm import Session
+
+    from feedback_db import repository as repo
+
+    with Session(engine) as s, s.begin():
+        hits = [c for c in repo.corrections_since(s) if c["field"] == field and match(c["image_sha256"], c["value"])]
+        rejected = repo.rejected_items(s, correction_ids=[c["correction_id"] for c in hits])
+        statuses = Counter(c["status"] for c in hits)
+    # accepted by cleaning = no rejection row: these were in the candidate's training data, promoted or not
+    return {"n": len(hits), "statuses": dict(statuses), "used": statuses.get("used", 0),
+            "accepted_by_cleaning": len(hits) - len({r.correction_id for r in rejected}),
+            "rejected_reasons": dict(Counter(r.reason for r in rejected))}
+
+
+def _paired(before_space, after_space, feats) -> dict:
+    return paired_r1_gain(before_space, after_space, feats)
+
+
+def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ...], towers, store, say) -> dict:
+    """Issue 10's scenarios through the app's API, each on its own database (``scenario_<name>.db`` in
+    the sim home) over the same bootstrap model; default cleaning rules unless a variant says otherwise."""
+    import numpy as np
+
+    from feedback_db.accounts import Accounts
+    from feedback_db.engine import init_db, make_engine
+    from mmapp.config import load_config
+    from mmapp.pipeline import embed_pairs, evaluate_retrieval, report_pairs
+    from mmapp.predictor import Predictor
+    from retrain.features import TowerFeatureSource
+    from retrain.job import run_retrain
+    from retrain.promotion import promote_saved_version
+
+    wanted = TRUST_SCENARIOS if args.scenario == "all" else (args.scenario,)
+    base = load_config(storage={"home": str(home)})
+    features = TowerFeatureSource(towers, base)
+    eval_feats = embed_pairs(towers.embedder, split["eval"]).features
+    photo_feats = report_pairs(base, towers.embedder)
+    boot = store.load("bootstrap").space
+
+    def metrics(space, *, mix=None) -> dict:
+        out = {"heldout": r1(evaluate_retrieval(space, eval_feats, mix=mix))}
+        if photo_feats is not None:
+            out["report_photos"] = r1(evaluate_retrieval(space, photo_feats, mix=mix))
+        return out
+
+    shared = {"before": metrics(boot), "bridge": metrics(boot, mix=1.0), "n_eval": len(split["eval"]),
+              "n_feed_available": len(split["feed"]), "report_photos": str(base.data.report_photos),
+              "n_report_photos": None if photo_feats is None else int(photo_feats.image_features.shape[0])}
+    say(f"bootstrap held-out R@1 t2i {fmt(shared['before']['heldout'], 't2i')}, bridge alone "
+        f"{fmt(shared['bridge']['heldout'], 't2i')}")
+
+    def fresh_db(name: str, **retrain) -> tuple:
+        db = home / f"scenario_{name}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        config = load_config(storage={"home": str(home), "database_url": f"sqlite:///{db}"}, retrain=retrain)
+        engine = make_engine(config.storage.resolved_database_url)
+        init_db(engine)
+        promote_saved_version(config, "bootstrap", reason=f"flywheel trust scenario {name}", engine=engine)
+        return config, engine
+
+    def retrain(label: str, config, engine) -> tuple[dict, object]:
+        outcome = run_retrain(config, engine, trigger="cli", features=features)
+        say(f"{label}: retrain {outcome.status} in {outcome.seconds:.1f} s: {outcome.message}; "
+            f"cleaning {outcome.stats.get('cleaning')}")
+        after = store.load(outcome.current_version).space
+        res = _outcome(outcome) | {"current_version": outcome.current_version, "after": metrics(after),
+                                   "heldout_paired_gain": _paired(boot, after, eval_feats)}
+        return res, outcome
+
+    feed = split["feed"][:N_TRUST_FEED]
+    results: dict = {"shared": shared, "n_feed": len(feed)}
+    for name in wanted:
+        t_start = time.monotonic()
+        if name == "trusted":
+            config, engine = fresh_db("trusted")
+            Accounts(engine).create("sim-annotator", "trusted", SIM_PASSWORD)
+            predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+            app = TrustApp(home, engine, predictor, config)
+            client = app.client(app.login("sim-annotator", SIM_PASSWORD))
+            for pair in feed:
+                app.caption_and_correct(client, pair.image_path, pair.caption)
+            say(f"trusted: one logged-in trusted annotator corrected {len(feed)} pictures")
+            res, _ = retrain("trusted (default rules)", config, engine)
+            app.close()
+            results["trusted"] = {"raters": "1 account, role trusted", "n_corrections": len(feed),
+                                  "default_rules": res}
+        elif name == "anonymous":
+            config, engine = fresh_db("anonymous")
+            predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+            app = TrustApp(home, engine, predictor, config)
+            clients = [app.client() for _ in range(N_ANONYMOUS)]
+            for j, pair in enumerate(feed):  # 30 distinct pictures each, as in the issue's "ten people"
+                app.caption_and_correct(clients[j % N_ANONYMOUS], pair.image_path, pair.caption)
+            app.close()
+            say(f"anonymous: {N_ANONYMOUS} anonymous sessions corrected {len(feed)} pictures")
+            quorum_url = _sqlite_copy(config.storage.resolved_database_url, home / "scenario_anonymous_quorum.db")
+            res_default, _ = retrain("anonymous (default trusted_agreement)", config, engine)
+            qconfig = load_config(storage={"home": str(home), "database_url": quorum_url},
+                                  retrain={"anonymous_rule": "quorum"})
+            res_quorum, _ = retrain("anonymous (quorum)", qconfig, make_engine(quorum_url))
+            results["anonymous"] = {"raters": f"{N_ANONYMOUS} anonymous sessions, distinct pictures",
+                                    "n_corrections": len(feed), "default_rules": res_default,
+                                    "quorum": res_quorum}
+        elif name == "anonymous3":  # the quorum needs 3 sessions per picture: 100 pictures, 3 of the 10 each
+            config, engine = fresh_db("anonymous3")
+            predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+            app = TrustApp(home, engine, predictor, config)
+            clients = [app.client() for _ in range(N_ANONYMOUS)]
+            pictures = feed[: len(feed) // 3]
+            for j, pair in enumerate(pictures):
+                for k in range(3):
+                    app.caption_and_correct(clients[(j + 3 * k) % N_ANONYMOUS], pair.image_path, pair.caption)
+            app.close()
+            say(f"anonymous3: {N_ANONYMOUS} anonymous sessions, {len(pictures)} pictures corrected by 3 each")
+            quorum_url = _sqlite_copy(config.storage.resolved_database_url, home / "scenario_anonymous3_quorum.db")
+            res_default, _ = retrain("anonymous3 (default trusted_agreement)", config, engine)
+            qconfig = load_config(storage={"home": str(home), "database_url": quorum_url},
+                                  retrain={"anonymous_rule": "quorum"})
+            res_quorum, _ = retrain("anonymous3 (quorum)", qconfig, make_engine(quorum_url))
+            results["anonymous3"] = {"raters": f"{N_ANONYMOUS} anonymous sessions, {len(pictures)} pictures x 3",
+                                     "n_corrections": 3 * len(pictures), "default_rules": res_default,
+                                     "quorum": res_quorum}
+        elif name == "sybil":
+            results["sybil"] = _sybil(home, towers, store, fresh_db, retrain, say)
+        results[name]["scenario_seconds"] = round(time.monotonic() - t_start, 1)
+        out = home / "flywheel_trust.json"
+        previous = json.loads(out.read_text()) if out.is_file() else {}
+        previous.update({k: v for k, v in results.items()})
+        out.write_text(json.dumps(previous, indent=2, default=str))
+        if args.sample_report:
+            Path(args.sample_report).mkdir(parents=True, exist_ok=True)
+            (Path(args.sample_report) / "flywheel_trust.json").write_text(json.dumps(previous, indent=2, default=str))
+        print_trust(name, results[name], shared)
+    return results
+
+
+def _sybil(home: Path, towers, store, fresh_db, retrain, say) -> dict:
+    """100 anonymous sessions: one wrong caption in ten wordings on 30 pictures of one bootstrap
+    category (300 corrections), and one wrong label on one meme picture (100 corrections)."""
+    from collections import defaultdict
+
+    from mmapp.config import load_config
+    from mmapp.predictor import Predictor
+
+    config, engine = fresh_db("sybil")
+    items = [json.loads(line) for line in
+             (config.paths.dataset() / "items.jsonl").read_text().splitlines() if line.strip()]
+    heldout = tuple(json.loads((home / "heldout_categories.json").read_text()))
+    by_category = defaultdict(list)
+    for i in items:
+        if not in_heldout(i["category"], heldout) and Path(i["png_path"]).is_file():
+            by_category[i["category"]].append(i)
+    kind, members = max(by_category.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    pictures = [Path(i["png_path"]) for i in sorted(members, key=lambda i: _bucket(i["item_id"]))[:N_SYBIL_PICTURES]]
+    memes = sorted((config.paths.dataset("memes")).glob("*.png"))
+    meme = memes[0] if memes else None
+
+    predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+    app = TrustApp(home, engine, predictor, config)
+    probe = app.client()
+    served_before = {str(p): app.caption(probe, p) for p in pictures}
+    label_before = app.meme_label(probe, meme) if meme else None
+    wrong_label = None
+    if meme is not None:
+        wrong_label = next(l for l in predictor.labels if l != label_before)
+    for s in range(N_SYBILS):
+        client = app.client()  # a new anonymous session each
+        for k in range(3):
+            picture = pictures[(3 * s + k) % len(pictures)]
+            app.caption_and_correct(client, picture, SYBIL_WORDINGS[(s + k) % len(SYBIL_WORDINGS)])
+        if meme is not None:
+            app.correct_meme_label(client, meme, wrong_label)
+    say(f"sybil: {N_SYBILS} sessions, {3 * N_SYBILS} wrong captions on {len(pictures)} pictures of {kind!r}, "
+        f"{N_SYBILS if meme else 0} votes for label {wrong_label!r} on {meme.name if meme else '-'}")
+    app.close()
+    quorum_url = _sqlite_copy(config.storage.resolved_database_url, home / "scenario_sybil_quorum.db")
+    wordings = {" ".join(w.split()) for w in SYBIL_WORDINGS}
+    meme_sha = _sha(meme) if meme else None
+    out = {"raters": f"{N_SYBILS} anonymous sessions", "picture_kind": kind, "n_pictures": len(pictures),
+           "n_caption_corrections": 3 * N_SYBILS, "meme": meme.name if meme else None,
+           "meme_label_before": label_before, "wrong_label": wrong_label,
+           "n_label_corrections": N_SYBILS if meme else 0}
+    variants = [("default_rules", config, engine)]
+    qconfig = load_config(storage={"home": str(home), "database_url": quorum_url}, retrain={"anonymous_rule": "quorum"})
+    from feedback_db.engine import make_engine
+    variants.append(("quorum", qconfig, make_engine(quorum_url)))
+    for variant, cfg, eng in variants:
+        res, outcome = retrain(f"sybil ({variant})", cfg, eng)
+        # by wording alone: only the sybils wrote these (the stored upload sha256 is not the file's for
+        # these clip-art PNGs, so matching on the file's sha256 found nothing)
+        captions = _fate(eng, field="caption", match=lambda sha, v: " ".join(v.split()) in wordings)
+        labels = _fate(eng, field="label", match=lambda sha, v: sha == meme_sha and v == wrong_label)
+        # what the app serves now: a fresh app on this database loads the current version and the bank
+        from app import accepted_caption_corrections
+
+        predictor = Predictor.from_config(cfg, version="bootstrap", towers=towers)
+        predictor.add_to_caption_bank(accepted_caption_corrections(eng))  # as `python app.py` does at start
+        app = TrustApp(home, eng, predictor, cfg)
+        probe = app.client()
+        app.caption(probe, pictures[0])  # first request: the watcher loads the current version and the bank
+        time.sleep(1.0)
+        served = {str(p): app.caption(probe, p) for p in pictures}
+        served_label = app.meme_label(probe, meme) if meme else None
+        bank = [t for t in predictor._bank_texts if " ".join(t.split()) in wordings]  # noqa: SLF001 (benchmark probe)
+        app.close()
+        out[variant] = res | {
+            "wrong_captions": captions, "wrong_labels": labels,
+            "reached_training": captions["used"] + labels["used"],
+            "in_candidate_training_data": captions["accepted_by_cleaning"] + labels["accepted_by_cleaning"],
+            "wordings_in_caption_bank": len(bank),
+            "served_wrong_captions": sum(1 for c in served.values() if " ".join(c.split()) in wordings),
+            "served_caption_examples": list(served.values())[:3],
+            "served_model_version": getattr(predictor, "version", None),
+            "served_meme_label": served_label, "served_wrong_label": int(served_label == wrong_label)}
+        say(f"sybil ({variant}): {out[variant]['reached_training']} reached training, "
+            f"{len(bank)} wordings in the bank, {out[variant]['served_wrong_captions']} wrong captions served, "
+            f"label served {served_label!r}")
+    out["served_before"] = list(served_before.values())[:3]
+    return out
+
+
+def print_trust(name: str, r: dict, shared: dict) -> None:
+    print(f"\n=== trust scenario: {name} ({r.get('raters')}) ===")
+    variants = [k for k in ("default_rules", "quorum") if k in r]
+    for v in variants:
+        x = r[v]
+        print(f"  [{v}] {x['status']} ({x['seconds']:.1f} s): {x['message']}")
+        print(f"    cleaning: {x['cleaning']}")
+        for part in ("heldout", "report_photos"):
+            if part not in x["after"]:
+                continue
+            for d in ("t2i", "i2t"):
+                print(f"    {part:<13} {d} R@1 before {fmt(shared['before'][part], d)} after {fmt(x['after'][part], d)}"
+                      f"  bridge {fmt(shared['bridge'][part], d)}")
+        g = x["heldout_paired_gain"]
+        print("    held-out paired gain: " + ", ".join(
+            f"{d} {g[d]['gain']:+.3f} [{g[d]['ci'][0]:+.3f}, {g[d]['ci'][1]:+.3f}]" for d in ("t2i", "i2t")))
+        if "reached_training" in x:
+            print(f"    sybil: in the candidate's training data {x['in_candidate_training_data']}; "
+                  f"reached the served model {x['reached_training']} (captions {x['wrong_captions']}, "
+                  f"labels {x['wrong_labels']}); in bank {x['wordings_in_caption_bank']}; served wrong captions "
+                  f"{x['served_wrong_captions']}; served label {x['served_meme_label']!r} (wrong {x['served_wrong_label']})")
 
 
 if __name__ == "__main__":

@@ -578,12 +578,13 @@ def _fate(engine, *, field: str, match) -> dict:
 
     with Session(engine) as s, s.begin():
         hits = [c for c in repo.corrections_since(s) if c["field"] == field and match(c["image_sha256"], c["value"])]
-        rejected = repo.rejected_items(s, correction_ids=[c["correction_id"] for c in hits])
+        rejected = [(r.correction_id, r.reason)
+                    for r in repo.rejected_items(s, correction_ids=[c["correction_id"] for c in hits])]
         statuses = Counter(c["status"] for c in hits)
     # accepted by cleaning = no rejection row: these were in the candidate's training data, promoted or not
     return {"n": len(hits), "statuses": dict(statuses), "used": statuses.get("used", 0),
-            "accepted_by_cleaning": len(hits) - len({r.correction_id for r in rejected}),
-            "rejected_reasons": dict(Counter(r.reason for r in rejected))}
+            "accepted_by_cleaning": len(hits) - len({cid for cid, _ in rejected}),
+            "rejected_reasons": dict(Counter(reason for _, reason in rejected))}
 
 
 def _paired(before_space, after_space, feats) -> dict:

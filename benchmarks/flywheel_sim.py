@@ -367,7 +367,8 @@ def main(argv=None) -> int:
     for j, i in enumerate(rng.choice(len(train_list), size=n_poison, replace=False)):
         k = int((i + 1 + rng.integers(0, len(train_list) - 1)) % len(train_list))  # any other item
         app.caption_and_correct(train_list[int(i)].image_path, train_list[k].caption, j, "poison", rater=rater)
-        poison_captions.add((_sha(train_list[int(i)].image_path), " ".join(train_list[k].caption.split())))
+        poison_captions.add((_sha(train_list[int(i)].image_path, as_app_stores=not args.direct),
+                             " ".join(train_list[k].caption.split())))
     say(f"fed {n_poison} poisoned corrections (captions of random other items)")
     second = run_retrain(config, engine, trigger="cli", features=features)
     say(f"retrain 2: {second.status} in {second.seconds:.1f} s: {second.message}")
@@ -413,8 +414,15 @@ def _outcome(o) -> dict:
             "gate_metrics": o.metrics}
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def _sha(path: Path, *, as_app_stores: bool = True) -> str:
+    """The sha256 the feedback database holds for an upload of ``path``: the app strips metadata on
+    upload (``load_image(strip_metadata=True)``), so for most clip-art PNGs it is not the file's;
+    ``--direct`` stores the file's bytes as they are (``as_app_stores=False``)."""
+    if not as_app_stores:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    from mmapp.imageio import load_image
+
+    return load_image(Path(path), strip_metadata=True).sha256
 
 
 def _rejected_share(engine, poison: set[tuple[str, str]]) -> dict:

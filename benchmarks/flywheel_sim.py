@@ -602,8 +602,6 @@ def _paired(before_space, after_space, feats) -> dict:
 def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ...], towers, store, say) -> dict:
     """Issue 10's scenarios through the app's API, each on its own database (``scenario_<name>.db`` in
     the sim home) over the same bootstrap model; default cleaning rules unless a variant says otherwise."""
-    import numpy as np
-
     from feedback_db.accounts import Accounts
     from feedback_db.engine import init_db, make_engine
     from mmapp.config import load_config

@@ -28,6 +28,24 @@ OPERATOR = ("operator", "s3cret-pass")
 SESSION_COOKIE = "mmapp_session"  # app.SESSION_COOKIE (not imported here: importing app loads Gradio)
 
 
+def wait_until_served(server, url: str, log: Path, *, timeout_s: float = 180) -> float:
+    """Wait until a ``python app.py`` subprocess answers at ``url``; fail with its log if it exits or
+    never does. Returns the deadline it waited against (``time.monotonic()`` clock)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return deadline
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

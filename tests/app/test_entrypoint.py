@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 from gradio_client import Client, handle_file
 from sqlalchemy.orm import Session
@@ -15,7 +14,7 @@ from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from retrain.scheduler import LEASE_NAME
 
-from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port
+from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port, wait_until_served
 
 
 def test_importing_app_does_no_work(tmp_path):
@@ -60,16 +59,7 @@ def test_python_app_py_serves_the_page(predictor, app_home, tmp_path):
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        deadline = wait_until_served(server, url, log)
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         details = client.predict(handle_file(str(PHOTOS / "coffee.jpg")), "", api_name="/caption")[4]
         assert details["caption"] and details["model_version"] == TEST_VERSION
@@ -114,16 +104,7 @@ def test_python_app_py_profile_blip_serves_the_generated_caption_first(predictor
                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        wait_until_served(server, url, log)
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
         assert details["caption"] == SCENE.caption and details["source"] == "generated", details

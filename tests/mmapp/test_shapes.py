@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mmapp.data.pairs import read_pairs
@@ -94,7 +92,7 @@ def test_python_app_py_profile_clip_captions_a_shape(shapes_run, tmp_path):
     from gradio_client import Client, handle_file
 
     import shapes_world
-    from tests.app.conftest import free_port
+    from tests.app.conftest import free_port, wait_until_served
 
     home = Path(shapes_run["home"])
     env = {k: v for k, v in shapes_world.clip_env(home, Path(shapes_run["checkpoint"])).items()
@@ -110,16 +108,7 @@ def test_python_app_py_profile_clip_captions_a_shape(shapes_run, tmp_path):
                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start:\n" + log.read_text()[-3000:])
+        wait_until_served(server, url, log, timeout_s=240)
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
         assert details["model_version"] == shapes_run["version"]

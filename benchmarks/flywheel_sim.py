@@ -167,23 +167,28 @@ class DirectFeedback:
         pass
 
 
+def sim_app_config(config):
+    """The app's config for a sim server: a free local port, and the per-client limits lifted, since
+    every simulated user comes from 127.0.0.1 (docs/security.md)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return dataclasses.replace(config, app=dataclasses.replace(
+        config.app, port=port, uploads_per_minute=1e6, upload_burst=10**6, uploads_per_day=0,
+        events_per_minute=1e6, event_burst=10**6))
+
+
 class AppFeedback:
     """The real app, launched in this process, driven through gradio_client by N_USERS clients."""
 
     def __init__(self, home: Path, engine, predictor, config):
-        import socket
-
         import app as webapp
         from feedback_db.blobstore import BlobStore
         from gradio_client import Client
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        # every simulated user comes from 127.0.0.1: lift the per-client limits (docs/security.md)
-        app_config = dataclasses.replace(config, app=dataclasses.replace(
-            config.app, port=port, uploads_per_minute=1e6, upload_burst=10**6, uploads_per_day=0,
-            events_per_minute=1e6, event_burst=10**6))
+        app_config = sim_app_config(config)
         watcher = webapp.ModelWatcher(predictor, engine, interval_s=1.0)
         self.demo = webapp.build_app(app_config, predictor, engine, BlobStore(home / "uploads"), watcher=watcher)
         self.demo.launch(**{**webapp.launch_options(app_config), "prevent_thread_lock": True, "quiet": True})
@@ -495,17 +500,10 @@ class TrustApp:
     logged in as an account (``POST /auth/login`` sets the ``mmapp_session`` cookie)."""
 
     def __init__(self, home: Path, engine, predictor, config):
-        import socket
-
         import app as webapp
         from feedback_db.blobstore import BlobStore
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        app_config = dataclasses.replace(config, app=dataclasses.replace(
-            config.app, port=port, uploads_per_minute=1e6, upload_burst=10**6, uploads_per_day=0,
-            events_per_minute=1e6, event_burst=10**6))
+        app_config = sim_app_config(config)
         # as `python app.py` does: accepted caption corrections join the bank when a version is loaded
         watcher = webapp.ModelWatcher(predictor, engine, interval_s=0.5,
                                       on_reload=lambda v: predictor.add_to_caption_bank(

@@ -54,6 +54,7 @@ from feedback_db.engine import init_db, make_engine, read_only_engine, retry_on_
 from feedback_db.export import EXPORT_FORMATS, export_feedback
 from feedback_db import repository as repo
 from mmapp.config import Config, load_config
+from mmapp.filelock import exclusive_file_lock
 from mmapp.imageio import DecodedImage, ImageDecodeError, ImageLimits, load_image, strip_metadata
 from mmapp.model_store import BRIDGE, ModelIntegrityError, ModelStore
 from mmapp.predictor import CaptionResult, MemeResult, Predictor
@@ -62,7 +63,8 @@ from mmapp.towers import Towers
 from retrain import api as retrain_api
 from retrain.features import FeatureSource, TowerFeatureSource
 from retrain.housekeeping import expire_exports, run_housekeeping
-from retrain.promotion import adopt_store_current, fallback_versions, promote_saved_version, registry_sha256
+from retrain.promotion import (adopt_store_current, current_version_name, fallback_versions, promote_saved_version,
+                               registry_sha256)
 from retrain.scheduler import RetrainScheduler, start_scheduler
 from retrain.worker import WorkerSupervisor, check_runner, worker_argv
 
@@ -71,6 +73,7 @@ log = logging.getLogger("mmapp.app")
 MODEL_EVENTS = "model"  # concurrency_id shared by every event that runs the towers
 FEEDBACK_EVENTS = "feedback"  # concurrency_id of the database writes
 FEEDBACK_CONCURRENCY = 8  # SQLite serialises writers itself (BEGIN IMMEDIATE + busy timeout)
+BOOTSTRAP_LOCK_FILE = ".bootstrap.lock"  # under the models folder: one replica builds the first model
 RELOAD_POLL_S = 5.0  # the registry's current version is read at most this often
 RETRAIN_POLL_S = 3.0  # the operator's retrain status refreshes this often while they are logged in
 RETRAIN_EVENTS = "retrain"  # concurrency_id of the operator's retrain actions (trigger, rollback)
@@ -1709,14 +1712,36 @@ def build_serving(config: Config, engine: Engine, towers: Towers, *,
     if version is not None:
         log.warning("model version %r is current but missing from %s; building the bootstrap model", version,
                     store.root)
-    print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
-    if not store.exists("bootstrap"):
-        build_bootstrap(config, towers, version="bootstrap", progress=True)
-    promote_saved_version(config, "bootstrap", reason="first start", engine=engine)
+    bootstrap_once(config, engine, store, lambda: build_bootstrap(config, towers, version="bootstrap", progress=True))
     watcher.failed.clear()
     watcher.serve_best()
     predictor.add_to_caption_bank(accepted_caption_corrections(engine))
     return predictor, watcher
+
+
+def bootstrap_once(config: Config, engine: Engine, store: ModelStore, build: Callable[[], Any]) -> None:
+    """Build (``build()``) and promote the bootstrap model unless the registry's current version is on disk.
+    Replicas starting together on a fresh shared home take turns on a file lock under the models folder:
+    the first builds, the others find its promoted version when they get the lock and build nothing."""
+    with exclusive_file_lock(store.root / BOOTSTRAP_LOCK_FILE):
+        current = current_version_name(engine)
+        if current is not None and store.exists(current):
+            log.info("model version %r was made current by another replica while we waited", current)
+            return
+        print("[app] no model version yet: building the bootstrap model (first start only)", flush=True)
+        if not store.exists("bootstrap"):
+            build()
+        promote_saved_version(config, "bootstrap", reason="first start", engine=engine)
+
+
+def start_worker_child(config: Config, engine: Engine) -> WorkerSupervisor | None:
+    """The retrain worker this app supervises (restarted when it dies; it stops by itself if this process
+    is SIGKILLed), or None when ``retrain.worker_in_app`` is off and the worker runs elsewhere. Several
+    replicas may each start one: one scheduler fires (a lease) and one worker takes each request (a claim)."""
+    if not config.retrain.worker_in_app:
+        log.info("retrain.worker_in_app is off: this app starts no retrain worker; run `python -m retrain worker`")
+        return None
+    return WorkerSupervisor(worker_argv(config.profile, parent_pid=os.getpid()), engine).start()
 
 
 def stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -1757,7 +1782,7 @@ def main(argv: list[str] | None = None) -> int:
     retrain_features = functools.partial(TowerFeatureSource, towers, config)  # the towers already loaded
     scheduler, worker = None, None
     if check_runner(config) == "worker":  # training (and housekeeping) happen in a child process, never in this one
-        worker = WorkerSupervisor(worker_argv(config.profile), engine).start()
+        worker = start_worker_child(config, engine)
     else:
         scheduler = start_scheduler(config, engine, features_factory=retrain_features,
                                     housekeeping=functools.partial(run_housekeeping, config, engine, blobstore))
@@ -1767,7 +1792,9 @@ def main(argv: list[str] | None = None) -> int:
                          watcher=watcher)
         print(f"[app] serving model {predictor.version!r} on http://{config.app.host}:{config.app.port}; "
               f"retrain schedule {config.retrain.cron!r} run by "
-              + (f"the retrain worker (pid {worker.proc.pid})" if worker else "this process"), flush=True)
+              + (f"the retrain worker (pid {worker.proc.pid})" if worker else
+                 "a retrain worker started elsewhere" if config.retrain.runner == "worker" else "this process"),
+              flush=True)
         demo.launch(**launch_options(config, demo))
     finally:  # hands the scheduler lease on at once instead of after its TTL; stops the worker
         if scheduler is not None:

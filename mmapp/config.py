@@ -128,6 +128,9 @@ class RetrainConfig:
     stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
     runner: str = "worker"  # worker: `python -m retrain worker` (python app.py starts it) trains; in-process: a web thread
     worker_poll_s: float = 2.0  # how often the worker looks for an operator's "retrain now"
+    # Replicas (docs/deploy.md): every replica may run its own worker (one scheduler fires by lease, one worker
+    # takes each request by an atomic claim, a surviving worker takes over); false runs none in this app process.
+    worker_in_app: bool = True  # python app.py starts and supervises a worker child; false: run `python -m retrain worker` yourself
     # Trust (docs/security.md "Accounts and sessions"): operators and trusted annotators vs. everyone else.
     trusted_label_votes: int = 2  # votes a trusted rater's label counts for in the label quorum (2 = a quorum alone)
     anonymous_rule: str = "trusted_agreement"  # how untrusted feedback is confirmed: "trusted_agreement" | "quorum" | "open" (off)

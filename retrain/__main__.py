@@ -71,7 +71,7 @@ def cmd_worker(args) -> int:
     from retrain.worker import RetrainWorker, serve_until_signalled
 
     config, engine = _setup(args)
-    serve_until_signalled(RetrainWorker(config, engine))
+    serve_until_signalled(RetrainWorker(config, engine, parent_pid=args.exit_with_parent))
     return 0
 
 
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="with --now: print the outcome as one JSON object")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("worker", help="the retrain worker: nightly schedule and operators' requests (python app.py starts it)")
+    p.add_argument("--exit-with-parent", type=int, metavar="PID",
+                   help="stop when process PID is gone (python app.py passes its own pid)")
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("status", help="current version, running and recent runs, schedule")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -81,8 +81,10 @@ class RetrainWorker:
     """Polls for requests and runs the scheduler; each run happens on its own thread, so a stop
     request is answered at once (the run in flight is recorded as failed, its lease released)."""
 
-    def __init__(self, config: Config, engine: Engine, *, features_factory: Optional[Callable] = None):
+    def __init__(self, config: Config, engine: Engine, *, features_factory: Optional[Callable] = None,
+                 parent_pid: Optional[int] = None):
         self.config, self.engine = config, engine
+        self.parent_pid = parent_pid  # stop when this process is gone (the app that started us was SIGKILLed)
         self._features_factory = features_factory
         self._towers = None
         self._run_lock = threading.Lock()
@@ -124,6 +126,12 @@ class RetrainWorker:
         finally:
             self._run_lock.release()
 
+    def orphaned(self) -> bool:
+        """True once the app that started this worker has died without stopping it (SIGKILL, OOM kill):
+        we were re-parented. An orphan would keep the scheduler lease alive for a replica that no longer
+        serves, and a restarted app would start a second worker beside it."""
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
     def _run_logged(self, trigger: str) -> None:
         try:
             outcome = self.run(trigger)
@@ -140,6 +148,9 @@ class RetrainWorker:
                  self.scheduler.next_run_time)
         try:
             while not self.stop.wait(self.config.retrain.worker_poll_s):
+                if self.orphaned():
+                    log.warning("retrain worker %d: its app (pid %d) is gone; stopping", os.getpid(), self.parent_pid)
+                    break
                 try:
                     self.poll_once()
                     self.decide_held()
@@ -205,8 +216,10 @@ class WorkerSupervisor:
                 self.proc.wait()
 
 
-def worker_argv(profile: Optional[str]) -> list[str]:
-    return [sys.executable, "-m", "retrain", *(["--profile", profile] if profile else []), "worker"]
+def worker_argv(profile: Optional[str], *, parent_pid: Optional[int] = None) -> list[str]:
+    """The command line of a worker child; with ``parent_pid`` it stops when that process dies."""
+    return [sys.executable, "-m", "retrain", *(["--profile", profile] if profile else []), "worker",
+            *(["--exit-with-parent", str(parent_pid)] if parent_pid is not None else [])]
 
 
 def serve_until_signalled(worker: RetrainWorker) -> None:

@@ -115,11 +115,13 @@ def _leader_pid(engine) -> int | None:
 
 
 def _wait(condition, what: str, timeout_s: float, logs=()) -> None:
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"{what} within {timeout_s} s\n" + "\n".join(p.read_text()[-2000:] for p in logs))
         time.sleep(0.2)
+    print(f"  {time.monotonic() - started:5.1f} s  {what}")
 
 
 class Rater(threading.Thread):
@@ -159,8 +161,10 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
     (a, url_a), (b, url_b) = _start(home, url, logs[0]), _start(home, url, logs[1])  # at once, on an empty database
     engine = None
     try:
+        started = time.monotonic()
         for proc, served, log in ((a, url_a, logs[0]), (b, url_b, logs[1])):
             wait_until_served(proc, served, log, timeout_s=240)
+        print(f"\n  {time.monotonic() - started:5.1f} s  both replicas serve")
         engine = make_engine(url)
         _wait(lambda: all(_worker_pids(log) for log in logs), "both replicas started a retrain worker", 30, logs)
         worker_a, worker_b = _worker_pids(logs[0])[0], _worker_pids(logs[1])[0]
@@ -180,19 +184,19 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
         on_a, on_b = raters[:3], raters[3:]
         for rater in raters:
             rater.start()
-        _wait(lambda: sum(len(r.acked) for r in raters) >= 30, "30 ratings acknowledged", 60, logs)
+        _wait(lambda: sum(len(r.acked) for r in raters) >= 20, "20 ratings acknowledged", 60, logs)
 
         os.kill(worker_b, signal.SIGKILL)  # B's retrain worker dies: B's web goes on, its supervisor restarts it
         time.sleep(1.0)
         acked_b = sum(len(r.acked) for r in on_b)
-        _wait(lambda: sum(len(r.acked) for r in on_b) >= acked_b + 10, "B serves on after its worker died", 30, logs)
+        _wait(lambda: sum(len(r.acked) for r in on_b) >= acked_b + 5, "B serves on after its worker died", 30, logs)
 
         os.kill(a.pid, signal.SIGKILL)  # replica A dies mid-load
         killed_at = time.monotonic()
         a.wait(timeout=10)
         _wait(lambda: not _alive(worker_a), "A's orphaned worker stops by itself", 15, logs)
-        _wait(lambda: sum(t > killed_at + 0.5 for r in on_b for t in r.ack_times) >= 20,
-              "B acknowledges 20 ratings after A died", 60, logs)
+        _wait(lambda: sum(t > killed_at + 0.5 for r in on_b for t in r.ack_times) >= 10,
+              "B acknowledges 10 ratings after A died", 60, logs)
         _wait(lambda: len(_worker_pids(logs[1])) == 2, "B's supervisor restarts its worker", 30, logs)
         new_worker_b = _worker_pids(logs[1])[1]
         _wait(lambda: _leader_pid(engine) == new_worker_b, "the survivor's worker takes the scheduler lease", 30, logs)

@@ -99,6 +99,69 @@ def test_a_killed_worker_is_noticed_restarted_and_its_run_failed_at_once(engine,
             dead = repo.recent_retrain_runs(s, limit=5)[-1]
         assert dead.status == "failed" and "died" in dead.message
         assert supervisor.proc.pid != first.pid  # restarted
+        while running_run_id(engine) is None:  # the restarted worker opens a new run: nothing blocks it
+            assert time.monotonic() < deadline + 60, "no new run could start after the kill"
+            time.sleep(0.1)
+        with Session(engine) as s:
+            runs = repo.recent_retrain_runs(s, limit=5)
+        assert [r.status for r in runs[:2]] == ["running", "failed"] and runs[0].id != dead.id
     finally:
         supervisor.shutdown(timeout_s=5)
     assert supervisor.proc.poll() is not None
+
+
+def test_a_worker_whose_app_died_stops_by_itself_and_hands_the_lease_on(config, engine):
+    """`python app.py` SIGKILLed: its worker child is re-parented; it notices at its next poll and stops
+    (scheduler lease released) instead of living on unsupervised beside the next app's worker."""
+    import dataclasses
+    import subprocess
+
+    from retrain.scheduler import LEASE_NAME
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    config = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, worker_poll_s=0.2))
+    assert not RetrainWorker(config, engine, parent_pid=os.getppid()).orphaned()
+    worker = RetrainWorker(config, engine, features_factory=lambda: None, parent_pid=dead.pid)
+    assert worker.orphaned()
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the orphaned worker kept serving"
+    with Session(engine) as s:
+        assert repo.lock_holder(s, LEASE_NAME) is None
+
+
+def test_one_request_is_taken_by_exactly_one_worker_on_postgres():
+    """The same race on PostgreSQL (READ COMMITTED): the claim is one conditional UPDATE, so the losers
+    re-check its WHERE after the winner commits and find the request handled."""
+    from feedback_db.engine import init_db
+    from tests.feedback_db.backends import POSTGRES_URL_ENV, PostgresDatabases
+
+    if not os.environ.get(POSTGRES_URL_ENV):
+        import pytest
+        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
+    databases = PostgresDatabases(os.environ[POSTGRES_URL_ENV])
+    engines = []
+    try:
+        url = databases.create()
+        engines = [make_engine(url) for _ in range(6)]
+        init_db(engines[0])
+        for _ in range(3):  # three requests in a row: each taken once
+            assert request_run(engines[0])["started"]
+            barrier, taken = threading.Barrier(len(engines)), []
+
+            def worker(e):
+                barrier.wait()
+                taken.append(take_request(e))
+            threads = [threading.Thread(target=worker, args=(e,)) for e in engines]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert taken.count(True) == 1 and pending_request(engines[0]) is None
+            time.sleep(0.01)  # the next request has a later timestamp
+    finally:
+        for e in engines:
+            e.dispose()
+        databases.close()

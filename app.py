@@ -1671,7 +1671,8 @@ def launch_options(config: Config, demo: gr.Blocks | None = None, *, guard: Clie
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
             "show_error": False,
             "app_kwargs": {"middleware": [Middleware(ClientLimitMiddleware, guard=guard)],
-                           "routes": list(getattr(demo, "mmapp_auth_routes", []))}}
+                           "routes": list(getattr(demo, "mmapp_auth_routes", []))},
+            **({"root_path": config.app.root_path} if config.app.root_path else {})}  # docs/deploy.md
 
 
 def warn_if_no_operator(config: Config) -> None:

@@ -193,6 +193,19 @@ class RetrainTrigger(GradioUser):
                 self.environment.retrain_status = outputs[0]
 
 
+PAIRS_FILE_ENV = "MMAPP_LOCUST_PAIRS"  # benchmarks/replicas.py: every pair appended to this file, to merge processes
+
+
+@events.request.add_listener
+def record_pair(request_type, name, response_time, exception, **_kwargs) -> None:
+    """With ``MMAPP_LOCUST_PAIRS`` set, append ``time<TAB>name<TAB>ms<TAB>ok`` for each pair, so several Locust
+    processes (one per replica) can be merged into one pairs/s and one p50/p95 (benchmarks/replicas.py)."""
+    path = os.environ.get(PAIRS_FILE_ENV)
+    if path and request_type == "pair":
+        with open(path, "a") as fh:
+            fh.write(f"{time.time():.3f}\t{name}\t{response_time:.1f}\t{int(exception is None)}\n")
+
+
 @events.test_stop.add_listener
 def report(environment, **_kwargs) -> None:
     """pairs/s and p50/p95 per endpoint (Locust's own table rounds percentiles to its buckets)."""

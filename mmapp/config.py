@@ -102,6 +102,7 @@ class AppConfig:
     events_per_minute: float = 600.0  # per client, API calls (queue joins, /run, /call)
     event_burst: int = 120
     trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For is believed only from these addresses
+    root_path: str = ""  # behind a proxy under a path prefix (e.g. "/mmapp"): Gradio's root_path; "" = served at /
     min_free_disk_mb: int = 1024  # below this free space (home or upload temp) uploads are refused; ratings go on
     export_ttl_s: float = 3600.0  # export zips and report links expire (deleted) this long after creation
     unrated_upload_retention_days: float = 30.0  # image files of uploads nobody rated or corrected are deleted after

@@ -1,0 +1,198 @@
+"""One process vs two replicas on one Postgres and one MMAPP_HOME, in one run (issue 13, item 3).
+
+Starts a throwaway PostgreSQL (``.ci/postgres.sh``; or uses ``--database-url``), a fresh home whose
+``models`` and embedding cache are links to the built ones (``var/``), then:
+
+1. one ``python app.py`` (port P1), driven by Locust's ``StressRater`` (benchmarks/locustfile.py: one
+   gradio_client session per user, photo -> caption -> rating, no think time) with ``--users`` users;
+2. a second ``python app.py`` (port P2) on the same database and home, and two Locust processes, one
+   per replica, with half the users each (a sticky proxy would split sessions the same way).
+
+Every completed pair is appended by the locustfile to one file per phase (``MMAPP_LOCUST_PAIRS``), so
+pairs/s, p50 and p95 are computed over both Locust processes together, after a warm-up cut. Every
+rating each phase acknowledged is then counted in the database. Prints one JSON object (and
+``--out`` writes it). On a 2-core machine two replicas share the same two cores: the number to read is
+the ratio, measured minutes apart under the same machine load (note ``uptime`` beside it).
+
+    python benchmarks/replicas.py --users 50 --duration 60 --out /tmp/replicas.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+LIFTED_LIMITS = {  # all Locust users come from 127.0.0.1: lift the per-client abuse limits (docs/security.md)
+    "MMAPP__APP__UPLOADS_PER_MINUTE": "1e6", "MMAPP__APP__UPLOAD_BURST": "1000000", "MMAPP__APP__UPLOADS_PER_DAY": "0",
+    "MMAPP__APP__EVENTS_PER_MINUTE": "1e6", "MMAPP__APP__EVENT_BURST": "1000000",
+    "MMAPP__APP__QUEUE_MAX_SIZE": "1000",
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_home(root: Path, built_home: Path) -> Path:
+    """A fresh home (database, uploads) whose models and embedding cache are links to the built ones."""
+    home = root / "home"
+    (home / "cache").mkdir(parents=True)
+    if not (built_home / "models" / "current.json").is_file():
+        sys.exit(f"no built model under {built_home / 'models'}: run `python -m mmapp bootstrap` first")
+    (home / "models").symlink_to((built_home / "models").resolve(), target_is_directory=True)
+    embeddings = built_home / "cache" / "embeddings"
+    if embeddings.is_dir():
+        (home / "cache" / "embeddings").symlink_to(embeddings.resolve(), target_is_directory=True)
+    return home
+
+
+def start_replica(home: Path, database_url: str, log: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMAPP")}
+    env.update(MMAPP_HOME=str(home), MMAPP_DATABASE_URL=database_url, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               **LIFTED_LIMITS, **extra_env)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_served(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 600) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            sys.exit(f"replica exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"replica did not start in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def run_locust(hosts: list[str], users: int, duration_s: int, pairs_file: Path, logs: Path) -> None:
+    """One Locust process per host, started together, ``users`` split evenly; waits for all."""
+    procs = []
+    for i, host in enumerate(hosts):
+        n = users // len(hosts) + (1 if i < users % len(hosts) else 0)
+        env = {**os.environ, "MMAPP_LOCUST_PAIRS": str(pairs_file)}
+        with open(logs / f"locust-{pairs_file.stem}-{i}.log", "w") as out:
+            procs.append(subprocess.Popen(
+                ["locust", "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless", "-u", str(n),
+                 "-r", str(max(1, n)), "-t", f"{duration_s}s", "--host", host, "--only-summary", "StressRater"],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    for proc in procs:
+        proc.wait(timeout=duration_s + 120)
+
+
+def summarise(pairs_file: Path, *, warmup_s: float) -> dict:
+    """pairs/s, p50, p95 over both Locust processes, pairs completing after the warm-up only."""
+    rows = []
+    for line in pairs_file.read_text().splitlines() if pairs_file.exists() else []:
+        at, name, ms, ok = line.split("\t")
+        rows.append((float(at), float(ms), ok == "1"))
+    if not rows:
+        return {"pairs": 0}
+    start, end = min(r[0] for r in rows) + warmup_s, max(r[0] for r in rows)
+    window = [r for r in rows if r[0] >= start]
+    ok = sorted(r[1] for r in window if r[2])
+    q = statistics.quantiles(ok, n=100) if len(ok) >= 2 else [ok[0]] * 99 if ok else [float("nan")] * 99
+    return {"pairs_ok": len(ok), "pairs_failed": sum(not r[2] for r in window), "window_s": round(end - start, 1),
+            "pairs_per_s": round(len(ok) / max(end - start, 1e-9), 2), "p50_ms": round(q[49]), "p95_ms": round(q[94]),
+            "all_pairs_ok": sum(r[2] for r in rows)}
+
+
+def count_ratings(database_url: str) -> int:
+    sys.path.insert(0, str(REPO))
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from feedback_db.engine import make_engine
+    from feedback_db.models import Rating
+
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as s:
+            return s.scalar(select(func.count()).select_from(Rating))
+    finally:
+        engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--duration", type=int, default=60, help="seconds of load per phase")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of each phase left out of the figures")
+    parser.add_argument("--database-url", default="", help="default: a throwaway Postgres from .ci/postgres.sh")
+    parser.add_argument("--built-home", type=Path, default=REPO / "var", help="where the built model and cache are")
+    parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="mmapp-replicas-"))
+    pg_dir = Path(tempfile.gettempdir()) / f"mmapp-replicas-pg-{os.getpid()}"  # not in `work`: mkdtemp is 0700, postgres runs as another user
+    database_url = args.database_url
+    if not database_url:
+        database_url = subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh")], env={**os.environ, "MMAPP_PG_DIR": str(pg_dir)},
+                                      check=True, capture_output=True, text=True).stdout.strip()
+    home = make_home(work, args.built_home)
+    replicas: list[subprocess.Popen] = []
+    result: dict = {"users": args.users, "duration_s": args.duration, "warmup_s": args.warmup,
+                    "database": database_url.split("://")[0], "cpus": os.cpu_count(),
+                    "load_before": os.getloadavg()}
+    try:
+        a, url_a = start_replica(home, database_url, work / "replica-a.log", {})
+        replicas.append(a)
+        result["start_s_first"] = round(wait_served(a, url_a, work / "replica-a.log"), 1)
+        run_locust([url_a], args.users, args.duration, work / "one.tsv", work)
+        result["one_process"] = summarise(work / "one.tsv", warmup_s=args.warmup)
+        result["load_after_one"] = os.getloadavg()
+
+        b, url_b = start_replica(home, database_url, work / "replica-b.log", {})
+        replicas.append(b)
+        result["start_s_second"] = round(wait_served(b, url_b, work / "replica-b.log"), 1)
+        run_locust([url_a, url_b], args.users, args.duration, work / "two.tsv", work)
+        result["two_replicas"] = summarise(work / "two.tsv", warmup_s=args.warmup)
+        result["load_after_two"] = os.getloadavg()
+
+        one, two = result["one_process"], result["two_replicas"]
+        if one.get("pairs_per_s") and two.get("pairs_per_s"):
+            result["throughput_ratio_two_vs_one"] = round(two["pairs_per_s"] / one["pairs_per_s"], 2)
+        acknowledged = one.get("all_pairs_ok", 0) + two.get("all_pairs_ok", 0)
+        result["ratings_in_db"] = count_ratings(database_url)
+        result["pairs_acknowledged"] = acknowledged  # each ok pair ended in an acknowledged rating
+    finally:
+        for proc in replicas:
+            proc.terminate()
+        for proc in replicas:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if not args.database_url:
+            subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), "stop"], env={**os.environ, "MMAPP_PG_DIR": str(pg_dir)},
+                           capture_output=True)
+    result["logs"] = str(work)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(home / "uploads", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,6 +70,61 @@ def test_replicas_starting_together_on_a_fresh_home_build_the_bootstrap_once(pre
     engine.dispose()
 
 
+def _write_shared(root: str, seed: int, rounds: int) -> None:
+    """One replica's writes: the same uploads and cache entries every other writer writes, over and over."""
+    import numpy as np
+
+    from feedback_db.blobstore import BlobStore
+    from mmapp.cache import EmbeddingCache
+
+    blobs, cache = BlobStore(Path(root) / "uploads"), EmbeddingCache(Path(root) / "cache")
+    for r in range(rounds):
+        for i in range(8):
+            data = bytes([i]) * (200_000 + i)  # big enough that a torn write would show
+            blobs.put(data, "jpg")
+            cache.put("enc@1", f"{i:064x}", {"image": np.full(4096, i, dtype=np.float32)})
+
+
+def _read_shared(root: str, stop_after_s: float) -> int:
+    """A reader on another replica: whatever exists must be whole. Returns how many reads it checked."""
+    import hashlib
+
+    import numpy as np
+
+    from mmapp.cache import EmbeddingCache
+
+    cache, checked, deadline = EmbeddingCache(Path(root) / "cache"), 0, time.monotonic() + stop_after_s
+    while time.monotonic() < deadline:
+        for path in (Path(root) / "uploads").rglob("*.jpg"):
+            data = path.read_bytes()
+            assert hashlib.sha256(data).hexdigest() == path.stem, f"torn upload {path}"
+            checked += 1
+        for i in range(8):
+            entry = cache.get("enc@1", f"{i:064x}")
+            if entry is not None:
+                assert entry["image"].shape == (4096,) and np.all(entry["image"] == i), f"torn cache entry {i}"
+                checked += 1
+    return checked
+
+
+def test_concurrent_replicas_never_see_a_torn_upload_or_cache_entry(tmp_path):
+    """Four writer processes store the same uploads and embedding-cache entries into one home while
+    two reader processes read them: every read is whole, and no temp file is left behind."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # separate processes (own file descriptors), started in milliseconds
+    with ctx.Pool(6) as pool:
+        readers = [pool.apply_async(_read_shared, (str(tmp_path), 3.0)) for _ in range(2)]
+        writers = [pool.apply_async(_write_shared, (str(tmp_path), seed, 5)) for seed in range(4)]
+        for w in writers:
+            w.get(timeout=120)
+        checked = sum(r.get(timeout=120) for r in readers)
+    assert checked > 0
+    assert len(list((tmp_path / "uploads").rglob("*.jpg"))) == 8
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 8
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files left
+
+
 def _database_url(home: Path):
     """(url, cleanup) on the Postgres test server if there is one, else a SQLite file in the shared home."""
     server = os.environ.get(POSTGRES_URL_ENV)

@@ -123,16 +123,15 @@ def summarise(pairs_file: Path, *, started: float, duration_s: float, warmup_s: 
 
 def count_ratings(database_url: str) -> int:
     sys.path.insert(0, str(REPO))
-    from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
+    from feedback_db import repository as repo
     from feedback_db.engine import make_engine
-    from feedback_db.models import Rating
 
     engine = make_engine(database_url)
     try:
         with Session(engine) as s:
-            return s.scalar(select(func.count()).select_from(Rating))
+            return len(repo.ratings_with_outputs(s))
     finally:
         engine.dispose()
 

@@ -70,6 +70,17 @@ def test_replicas_starting_together_on_a_fresh_home_build_the_bootstrap_once(pre
     engine.dispose()
 
 
+def test_worker_in_app_off_starts_no_worker_child(tmp_path):
+    """A replica with ``MMAPP__RETRAIN__WORKER_IN_APP=false`` serves without a worker (one runs elsewhere)."""
+    import app as webapp
+    from mmapp.config import load_config
+
+    config = load_config("offline", env={"MMAPP_HOME": str(tmp_path), "MMAPP__RETRAIN__WORKER_IN_APP": "false"})
+    assert config.retrain.worker_in_app is False and load_config("offline", env={}).retrain.worker_in_app is True
+    assert webapp.start_worker_child(config, make_engine(f"sqlite:///{tmp_path / 'mmapp.db'}")) is None
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
 def _write_shared(root: str, seed: int, rounds: int) -> None:
     """One replica's writes: the same uploads and cache entries every other writer writes, over and over."""
     import numpy as np

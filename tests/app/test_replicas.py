@@ -299,3 +299,13 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
     for log in logs:
         for pid in _worker_pids(log):
             assert not _alive(pid), f"retrain worker {pid} outlived its app"
+
+
+def test_root_path_for_a_proxy_path_prefix_reaches_gradio():
+    """``app.root_path`` (docs/deploy.md, a path prefix behind nginx) is passed to Gradio's launch; unset, nothing is."""
+    import app as webapp
+    from mmapp.config import load_config
+
+    assert "root_path" not in webapp.launch_options(load_config("offline", env={}))
+    prefixed = load_config("offline", env={"MMAPP__APP__ROOT_PATH": "/mmapp"})
+    assert webapp.launch_options(prefixed)["root_path"] == "/mmapp"

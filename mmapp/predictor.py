@@ -74,6 +74,20 @@ def generative_captioner(config: Config):
                                num_beams=config.model.captioner_num_beams)
 
 
+def batching_wanted(setting: str, image_encoder) -> bool:
+    """``model.batch_images``: on, off, or auto = on when the image tower runs on CUDA. On two CPU cores
+    a batch costs as much per picture as single calls (docs/results.md, "Load test (issue 13)")."""
+    value = str(setting).strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    if value != "auto":
+        raise ValueError(f"model.batch_images must be auto, on or off, got {setting!r}")
+    placement = getattr(image_encoder, "placement", None)
+    return placement is not None and placement.device.type == "cuda"
+
+
 class Predictor:
     caption_policy: CaptionPolicy = CaptionPolicy()  # wording knobs (mmapp.captioning), chosen on the guard photos
     compose_captions: bool = True  # False: serve the top bank entry as is (the old behaviour, for benchmarks)
@@ -129,7 +143,7 @@ class Predictor:
                         caption_bank=caption_bank, confidence_floor=config.model.caption_confidence_floor,
                         captioner=generative_captioner(config))
         predictor.load_version(version or predictor.store.current() or BRIDGE)
-        if config.model.batch_images:
+        if batching_wanted(config.model.batch_images, towers.embedder.image_encoder):
             predictor.enable_batching(max_size=config.model.batch_max_size, max_wait_ms=config.model.batch_max_wait_ms)
         return predictor
 

@@ -66,3 +66,20 @@ def test_a_lone_caller_waits_at_most_max_wait_and_bad_settings_are_refused():
     with pytest.raises(RuntimeError, match="0 results for 1 items"):
         wrong.submit(1, timeout_s=5)
     wrong.close()
+
+
+def test_batch_images_setting():
+    import torch
+
+    from mmapp.device import Placement
+    from mmapp.predictor import batching_wanted
+
+    class Tower:
+        def __init__(self, device: str):
+            self.placement = Placement(torch.device(device), torch.float32)
+
+    assert batching_wanted("auto", Tower("cuda")) and not batching_wanted("auto", Tower("cpu"))
+    assert batching_wanted("on", Tower("cpu")) and batching_wanted("True", Tower("cpu"))
+    assert not batching_wanted("off", Tower("cuda")) and not batching_wanted("false", Tower("cuda"))
+    with pytest.raises(ValueError, match="auto, on or off"):
+        batching_wanted("sometimes", Tower("cpu"))

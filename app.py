@@ -907,7 +907,7 @@ def _listen(trigger: Callable, handler: Callable[..., dict[str, Any] | None], in
 
 
 def _model_event(services: AppServices) -> dict[str, Any]:
-    return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": model_concurrency(services.config)}
+    return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": model_concurrency(services)}
 
 
 _FEEDBACK_EVENT = {"concurrency_id": FEEDBACK_EVENTS, "concurrency_limit": FEEDBACK_CONCURRENCY}
@@ -1796,6 +1796,7 @@ class VersionOut(BaseModel):
     encoders: dict[str, str]
     labels: list[str]
     batching: bool
+    batches: dict[str, float] = PydanticField(default_factory=dict, description="micro-batcher counts so far")
 
 
 def api_identity(services: AppServices, request: Any) -> Identity | None:
@@ -1809,13 +1810,9 @@ def api_identity(services: AppServices, request: Any) -> Identity | None:
     return services.identity(request)
 
 
-async def read_api_upload(services: AppServices, request: Any, image: UploadFile) -> bytes:
-    """The upload's bytes, refused early when over ``app.max_upload_mb`` or below the disk watermark."""
-    limit = services.limits.max_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise ApiError(413, f"the upload is {int(declared) / 2**20:.1f} MB; the limit is "
-                            f"{limit / 2**20:g} MB")
+async def read_api_upload(services: AppServices, image: UploadFile) -> bytes:
+    """The upload's bytes; refused over ``app.max_upload_mb`` (413) or below the disk watermark (507)."""
+    limit = services.limits.max_bytes  # a declared Content-Length over it was refused by rest_api's body_limit
     refusal = services.guard.disk.refusal()
     if refusal is not None:
         raise ApiError(507, refusal)
@@ -1853,7 +1850,15 @@ def rest_api(services: AppServices) -> "FastAPI":
                   description="Caption photos, analyse memes, rate and correct the results. Same models, "
                               "limits and database as the web page. Errors: JSON {\"error\": message}.",
                   docs_url="/docs", openapi_url="/openapi.json", redoc_url=None)
-    model_slots = threading.BoundedSemaphore(model_concurrency(services.config))  # like the page's model events
+    model_slots = threading.BoundedSemaphore(model_concurrency(services))  # like the page's model events
+
+    @api.middleware("http")
+    async def body_limit(request: FastRequest, call_next):  # before the multipart body is parsed and spooled
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > services.limits.max_bytes + 64 * 1024:
+            return JSONResponse({"error": f"the request is {int(declared) / 2**20:.1f} MB; the upload limit is "
+                                          f"{services.limits.max_bytes / 2**20:g} MB"}, status_code=413)
+        return await call_next(request)
 
     @api.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -1881,14 +1886,15 @@ def rest_api(services: AppServices) -> "FastAPI":
     def version() -> VersionOut:
         predictor = services.predictor
         return VersionOut(api="v1", model_version=predictor.version, encoders=predictor.embedder.identity,
-                          labels=list(predictor.labels), batching=predictor.image_batcher is not None)
+                          labels=list(predictor.labels), batching=predictor.image_batcher is not None,
+                          batches=batch_counts(predictor))
 
     @api.post("/caption", response_model=CaptionOut, responses={400: {}, 413: {}, 429: {}, 507: {}})
     async def caption(request: FastRequest, image: UploadFile = File(..., description="JPEG, PNG, WebP, GIF, BMP or TIFF"),
                       request_id: str | None = Form(None)) -> CaptionOut:
         """Caption a photo and store the prediction."""
         who = await run_in_threadpool(api_identity, services, request)
-        data = await read_api_upload(services, request, image)
+        data = await read_api_upload(services, image)
         done = await run_in_threadpool(run_model, services.caption, data, request_id=request_id,
                                        session=api_session(who), name=image.filename or "upload")
         r = done.result
@@ -1909,7 +1915,7 @@ def rest_api(services: AppServices) -> "FastAPI":
             text = services.check_text(text, "meme text").strip()
             if ablate == "image" and not text:
                 raise UserInputError("Without the image there is nothing left to analyse: the text is empty.")
-        data = await read_api_upload(services, request, image)
+        data = await read_api_upload(services, image)
         done = await run_in_threadpool(run_model, services.analyze_meme, data, ablate=ablate, request_id=request_id,
                                        session=api_session(who), text=text, name=image.filename or "upload")
         r = done.result
@@ -1956,6 +1962,15 @@ def rest_api(services: AppServices) -> "FastAPI":
     return api
 
 
+def batch_counts(predictor: Predictor) -> dict[str, float]:
+    """Image-tower batches so far (calls, pictures, mean and largest batch); empty with batching off."""
+    if predictor.image_batcher is None:
+        return {}
+    stats = predictor.image_batcher.stats
+    return {"batches": stats.batches, "calls": stats.items, "mean_size": round(stats.mean_size, 2),
+            "largest": stats.largest}
+
+
 def api_item_key(done: Captioned | Analysed) -> str:
     """An API item's key is the anonymous session id stored with it (``api-<uuid4>``, made by the server)."""
     return done.stored.session_id
@@ -1980,12 +1995,24 @@ def rest_mount(demo: gr.Blocks | None) -> list:
     return [Mount(API_PREFIX, app=api)] if api is not None else []
 
 
-def model_concurrency(config: Config) -> int:
-    """Model requests (page events and API calls) that run at once: ``app.concurrency_limit``, or with
-    micro-batching on (``model.batch_images``) ``app.batched_concurrency_limit``, so batches can form."""
-    if config.model.batch_images:
-        return max(config.app.concurrency_limit, config.app.batched_concurrency_limit)
-    return config.app.concurrency_limit
+def set_serving_threads(config: Config) -> None:
+    """One intra-op thread per model call (``app.torch_threads``): concurrent requests spread over the
+    cores instead of each call's two OpenMP threads spinning against the other calls' (and other
+    processes'). On the loaded 2-core machine one image-tower call took ~2 s with torch's default of
+    two threads and ~0.12 s with one (docs/results.md, "Load test (issue 13)")."""
+    import torch
+
+    if config.app.torch_threads > 0:
+        torch.set_num_threads(config.app.torch_threads)
+
+
+def model_concurrency(services: AppServices) -> int:
+    """Model requests (page events and API calls) that run at once: ``app.concurrency_limit``, or while the
+    predictor micro-batches (``model.batch_images``) ``app.batched_concurrency_limit``, so batches can form."""
+    app_config = services.config.app
+    if services.predictor.image_batcher is not None:
+        return max(app_config.concurrency_limit, app_config.batched_concurrency_limit)
+    return app_config.concurrency_limit
 
 
 # ---- launch ---------------------------------------------------------------------------------------
@@ -2083,6 +2110,7 @@ def main(argv: list[str] | None = None) -> int:
     init_db(engine)  # migration 0003 masks secrets older versions stored in the database
     scrub_home(config)  # ... and in manifests / meta.json files under the home
     blobstore = BlobStore(config.paths.uploads)
+    set_serving_threads(config)
     towers = Towers.from_config(config)
 
     def on_reload(version: str) -> None:

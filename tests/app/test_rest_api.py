@@ -135,7 +135,9 @@ def test_bad_uploads_get_a_4xx_json_error_and_store_nothing(api, running_app, tm
     text = api.post("/caption", files={"image": ("notes.txt", b"just some text", "text/plain")})
     assert text.status_code == 400 and "error" in text.json()
     huge = api.post("/caption", files={"image": ("huge.jpg", b"\xff\xd8" + b"0" * (21 * 2**20), "image/jpeg")})
-    assert huge.status_code == 413 and "limit" in huge.json()["error"]
+    assert huge.status_code == 413 and "limit" in huge.json()["error"]  # refused from Content-Length alone
+    just_over = api.post("/caption", files={"image": ("big.jpg", b"\xff\xd8" + b"0" * (20 * 2**20), "image/jpeg")})
+    assert just_over.status_code == 413 and "larger than the limit" in just_over.json()["error"]  # counted on read
     missing = api.post("/caption", data={"request_id": "x"})
     assert missing.status_code == 422 and "image" in missing.json()["error"]
     assert count(running_app, Prediction) == before

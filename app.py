@@ -1996,10 +1996,10 @@ def rest_mount(demo: gr.Blocks | None) -> list:
 
 
 def set_serving_threads(config: Config) -> None:
-    """One intra-op thread per model call (``app.torch_threads``): concurrent requests spread over the
-    cores instead of each call's two OpenMP threads spinning against the other calls' (and other
-    processes'). On the loaded 2-core machine one image-tower call took ~2 s with torch's default of
-    two threads and ~0.12 s with one (docs/results.md, "Load test (issue 13)")."""
+    """Intra-op threads per model call (``app.torch_threads``; 0 keeps torch's default, one per core).
+    On the shared 2-core machine one thread made a lone image-tower call ~17x faster (0.12 s vs ~2 s),
+    but the served throughput halved: the process then got about half the CPU share (docs/results.md,
+    "Load test (issue 13)"), so the default stays torch's."""
     import torch
 
     if config.app.torch_threads > 0:

@@ -98,7 +98,7 @@ class AppConfig:
     operator_password: str = ""
     concurrency_limit: int = 2  # model events run at most this many at once
     batched_concurrency_limit: int = 8  # ... and this many with model.batch_images on, so concurrent requests can share a batch
-    torch_threads: int = 1  # intra-op threads per model call in the web process; 0 = torch's default (one per core), the old behaviour
+    torch_threads: int = 0  # intra-op threads per model call in the web process; 0 = torch's default (one per core); see docs/results.md issue 13
     # -- abuse limits (docs/security.md); per client = per keyed hash of its address, in memory only --
     queue_max_size: int = 128  # events waiting in Gradio's queue beyond this are refused ("queue is full")
     uploads_per_minute: float = 30.0  # per client, token bucket refill rate for POST /gradio_api/upload

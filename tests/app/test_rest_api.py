@@ -196,3 +196,20 @@ def test_batched_image_tower_gives_each_caller_its_own_features(predictor):
     for i, ref in enumerate(alone):
         assert torch.allclose(results[i].features, ref.features, atol=1e-4), photos[i].name
         assert torch.allclose(results[i].class_probs, ref.class_probs, atol=1e-5), photos[i].name
+
+
+def test_captions_are_the_same_with_the_micro_batcher_on(predictor):
+    """The predictor with batching on serves what it serves without (same caption, same scores)."""
+    from mmapp.imageio import load_image
+
+    pictures = [load_image(p, name=p.name) for p in sorted(PHOTOS.glob("*.jpg"))[:3]]
+    plain = [predictor.caption(d) for d in pictures]
+    predictor.enable_batching(max_size=8, max_wait_ms=2)
+    try:
+        batched = [predictor.caption(d) for d in pictures]
+    finally:
+        predictor.image_batcher.close()
+        predictor.image_batcher = None
+    for a, b in zip(plain, batched):
+        assert (a.caption, a.source) == (b.caption, b.source)
+        assert abs(a.confidence - b.confidence) < 1e-4

@@ -43,6 +43,8 @@ from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
+from fastapi import FastAPI, File, Form, Request as FastRequest, UploadFile
+from pydantic import BaseModel, Field as PydanticField
 from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -217,8 +219,10 @@ class ClientGuard:
 def request_kind(method: str, path: str) -> str | None:
     if method != "POST":
         return None
-    if path.endswith("/gradio_api/upload") or path == "/upload":
+    if path.endswith("/gradio_api/upload") or path == "/upload" or path in API_UPLOAD_PATHS:
         return UPLOADS
+    if path in API_EVENT_PATHS:
+        return EVENTS
     if path.endswith(_EVENT_SUFFIXES) or any(prefix in path for prefix in _EVENT_PREFIXES):
         return EVENTS
     return None
@@ -374,6 +378,30 @@ class StoredPrediction:
     request_id: str
     relpath: str
     db_ms: float
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class Captioned:
+    """A stored caption prediction: what the model said, where it is stored, what it took."""
+
+    result: CaptionResult
+    stored: StoredPrediction
+    decoded: DecodedImage
+    latency_ms: float
+    stage_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """A stored meme prediction; ``ocr_text`` is what OCR read (kept across re-analyses)."""
+
+    result: MemeResult
+    stored: StoredPrediction
+    decoded: DecodedImage
+    latency_ms: float
+    stage_ms: dict[str, float]
+    ocr_text: str
 
 
 @dataclass
@@ -417,13 +445,15 @@ class AppServices:
         return operator_credentials_configured(self.config) or bool(self.accounts.list_accounts())
 
     # -- inputs --
-    def decode_upload(self, path: str | os.PathLike) -> DecodedImage:
+    def decode_upload(self, upload: str | os.PathLike | bytes, *, name: str | None = None) -> DecodedImage:
+        """An uploaded file (its path, or its bytes from the REST API) decoded under the upload limits."""
         refusal = self.guard.disk.refusal()  # below the watermark: no new image is stored, feedback still is
         if refusal is not None:
             raise UserInputError(refusal)
-        name = Path(path).name
+        if isinstance(upload, (str, os.PathLike)):
+            upload, name = Path(upload), name or Path(upload).name
         try:
-            return load_image(Path(path), limits=self.limits, name=name, strip_metadata=True)
+            return load_image(upload, limits=self.limits, name=name or "upload", strip_metadata=True)
         except ImageDecodeError as exc:
             raise UserInputError(str(exc)) from exc
 
@@ -466,7 +496,59 @@ class AppServices:
             prediction_id = retry_on_busy(transaction)
         except ValueError as exc:  # a request id reused for another image, and similar client mistakes
             raise UserInputError(str(exc)) from exc
-        return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3)
+        return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3,
+                                session["session_id"])
+
+    # -- model requests: the page's handlers and the REST API both call these --
+    def caption(self, upload: str | os.PathLike | bytes, *, request_id: str | None, session: dict,
+                name: str | None = None) -> "Captioned":
+        """Decode an upload, caption it and store the prediction (``session`` carries ``user``)."""
+        self.watcher.maybe_reload()
+        request_id = request_id_or_new(request_id)
+        started = time.perf_counter()
+        decoded = self.decode_upload(upload, name=name)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        result = self.predictor.caption(decoded)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        stage_ms = {"decode": decode_ms, **result.timings_ms}
+        stored = self.store_prediction(
+            decoded, request_id=request_id, kind="caption", latency_ms=latency_ms, stage_ms=stage_ms,
+            outputs={"caption": result.caption, "alternatives": result.alternatives, "confidence": result.confidence,
+                     "low_confidence": result.low_confidence, "source": result.source},
+            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session)
+        return Captioned(result, stored, decoded, latency_ms, {**stage_ms, "db": stored.db_ms})
+
+    def analyze_meme(self, upload: str | os.PathLike | bytes, *, ablate: str | None, request_id: str | None,
+                     session: dict, text: str | None = None, name: str | None = None) -> "Analysed":
+        """Decode an uploaded meme, read its text with OCR (unless ``text`` is given), analyse it under
+        ``ablate`` and store the prediction."""
+        self.watcher.maybe_reload()
+        model_ready_for_memes(self.predictor)
+        request_id = request_id_or_new(request_id)
+        started = time.perf_counter()
+        decoded = self.decode_upload(upload, name=name)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        if text is None and ablate == "image" and not self.predictor.read_text(decoded).strip():  # OCR is cached
+            raise UserInputError("No text was found in this meme, so there is nothing to analyse without the image. "
+                                 "Keep 'use image' checked, or type the text and re-analyse.")
+        return self.analyse_decoded(decoded, text, ablate=ablate, request_id=request_id, session=session,
+                                    started=started, decode_ms=decode_ms)
+
+    def analyse_decoded(self, decoded: DecodedImage, text: str | None, *, ablate: str | None, request_id: str,
+                        session: dict, started: float, decode_ms: float, previous_ocr: str = "") -> "Analysed":
+        """Analyse and store one meme prediction; ``text`` None reads the text with OCR, else the OCR
+        reading of the result being re-analysed (``previous_ocr``) is kept."""
+        result = self.predictor.analyze_meme(decoded, text, ablate=ablate)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        ocr_text = result.ocr_text if result.ocr_text is not None else previous_ocr
+        stage_ms = {"decode": decode_ms, **result.timings_ms}
+        stored = self.store_prediction(
+            decoded, request_id=request_id, kind="meme", latency_ms=latency_ms, stage_ms=stage_ms,
+            outputs={"label": result.label, "fused": result.fused, "image_only": result.image_only,
+                     "text_only": result.text_only, "deltas": result.deltas, "ocr_text": ocr_text},
+            embedding_ref=result.embedding_ref, model_version=result.model_version, session=session,
+            input_text=result.text, ablation=ablate)
+        return Analysed(result, stored, decoded, latency_ms, {**stage_ms, "db": stored.db_ms}, ocr_text)
 
     def rating_inputs(self, coherence, relevance, detail, comment: str) -> tuple[dict[str, int | None], str]:
         """The three rating sliders (0 = not rated) and the comment box of a feedback form, checked."""
@@ -773,6 +855,7 @@ def build_app(config: Config, predictor: Predictor, engine: Engine, blobstore: B
     demo.queue(default_concurrency_limit=config.app.concurrency_limit, max_size=config.app.queue_max_size)
     demo.client_guard = services.guard
     demo.mmapp_auth_routes = auth_routes(services)  # served by launch(**launch_options(config, demo))
+    demo.mmapp_rest_api = rest_api(services)  # mounted at API_PREFIX by launch_options
     return demo
 
 
@@ -827,7 +910,7 @@ def _listen(trigger: Callable, handler: Callable[..., dict[str, Any] | None], in
 
 
 def _model_event(services: AppServices) -> dict[str, Any]:
-    return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": services.config.app.concurrency_limit}
+    return {"concurrency_id": MODEL_EVENTS, "concurrency_limit": model_concurrency(services)}
 
 
 _FEEDBACK_EVENT = {"concurrency_id": FEEDBACK_EVENTS, "concurrency_limit": FEEDBACK_CONCURRENCY}
@@ -864,24 +947,13 @@ def caption_image(services: AppServices, upload: str | None, request_id: str | N
     if not upload:
         raise UserInputError("Choose an image to upload first.")
     session_data = services.with_user(session_data, request)
-    services.watcher.maybe_reload()
-    request_id = request_id_or_new(request_id)
-    started = time.perf_counter()
-    decoded = services.decode_upload(upload)
-    decode_ms = (time.perf_counter() - started) * 1e3
-    result = services.predictor.caption(decoded)
-    latency_ms = (time.perf_counter() - started) * 1e3
-    stage_ms = {"decode": decode_ms, **result.timings_ms}
-    stored = services.store_prediction(
-        decoded, request_id=request_id, kind="caption", latency_ms=latency_ms, stage_ms=stage_ms,
-        outputs={"caption": result.caption, "alternatives": result.alternatives, "confidence": result.confidence,
-                 "low_confidence": result.low_confidence, "source": result.source},
-        embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data)
-    state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+    done = services.caption(upload, request_id=request_id, session=session_data)
+    result, stored = done.result, done.stored
+    state = {"prediction_id": stored.prediction_id, "request_id": stored.request_id, "feedback_id": uuid.uuid4().hex,
              "relpath": stored.relpath, "caption": result.caption}
-    details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
-               "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
-    return {**_FRESH_FORM, "preview": preview_image(decoded), "caption": result.caption,
+    details = {"prediction_id": stored.prediction_id, "request_id": stored.request_id, **asdict(result),
+               "latency_ms": done.latency_ms, "stage_ms": done.stage_ms}
+    return {**_FRESH_FORM, "preview": preview_image(done.decoded), "caption": result.caption,
             "confidence": confidence_markdown(result),
             "alternatives": {text: conf for text, conf in result.alternatives},
             "details": details, "result": state, "upload": None, "corrected": result.caption}
@@ -946,25 +1018,13 @@ def build_caption_tab(services: AppServices, session: gr.State) -> SimpleNamespa
 
 # -- meme tab --
 
-def _analyse_meme(services: AppServices, decoded: DecodedImage, text: str | None, ablate: str | None,
-                  request_id: str, session_data: dict, started: float, decode_ms: float,
-                  previous: dict | None) -> dict[str, Any]:
-    """Analyse and store one meme prediction; ``text`` None reads the text with OCR, ``previous`` is the
-    result being re-analysed (its OCR reading is kept)."""
-    result = services.predictor.analyze_meme(decoded, text, ablate=ablate)
-    latency_ms = (time.perf_counter() - started) * 1e3
-    ocr_text = result.ocr_text if result.ocr_text is not None else (previous or {}).get("ocr_text", "")
-    stage_ms = {"decode": decode_ms, **result.timings_ms}
-    stored = services.store_prediction(
-        decoded, request_id=request_id, kind="meme", latency_ms=latency_ms, stage_ms=stage_ms,
-        outputs={"label": result.label, "fused": result.fused, "image_only": result.image_only,
-                 "text_only": result.text_only, "deltas": result.deltas, "ocr_text": ocr_text},
-        embedding_ref=result.embedding_ref, model_version=result.model_version, session=session_data,
-        input_text=result.text, ablation=ablate)
-    state = {"prediction_id": stored.prediction_id, "request_id": request_id, "feedback_id": uuid.uuid4().hex,
+def _meme_outputs(done: Analysed) -> dict[str, Any]:
+    """The meme tab's outputs for one stored analysis."""
+    result, stored, ocr_text = done.result, done.stored, done.ocr_text
+    state = {"prediction_id": stored.prediction_id, "request_id": stored.request_id, "feedback_id": uuid.uuid4().hex,
              "relpath": stored.relpath, "ocr_text": ocr_text, "text": result.text, "label": result.label}
-    details = {"prediction_id": stored.prediction_id, "request_id": request_id, **asdict(result),
-               "latency_ms": latency_ms, "stage_ms": {**stage_ms, "db": stored.db_ms}}
+    details = {"prediction_id": stored.prediction_id, "request_id": stored.request_id, **asdict(result),
+               "latency_ms": done.latency_ms, "stage_ms": done.stage_ms}
     return {**_FRESH_FORM, "text": result.text, "verdict": meme_verdict_markdown(result), "fused": result.fused,
             "image_only": result.image_only, "text_only": result.text_only or None, "details": details,
             "result": state, "corrected_text": result.text,
@@ -978,17 +1038,8 @@ def analyze_meme(services: AppServices, upload: str | None, use_image: bool, use
         raise UserInputError("Choose a meme image to upload first.")
     session_data = services.with_user(session_data, request)
     ablate = ablation_from_toggles(use_image, use_text)
-    services.watcher.maybe_reload()
-    model_ready_for_memes(services.predictor)
-    request_id = request_id_or_new(request_id)
-    started = time.perf_counter()
-    decoded = services.decode_upload(upload)
-    decode_ms = (time.perf_counter() - started) * 1e3
-    if ablate == "image" and not services.predictor.read_text(decoded).strip():  # OCR is cached: analyse reuses it
-        raise UserInputError("No text was found in this meme, so there is nothing to analyse without the image. "
-                             "Keep 'use image' checked, or type the text and re-analyse.")
-    out = _analyse_meme(services, decoded, None, ablate, request_id, session_data, started, decode_ms, None)
-    return {**out, "preview": preview_image(decoded), "upload": None}
+    done = services.analyze_meme(upload, ablate=ablate, request_id=request_id, session=session_data)
+    return {**_meme_outputs(done), "preview": preview_image(done.decoded), "upload": None}
 
 
 def reanalyze_meme(services: AppServices, text: str, use_image: bool, use_text: bool, request_id: str | None,
@@ -1008,7 +1059,9 @@ def reanalyze_meme(services: AppServices, text: str, use_image: bool, use_text: 
     started = time.perf_counter()
     decoded = services.decode_stored(result["relpath"])
     decode_ms = (time.perf_counter() - started) * 1e3
-    return _analyse_meme(services, decoded, text, ablate, request_id, session_data, started, decode_ms, result)
+    return _meme_outputs(services.analyse_decoded(decoded, text, ablate=ablate, request_id=request_id,
+                                                  session=session_data, started=started, decode_ms=decode_ms,
+                                                  previous_ocr=result.get("ocr_text", "")))
 
 
 def submit_meme_feedback(services: AppServices, coherence, relevance, detail, corrected_text: str,
@@ -1655,6 +1708,316 @@ def auth_routes(services: AppServices) -> list:
             Route("/auth/whoami", whoami, methods=["GET"])]
 
 
+# ---- REST API: /api/v1 beside the page (issue 13) ------------------------------------------------
+# Plain HTTP + JSON for annotation scripts and integrations, over the same services as the page's
+# handlers (AppServices.caption / analyze_meme / store_feedback). Stateless: no Gradio session; an
+# item returned by /caption or /memes/analyze is addressed by its ``item_id`` and the ``item_key`` the
+# server generated for it (its anonymous session id), so any replica can take the rating. Who is
+# asking comes from the login cookie (``mmapp_session``, set by POST /auth/login) or the same token as
+# ``Authorization: Bearer``; without either the call is anonymous, as in the page. The per-client
+# limits (ClientLimitMiddleware) count /caption and /memes/analyze as uploads, /ratings and
+# /corrections as events. Errors are JSON ``{"error": message}`` with a 4xx status.
+
+API_PREFIX = "/api/v1"
+API_UPLOAD_PATHS = (f"{API_PREFIX}/caption", f"{API_PREFIX}/memes/analyze")
+API_EVENT_PATHS = (f"{API_PREFIX}/ratings", f"{API_PREFIX}/corrections")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Alternative(BaseModel):
+    caption: str
+    confidence: float
+
+
+class CaptionOut(BaseModel):
+    item_id: int = PydanticField(description="the stored prediction's id: rate or correct it with item_id + item_key")
+    item_key: str = PydanticField(description="secret of this item, needed to rate or correct it")
+    request_id: str
+    caption: str
+    alternatives: list[Alternative]
+    confidence: float
+    low_confidence: bool
+    source: str
+    model_version: str
+    latency_ms: float
+
+
+class MemeOut(BaseModel):
+    item_id: int
+    item_key: str
+    request_id: str
+    text: str = PydanticField(description="the text analysed (OCR, or the text sent)")
+    ocr_text: str | None = PydanticField(description="what OCR read; null when the text was sent")
+    label: str = PydanticField(description="the predicted label under the ablation")
+    ablation: str | None
+    fused: dict[str, float]
+    image_only: dict[str, float]
+    text_only: dict[str, float]
+    labels: list[str]
+    model_version: str
+    latency_ms: float
+
+
+class RatingIn(BaseModel):
+    item_id: int
+    item_key: str = PydanticField(max_length=64)
+    coherence: int | None = PydanticField(None, ge=1, le=5)
+    relevance: int | None = PydanticField(None, ge=1, le=5)
+    detail: int | None = PydanticField(None, ge=1, le=5)
+    comment: str = ""
+    request_id: str | None = PydanticField(None, description="idempotency key; default: derived from the body")
+
+
+class CorrectionIn(BaseModel):
+    item_id: int
+    item_key: str = PydanticField(max_length=64)
+    field: str = PydanticField(description="caption (caption items); ocr_text or label (meme items)")
+    value: str
+    request_id: str | None = None
+
+
+class SavedOut(BaseModel):
+    item_id: int
+    user: str | None
+    rating_id: int | None = None
+    correction_id: int | None = None
+
+
+class HealthOut(BaseModel):
+    status: str
+    model_version: str
+
+
+class VersionOut(BaseModel):
+    api: str
+    model_version: str
+    encoders: dict[str, str]
+    labels: list[str]
+    batching: bool
+    batches: dict[str, float] = PydanticField(default_factory=dict, description="micro-batcher counts so far")
+
+
+def api_identity(services: AppServices, request: Any) -> Identity | None:
+    """The login cookie, or the same token as ``Authorization: Bearer``; None = anonymous."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        who = services.accounts.identity(auth[7:].strip())
+        if who is None:
+            raise ApiError(401, "the bearer token is not a valid session (log in again: POST /auth/login)")
+        return who
+    return services.identity(request)
+
+
+async def read_api_upload(services: AppServices, image: UploadFile) -> bytes:
+    """The upload's bytes; refused over ``app.max_upload_mb`` (413) or below the disk watermark (507)."""
+    limit = services.limits.max_bytes  # a declared Content-Length over it was refused by rest_api's body_limit
+    refusal = services.guard.disk.refusal()
+    if refusal is not None:
+        raise ApiError(507, refusal)
+    data = await image.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"the upload is larger than the limit of {limit / 2**20:g} MB")
+    return data
+
+
+def api_item(services: AppServices, item_id: int, item_key: str) -> dict[str, Any]:
+    """The prediction an API feedback call is about; 404 unless ``item_key`` is its key."""
+    found = services.read(lambda s: repo.prediction_for_feedback(s, item_id))
+    if found is None or not hmac.compare_digest(found["session_id"].encode(), item_key.encode()):
+        raise ApiError(404, f"there is no item {item_id} with that item_key")
+    return found
+
+
+def api_session(who: Identity | None) -> dict[str, Any]:
+    """A fresh anonymous id per API prediction (its ``item_key``) and the account's name, if any."""
+    return {"session_id": f"api-{uuid.uuid4().hex}", "user": who.name if who is not None else None}
+
+
+def api_feedback_key(explicit: str | None, item: dict[str, Any], form: dict[str, Any]) -> str:
+    """The explicit idempotency key, else one derived from the item and the body: a retry stores nothing new."""
+    return feedback_request_id(explicit, {"feedback_id": f"api{item['id']}"}, form)
+
+
+def rest_api(services: AppServices) -> "FastAPI":
+    """The REST API as a FastAPI app; ``launch_options`` mounts it at ``API_PREFIX``."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    api = FastAPI(title="mmapp REST API", version="1",
+                  description="Caption photos, analyse memes, rate and correct the results. Same models, "
+                              "limits and database as the web page. Errors: JSON {\"error\": message}.",
+                  docs_url="/docs", openapi_url="/openapi.json", redoc_url=None)
+    model_slots = threading.BoundedSemaphore(model_concurrency(services))  # like the page's model events
+
+    @api.middleware("http")
+    async def body_limit(request: FastRequest, call_next):  # before the multipart body is parsed and spooled
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > services.limits.max_bytes + 64 * 1024:
+            return JSONResponse({"error": f"the request is {int(declared) / 2**20:.1f} MB; the upload limit is "
+                                          f"{services.limits.max_bytes / 2**20:g} MB"}, status_code=413)
+        return await call_next(request)
+
+    @api.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @api.exception_handler(UserInputError)
+    async def user_error(_request, exc: UserInputError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts) or "invalid request", "detail": jsonable_errors(exc)},
+                            status_code=422)
+
+    def run_model(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with model_slots:
+            return fn(*args, **kwargs)
+
+    @api.get("/health", response_model=HealthOut)
+    def health() -> HealthOut:
+        return HealthOut(status="ok", model_version=services.predictor.version)
+
+    @api.get("/version", response_model=VersionOut)
+    def version() -> VersionOut:
+        predictor = services.predictor
+        return VersionOut(api="v1", model_version=predictor.version, encoders=predictor.embedder.identity,
+                          labels=list(predictor.labels), batching=predictor.image_batcher is not None,
+                          batches=batch_counts(predictor))
+
+    @api.post("/caption", response_model=CaptionOut, responses={400: {}, 413: {}, 429: {}, 507: {}})
+    async def caption(request: FastRequest, image: UploadFile = File(..., description="JPEG, PNG, WebP, GIF, BMP or TIFF"),
+                      request_id: str | None = Form(None)) -> CaptionOut:
+        """Caption a photo and store the prediction."""
+        who = await run_in_threadpool(api_identity, services, request)
+        data = await read_api_upload(services, image)
+        done = await run_in_threadpool(run_model, services.caption, data, request_id=request_id,
+                                       session=api_session(who), name=image.filename or "upload")
+        r = done.result
+        return CaptionOut(item_id=done.stored.prediction_id, item_key=api_item_key(done), request_id=done.stored.request_id,
+                          caption=r.caption, confidence=r.confidence, low_confidence=r.low_confidence, source=r.source,
+                          alternatives=[Alternative(caption=t, confidence=c) for t, c in r.alternatives],
+                          model_version=r.model_version, latency_ms=done.latency_ms)
+
+    @api.post("/memes/analyze", response_model=MemeOut, responses={400: {}, 413: {}, 429: {}, 507: {}})
+    async def analyze(request: FastRequest, image: UploadFile = File(...),
+                      text: str | None = Form(None, description="the meme's text; default: read with OCR"),
+                      use_image: bool = Form(True), use_text: bool = Form(True),
+                      request_id: str | None = Form(None)) -> MemeOut:
+        """Read a meme's text (OCR, unless sent), predict its label with both modalities and each alone."""
+        who = await run_in_threadpool(api_identity, services, request)
+        ablate = ablation_from_toggles(use_image, use_text)
+        if text is not None:
+            text = services.check_text(text, "meme text").strip()
+            if ablate == "image" and not text:
+                raise UserInputError("Without the image there is nothing left to analyse: the text is empty.")
+        data = await read_api_upload(services, image)
+        done = await run_in_threadpool(run_model, services.analyze_meme, data, ablate=ablate, request_id=request_id,
+                                       session=api_session(who), text=text, name=image.filename or "upload")
+        r = done.result
+        return MemeOut(item_id=done.stored.prediction_id, item_key=api_item_key(done), request_id=done.stored.request_id,
+                       text=r.text, ocr_text=r.ocr_text, label=r.label, ablation=r.ablation, fused=r.fused,
+                       image_only=r.image_only, text_only=r.text_only, labels=list(r.labels),
+                       model_version=r.model_version, latency_ms=done.latency_ms)
+
+    @api.post("/ratings", response_model=SavedOut, responses={400: {}, 404: {}, 429: {}})
+    def rate(body: RatingIn, request: FastRequest) -> SavedOut:
+        """Rate an item (1-5 on any of coherence, relevance, detail) and/or comment on it."""
+        who = api_identity(services, request)
+        item = api_item(services, body.item_id, body.item_key)
+        scores = {"coherence": body.coherence, "relevance": body.relevance, "detail": body.detail}
+        comment = services.check_text(body.comment, "comment").strip()
+        if not comment and all(v is None for v in scores.values()):
+            raise UserInputError("Nothing to save: send at least one of coherence, relevance, detail or comment.")
+        key = api_feedback_key(body.request_id, item, {**scores, "comment": comment})
+        saved = services.store_feedback(prediction_id=item["id"], request_id=key, session=api_feedback_session(item, who),
+                                        scores=scores, comment=comment, corrections={})
+        return SavedOut(item_id=item["id"], user=who.name if who else None, rating_id=saved["rating_id"])
+
+    @api.post("/corrections", response_model=SavedOut, responses={400: {}, 404: {}, 429: {}})
+    def correct(body: CorrectionIn, request: FastRequest) -> SavedOut:
+        """Correct an item: its caption, or a meme's text (``ocr_text``) or label."""
+        who = api_identity(services, request)
+        item = api_item(services, body.item_id, body.item_key)
+        allowed = {"caption": ("caption",), "meme": ("ocr_text", "label")}[item["kind"]]
+        if body.field not in allowed:
+            raise UserInputError(f"a {item['kind']} item takes corrections of {' or '.join(allowed)}, "
+                                 f"not {body.field!r}")
+        value = " ".join(services.check_text(body.value, f"corrected {body.field}").split())
+        if not value:
+            raise UserInputError("The correction is empty.")
+        if body.field == "label" and value not in services.predictor.labels:
+            raise UserInputError(f"unknown label {value!r}; choose one of {list(services.predictor.labels)}")
+        key = api_feedback_key(body.request_id, item, {body.field: value})
+        saved = services.store_feedback(prediction_id=item["id"], request_id=key, session=api_feedback_session(item, who),
+                                        scores=dict.fromkeys(repo.RATING_SCORES), comment=None,
+                                        corrections={body.field: value})
+        return SavedOut(item_id=item["id"], user=who.name if who else None,
+                        correction_id=saved[f"{body.field}_correction_id"])
+
+    return api
+
+
+def batch_counts(predictor: Predictor) -> dict[str, float]:
+    """Image-tower batches so far (calls, pictures, mean and largest batch); empty with batching off."""
+    if predictor.image_batcher is None:
+        return {}
+    stats = predictor.image_batcher.stats
+    return {"batches": stats.batches, "calls": stats.items, "mean_size": round(stats.mean_size, 2),
+            "largest": stats.largest}
+
+
+def api_item_key(done: Captioned | Analysed) -> str:
+    """An API item's key is the anonymous session id stored with it (``api-<uuid4>``, made by the server)."""
+    return done.stored.session_id
+
+
+def api_feedback_session(item: dict[str, Any], who: Identity | None) -> dict[str, Any]:
+    """Feedback on an API item is stored under the item's own anonymous id, with the caller's account."""
+    return {"session_id": item["session_id"], "user": who.name if who is not None else None}
+
+
+def jsonable_errors(exc: Exception) -> list[dict[str, Any]]:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder([{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()])
+
+
+def rest_mount(demo: gr.Blocks | None) -> list:
+    """The REST API of ``demo`` (from :func:`build_app`) as a route mounted at ``API_PREFIX``; none without a demo."""
+    from starlette.routing import Mount
+
+    api = getattr(demo, "mmapp_rest_api", None)
+    return [Mount(API_PREFIX, app=api)] if api is not None else []
+
+
+def set_serving_threads(config: Config) -> None:
+    """Intra-op threads per model call (``app.torch_threads``; 0 keeps torch's default, one per core).
+    On the shared 2-core machine one thread made a lone image-tower call ~17x faster (0.12 s vs ~2 s),
+    but the served throughput halved: the process then got about half the CPU share (docs/results.md,
+    "Load test (issue 13)"), so the default stays torch's."""
+    import torch
+
+    if config.app.torch_threads > 0:
+        torch.set_num_threads(config.app.torch_threads)
+
+
+def model_concurrency(services: AppServices) -> int:
+    """Model requests (page events and API calls) that run at once: ``app.concurrency_limit``, or while the
+    predictor micro-batches (``model.batch_images``) ``app.batched_concurrency_limit``, so batches can form."""
+    app_config = services.config.app
+    if services.predictor.image_batcher is not None:
+        return max(app_config.concurrency_limit, app_config.batched_concurrency_limit)
+    return app_config.concurrency_limit
+
+
 # ---- launch ---------------------------------------------------------------------------------------
 
 def launch_options(config: Config, demo: gr.Blocks | None = None, *, guard: ClientGuard | None = None) -> dict[str, Any]:
@@ -1671,7 +2034,7 @@ def launch_options(config: Config, demo: gr.Blocks | None = None, *, guard: Clie
             "enable_monitoring": False, "ssr_mode": False, "footer_links": ["api"], "theme": theme, "css": CSS,
             "show_error": False,
             "app_kwargs": {"middleware": [Middleware(ClientLimitMiddleware, guard=guard)],
-                           "routes": list(getattr(demo, "mmapp_auth_routes", []))},
+                           "routes": list(getattr(demo, "mmapp_auth_routes", [])) + rest_mount(demo)},
             **({"root_path": config.app.root_path} if config.app.root_path else {})}  # docs/deploy.md
 
 
@@ -1773,6 +2136,7 @@ def main(argv: list[str] | None = None) -> int:
     init_db(engine)  # migration 0003 masks secrets older versions stored in the database
     scrub_home(config)  # ... and in manifests / meta.json files under the home
     blobstore = BlobStore(config.paths.uploads)
+    set_serving_threads(config)
     towers = Towers.from_config(config)
 
     def on_reload(version: str) -> None:

@@ -9,6 +9,8 @@ User classes (pick them on the command line):
 * ``Rater``        realistic: 5-20 s think time; a photo -> caption -> rating (sometimes a correction),
                    or, one time in four, a meme -> label + rating.
 * ``StressRater``  no think time: photo -> caption -> rating, back to back (issue 13's 50-client test).
+* ``RestStressRater`` the same through the REST API (``POST /api/v1/caption`` then ``POST /api/v1/ratings``,
+                   plain HTTP, no Gradio session): what an annotation script or a load-balanced client does.
 * ``RetrainTrigger`` one operator (``fixed_count = 1``): logs in with ``POST /auth/login`` and the
                    operator password (``MMAPP_OPERATOR_USER``/``MMAPP_OPERATOR_PASSWORD``), presses
                    "Retrain now" (``/retrain_now``) ``LOCUST_RETRAIN_AFTER_S`` (10) seconds in, then polls
@@ -16,6 +18,7 @@ User classes (pick them on the command line):
 
     locust -f benchmarks/locustfile.py --headless -u 10 -r 2 -t 60s --host http://127.0.0.1:P Rater
     locust -f benchmarks/locustfile.py --headless -u 50 -r 10 -t 60s --host http://127.0.0.1:P StressRater
+    locust -f benchmarks/locustfile.py --headless -u 50 -r 10 -t 60s --host http://127.0.0.1:P RestStressRater
     locust -f benchmarks/locustfile.py --headless -u 51 -r 10 -t 60s --host http://127.0.0.1:P StressRater RetrainTrigger
 
 Every request is a Locust stat (type ``gradio``, name = the API route); a caption+rating pair is also
@@ -44,7 +47,7 @@ sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
 import httpcore  # noqa: E402,F401 - httpx imports it lazily: import it once here, not in two greenlets at once
 import httpx  # noqa: E402,F401
 from gradio_client import Client, handle_file  # noqa: E402
-from locust import User, between, constant, events, task  # noqa: E402
+from locust import FastHttpUser, User, between, constant, events, task  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -159,6 +162,45 @@ class StressRater(GradioUser):
     @task
     def photo(self) -> None:
         self.caption_and_rate()
+
+
+def multipart(fields: dict[str, str], file_field: str, path: Path, content_type: str) -> tuple[bytes, str]:
+    """A multipart/form-data body (Locust's fast HTTP client has no ``files=``): bytes and Content-Type."""
+    boundary = f"mmapp{random.getrandbits(64):016x}"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{path.name}"\r\n'
+                 f"Content-Type: {content_type}\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class RestStressRater(FastHttpUser):
+    """No think time, through the REST API: caption + rating back to back (stateless, no Gradio session)."""
+
+    wait_time = constant(0)
+
+    @task
+    def photo(self) -> None:
+        started = time.perf_counter()
+        body, content_type = multipart({}, "image", new_photo(), "image/jpeg")
+        ok = False
+        with self.client.post("/api/v1/caption", data=body, headers={"Content-Type": content_type},
+                              name="/api/v1/caption", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"{response.status_code}: {response.text[:200]}")
+            else:
+                item = response.json()
+        if response.status_code == 200:
+            rating = {"item_id": item["item_id"], "item_key": item["item_key"],
+                      **{k: random.randint(1, 5) for k in ("coherence", "relevance", "detail")}}
+            with self.client.post("/api/v1/ratings", json=rating, name="/api/v1/ratings",
+                                  catch_response=True) as rated:
+                ok = rated.status_code == 200
+                if not ok:
+                    rated.failure(f"{rated.status_code}: {rated.text[:200]}")
+        self.environment.events.request.fire(request_type="pair", name=PAIR_CAPTION,
+                                             response_time=(time.perf_counter() - started) * 1e3, response_length=0,
+                                             exception=None if ok else RuntimeError("pair failed"), context={})
 
 
 class RetrainTrigger(GradioUser):

@@ -319,6 +319,17 @@ def record_correction(
     return correction
 
 
+def prediction_for_feedback(s: Session, prediction_id: int) -> Optional[dict[str, Any]]:
+    """What a feedback request needs of one prediction (kind, session_id, user, outputs, input_text), or None."""
+    if isinstance(prediction_id, bool) or not isinstance(prediction_id, int):
+        raise ValueError(f"prediction_id must be an int, got {prediction_id!r}")
+    row = s.get(Prediction, prediction_id)
+    if row is None:
+        return None
+    return {"id": row.id, "kind": row.kind, "session_id": row.session_id, "user": row.user,
+            "outputs": dict(row.outputs or {}), "input_text": row.input_text}
+
+
 # --- retention -----------------------------------------------------------------------------------
 
 

@@ -49,6 +49,9 @@ class ModelConfig:
     captioner_path: str = ""  # local folder with the captioner's save_pretrained files (model + processor)
     captioner_max_new_tokens: int = 30  # generated caption length budget
     captioner_num_beams: int = 1  # 1 = greedy decoding; >1 = beam search
+    batch_images: str = "auto"  # concurrent requests' image-tower calls as one batch (mmapp.batching): auto (on with CUDA towers) | on | off
+    batch_max_size: int = 16  # at most this many pictures per batched image-tower call
+    batch_max_wait_ms: float = 5.0  # the first request of a batch waits at most this long for others to join
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class AppConfig:
     operator_user: str = ""
     operator_password: str = ""
     concurrency_limit: int = 2  # model events run at most this many at once
+    batched_concurrency_limit: int = 8  # ... and this many with model.batch_images on, so concurrent requests can share a batch
+    torch_threads: int = 0  # intra-op threads per model call in the web process; 0 = torch's default (one per core); see docs/results.md issue 13
     # -- abuse limits (docs/security.md); per client = per keyed hash of its address, in memory only --
     queue_max_size: int = 128  # events waiting in Gradio's queue beyond this are refused ("queue is full")
     uploads_per_minute: float = 30.0  # per client, token bucket refill rate for POST /gradio_api/upload

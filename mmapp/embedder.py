@@ -6,7 +6,7 @@ both under the encoder's identity (name + weights hash).
 from __future__ import annotations
 
 from pathlib import Path
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,10 +28,14 @@ class Embedder:
     def identity(self) -> dict[str, str]:
         return {"image": self.image_encoder.identity, "text": self.text_encoder.identity}
 
-    def images(self, images: Sequence[Image.Image], keys: Sequence[str]) -> ImageFeatures:
-        """Features for decoded images whose content hashes are ``keys``."""
+    def images(self, images: Sequence[Image.Image], keys: Sequence[str], *,
+               encode: Callable[[list[Image.Image]], ImageFeatures] | None = None) -> ImageFeatures:
+        """Features for decoded images whose content hashes are ``keys``; ``encode`` runs the tower on
+        the cache's misses (default: the image encoder itself; the predictor passes its micro-batcher)."""
+        encode = encode or self.image_encoder.encode
+
         def compute(idx: list[int]) -> list[dict[str, np.ndarray]]:
-            out = self.image_encoder.encode([images[i] for i in idx])
+            out = encode([images[i] for i in idx])
             rows = []
             for j in range(len(idx)):
                 row = {"features": out.features[j].numpy()}
@@ -41,7 +45,7 @@ class Embedder:
             return rows
 
         if self.cache is None:
-            return self.image_encoder.encode(list(images))
+            return encode(list(images))
         entries, _ = self.cache.get_or_compute(self.image_encoder.identity, list(keys), compute)
         return _stack_image_entries(entries)
 

@@ -13,11 +13,13 @@ from typing import Sequence
 
 import torch
 
+from mmapp.batching import MicroBatcher
 from mmapp.cache import text_key
 from mmapp.captioning import CaptionPolicy, compose_caption, picture_halves, template_caption
 from mmapp.config import Config
 from mmapp.device import resolve_placement
 from mmapp.embedder import Embedder
+from mmapp.encoders import ImageFeatures
 from mmapp.encoders.image import imagenet_class_names
 from mmapp.imageio import DecodedImage
 from mmapp.joint import JointSpace
@@ -72,6 +74,20 @@ def generative_captioner(config: Config):
                                num_beams=config.model.captioner_num_beams)
 
 
+def batching_wanted(setting: str, image_encoder) -> bool:
+    """``model.batch_images``: on, off, or auto = on when the image tower runs on CUDA. On two CPU cores
+    a batch costs as much per picture as single calls (docs/results.md, "Load test (issue 13)")."""
+    value = str(setting).strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    if value != "auto":
+        raise ValueError(f"model.batch_images must be auto, on or off, got {setting!r}")
+    placement = getattr(image_encoder, "placement", None)
+    return placement is not None and placement.device.type == "cuda"
+
+
 class Predictor:
     caption_policy: CaptionPolicy = CaptionPolicy()  # wording knobs (mmapp.captioning), chosen on the guard photos
     compose_captions: bool = True  # False: serve the top bank entry as is (the old behaviour, for benchmarks)
@@ -89,6 +105,33 @@ class Predictor:
         self._bank_views: dict[str, torch.Tensor] = {}
         self._bank_raw: torch.Tensor | None = None
         self._pending_bank = list(caption_bank)
+        self.image_batcher: MicroBatcher | None = None  # set by enable_batching: concurrent tower calls share one
+
+    def enable_batching(self, *, max_size: int, max_wait_ms: float) -> None:
+        """Run the image tower of concurrent requests as one batch (``model.batch_images``)."""
+        self.image_batcher = MicroBatcher(self._encode_batch, max_size=max_size, max_wait_ms=max_wait_ms,
+                                          name="image-tower")
+
+    def encode_images(self, images: list) -> ImageFeatures:
+        """The image tower on ``images`` (PIL), joined with other requests' pictures when batching is on."""
+        if self.image_batcher is None:
+            return self.embedder.image_encoder.encode(images)
+        return self.image_batcher.submit(images)
+
+    def _encode_batch(self, jobs: list[list]) -> list[ImageFeatures]:
+        """One tower call for every job's pictures; each job gets its own rows back."""
+        out = self.embedder.image_encoder.encode([image for job in jobs for image in job])
+        results, start = [], 0
+        for job in jobs:
+            end = start + len(job)
+            results.append(ImageFeatures(out.features[start:end],
+                                         out.class_probs[start:end] if out.class_probs is not None else None))
+            start = end
+        return results
+
+    def image_features(self, image: DecodedImage) -> ImageFeatures:
+        """Features of one decoded picture: the embedding cache, else the (batched) tower."""
+        return self.embedder.images([image.image], [image.sha256], encode=self.encode_images)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -100,6 +143,8 @@ class Predictor:
                         caption_bank=caption_bank, confidence_floor=config.model.caption_confidence_floor,
                         captioner=generative_captioner(config))
         predictor.load_version(version or predictor.store.current() or BRIDGE)
+        if batching_wanted(config.model.batch_images, towers.embedder.image_encoder):
+            predictor.enable_batching(max_size=config.model.batch_max_size, max_wait_ms=config.model.batch_max_wait_ms)
         return predictor
 
     @property
@@ -187,7 +232,7 @@ class Predictor:
             bank_raw = self._bank_raw
         if not texts:
             raise RuntimeError("the caption bank is empty: build the bootstrap model first (python app.py does)")
-        feats = self.embedder.images([image.image], [image.sha256])
+        feats = self.image_features(image)
         views = model.space.image_views(feats.features, feats.class_probs)
         timings["encode_image"] = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
@@ -254,8 +299,7 @@ class Predictor:
                                imagenet_best_score=imagenet_best, policy=self.caption_policy,
                                bank_confidence=bank_confidence, served_confidence_low=bank_confidence < self.confidence_floor,
                                read_text=lambda: self.read_text(image),
-                               part_probs=lambda: self.embedder.image_encoder.encode(
-                                   picture_halves(image.image)).class_probs.numpy())
+                               part_probs=lambda: self.encode_images(picture_halves(image.image)).class_probs.numpy())
 
     def read_text(self, image: DecodedImage) -> str:
         """OCR text (cached by image content; see :meth:`Towers.read_text`)."""
@@ -277,7 +321,7 @@ class Predictor:
         if model is None or model.fusion_head is None:
             raise RuntimeError(f"model version {self.version!r} has no meme head: build the bootstrap model first")
         t = time.perf_counter()
-        feats = self.embedder.images([image.image], [image.sha256])
+        feats = self.image_features(image)
         timings["encode_image"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         # the head's text input, as its version was trained (mmapp.text_features; "" = embedding alone)

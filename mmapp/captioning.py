@@ -221,9 +221,10 @@ class CaptionPolicy:
     ocr_max_words: int = 8  # words of the read text quoted in the caption
     bank_margin: float = 0.05  # served-score lead the best bank caption needs over the ImageNet wording
     photo_prefix: bool = True  # "a photo of a dog." rather than "a dog."
-    mbr_temperature: float = 0.0  # > 0: minimum-Bayes-risk concept choice under the posterior p^(1/T) (0: the group_min rule)
+    mbr_temperature: float = 0.0  # > 0: minimum-Bayes-risk concept choice under the posterior p^(1/T) (0: the group_min rule; MBR tied it on the guard set and, with MiniLM cosines, rarely names the group)
     mbr_top_k: int = 10  # classes of the posterior the MBR choice weighs (their phrases and WordNet groups are the candidates)
     mbr_bank: int = 0  # best-scoring bank captions added to the MBR candidates (0: none)
+    mbr_hedge: bool = False  # with MBR: hedge ("possibly A or B") when that sentence has the higher expected similarity, not by hedge_below
 
 
 @dataclass(frozen=True)
@@ -272,16 +273,28 @@ class PhraseSpace:
 
     class_emb: np.ndarray  # (1000, D): phrase_text(readable class name)
     group_emb: dict[str, np.ndarray]  # basic-level offset -> (D,): phrase_text(BASIC_LEVEL word)
+    embed: Callable[[list[str]], np.ndarray] | None = None  # the same tower, for sentences built at caption time
 
     @classmethod
-    def build(cls, embed_texts: Callable[[list[str]], np.ndarray]) -> "PhraseSpace":
+    def build(cls, embed_texts: Callable[[list[str]], np.ndarray],
+              embed: Callable[[list[str]], np.ndarray] | None = None) -> "PhraseSpace":
+        """``embed_texts`` embeds the fixed phrases (may cache); ``embed`` (default: the same) the sentences
+        built at caption time."""
         tax = taxonomy()
         offsets = sorted(tax.group_members)
         texts = [phrase_text(n) for n in tax.names] + [phrase_text(BASIC_LEVEL[g]) for g in offsets]
         emb = np.asarray(embed_texts(texts), dtype=np.float32)
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
         n = len(tax.names)
-        return cls(emb[:n], {g: emb[n + i] for i, g in enumerate(offsets)})
+        return cls(emb[:n], {g: emb[n + i] for i, g in enumerate(offsets)}, embed or embed_texts)
+
+
+def expected_similarity(embs: np.ndarray, class_probs, space: PhraseSpace, policy: CaptionPolicy) -> np.ndarray:
+    """(C,) sum_k p(k) * cos(candidate, phrase(k)) under the tempered top-k posterior; ``embs`` (C, D) rows."""
+    idx, w = posterior(class_probs, temperature=policy.mbr_temperature, top_k=policy.mbr_top_k)
+    embs = np.asarray(embs, dtype=np.float32)
+    embs = embs / np.linalg.norm(embs, axis=1, keepdims=True).clip(1e-12)
+    return (embs @ space.class_emb[idx].T) @ w
 
 
 def posterior(class_probs, *, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,8 +318,7 @@ def mbr_concept(class_probs, space: PhraseSpace, policy: CaptionPolicy,
     spread over siblings picks what they share ("a dog" over five spaniels)."""
     tax = taxonomy()
     p = np.asarray(class_probs, dtype=np.float64).ravel()
-    idx, w = posterior(p, temperature=policy.mbr_temperature, top_k=policy.mbr_top_k)
-    refs = space.class_emb[idx]  # (K, D)
+    idx, _ = posterior(p, temperature=policy.mbr_temperature, top_k=policy.mbr_top_k)
     cands: list[Concept] = []
     embs: list[np.ndarray] = []
     for i in idx.tolist():
@@ -319,7 +331,7 @@ def mbr_concept(class_probs, space: PhraseSpace, policy: CaptionPolicy,
     for phrase, emb in extra:
         cands.append(Concept(phrase, float(p.max()), frozenset()))  # no classes: hedged by the top class's mass
         embs.append(np.asarray(emb, dtype=np.float32))
-    utility = (np.stack(embs) @ refs.T) @ w  # (C,)
+    utility = expected_similarity(np.stack(embs), p, space, policy)  # (C,)
     best = int(utility.argmax())
     return cands[best], float(utility[best])
 
@@ -380,11 +392,20 @@ def imagenet_caption(class_probs, image, policy: CaptionPolicy,
     found = concepts(class_probs, policy)
     if not found:
         raise ValueError("no class probabilities to caption from")
+    mbr_hedged = None
     if policy.mbr_temperature > 0 and space is not None:
-        chosen, _ = mbr_concept(class_probs, space, policy, extra)
+        chosen, utility = mbr_concept(class_probs, space, policy, extra)
         found = [chosen] + [c for c in found if not (c.classes & chosen.classes) and c.phrase != chosen.phrase]
+        if policy.mbr_hedge and space.embed is not None and len(found) > 1:
+            pairs = [(found[0], other) for other in found[1:3]]
+            sentences = [f"a photo of {_phrase(a)} or {_phrase(b)}." for a, b in pairs]
+            pair_utility = expected_similarity(space.embed(sentences), class_probs, space, policy)
+            best = int(pair_utility.argmax())
+            mbr_hedged = bool(pair_utility[best] > utility)
+            if mbr_hedged:
+                found = [found[0], pairs[best][1]] + [c for c in found[1:] if c is not pairs[best][1]]
     first = found[0]
-    hedged = first.mass < policy.hedge_below or unsure
+    hedged = (first.mass < policy.hedge_below if mbr_hedged is None else mbr_hedged) or unsure
     mono = image is not None and policy.mono_max_saturation >= 0 and mean_saturation(image) <= policy.mono_max_saturation
     colour = None
     if image is not None and not mono and not hedged and policy.colour_min_share <= 1.0:

@@ -269,7 +269,11 @@ class Predictor:
         """Class and WordNet-group phrases embedded by the served text tower (once: the tower never changes)."""
         with self._lock:
             if self._phrase_space is None:
-                self._phrase_space = PhraseSpace.build(lambda texts: self.embedder.texts(texts).float().numpy())
+                # the fixed phrases through the embedding cache; caption-time sentences ("a X or a Y") straight
+                # through the tower, so serving does not grow the cache
+                self._phrase_space = PhraseSpace.build(
+                    lambda texts: self.embedder.texts(texts).float().numpy(),
+                    embed=lambda texts: self.embedder.text_encoder.encode(list(texts)).float().numpy())
             return self._phrase_space
 
     def read_text(self, image: DecodedImage) -> str:

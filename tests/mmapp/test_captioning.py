@@ -257,3 +257,22 @@ def test_old_behaviour_flag_serves_the_top_bank_entry(predictor):
     finally:
         predictor.compose_captions = True
     assert plain.source in ("bank", "imagenet") and plain.caption
+
+
+@pytest.mark.weights
+def test_mbr_with_the_served_text_tower_keeps_a_confident_class_and_the_group_rule_backs_off(predictor):
+    space = predictor.phrase_space()  # the real MiniLM phrases
+    mbr = CaptionPolicy(mbr_temperature=1.0)
+    sure = _probs({"Cocker Spaniel": 0.85, "Sussex Spaniel": 0.1})
+    assert mbr_concept(sure, space, mbr)[0].phrase == "Cocker Spaniel"
+    words = compose_caption(sure, None, bank_best=None, imagenet_best_score=None, policy=mbr, phrase_space=space)
+    assert words.caption == "a photo of a Cocker Spaniel."
+    spread = _probs({"Sussex Spaniel": 0.22, "Cocker Spaniel": 0.2, "Clumber Spaniel": 0.18,
+                     "English Springer Spaniel": 0.16, "Welsh Springer Spaniel": 0.14})
+    # Measured: MiniLM puts "a photo of a Sussex Spaniel." nearer the other spaniel sentences than
+    # "a photo of a dog.", so MBR names the most central breed, not the group; the served default
+    # (mbr_temperature = 0) keeps the WordNet group rule, which does back off.
+    assert not mbr_concept(spread, space, mbr)[0].group
+    assert CaptionPolicy().mbr_temperature == 0
+    assert compose_caption(spread, None, bank_best=None, imagenet_best_score=None,
+                           phrase_space=space).caption == "a photo of a dog."

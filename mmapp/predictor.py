@@ -15,7 +15,7 @@ import torch
 
 from mmapp.batching import MicroBatcher
 from mmapp.cache import text_key
-from mmapp.captioning import CaptionPolicy, compose_caption, picture_halves, template_caption
+from mmapp.captioning import CaptionPolicy, PhraseSpace, compose_caption, picture_halves, template_caption
 from mmapp.config import Config
 from mmapp.device import resolve_placement
 from mmapp.embedder import Embedder
@@ -132,6 +132,7 @@ class Predictor:
     def image_features(self, image: DecodedImage) -> ImageFeatures:
         """Features of one decoded picture: the embedding cache, else the (batched) tower."""
         return self.embedder.images([image.image], [image.sha256], encode=self.encode_images)
+        self._phrase_space: PhraseSpace | None = None  # text-tower embeddings of class/group phrases, built once
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -295,11 +296,29 @@ class Predictor:
             bank_best = (texts[i], sources[i], float(scores[i]))
         if bool(is_template.any()):
             imagenet_best = float(scores.masked_fill(~is_template, -float("inf")).max())
+        policy = self.caption_policy
+        extra = []
+        if policy.mbr_temperature > 0 and policy.mbr_bank > 0 and bool((~is_template).any()):
+            bank_raw = self._bank_raw
+            top = scores.masked_fill(is_template, -float("inf")).topk(min(policy.mbr_bank, int((~is_template).sum())))
+            extra = [(texts[i], bank_raw[i].numpy()) for i in top.indices.tolist()]
         return compose_caption(class_probs.numpy(), image.image, bank_best=bank_best,
-                               imagenet_best_score=imagenet_best, policy=self.caption_policy,
+                               imagenet_best_score=imagenet_best, policy=policy,
                                bank_confidence=bank_confidence, served_confidence_low=bank_confidence < self.confidence_floor,
                                read_text=lambda: self.read_text(image),
+                               phrase_space=self.phrase_space() if policy.mbr_temperature > 0 else None, mbr_extra=extra,
                                part_probs=lambda: self.encode_images(picture_halves(image.image)).class_probs.numpy())
+
+    def phrase_space(self) -> PhraseSpace:
+        """Class and WordNet-group phrases embedded by the served text tower (once: the tower never changes)."""
+        with self._lock:
+            if self._phrase_space is None:
+                # the fixed phrases through the embedding cache; caption-time sentences ("a X or a Y") straight
+                # through the tower, so serving does not grow the cache
+                self._phrase_space = PhraseSpace.build(
+                    lambda texts: self.embedder.texts(texts).float().numpy(),
+                    embed=lambda texts: self.embedder.text_encoder.encode(list(texts)).float().numpy())
+            return self._phrase_space
 
     def read_text(self, image: DecodedImage) -> str:
         """OCR text (cached by image content; see :meth:`Towers.read_text`)."""

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmapp.captioning import (CATALOGUE_MARKERS, GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV, BASIC_LEVEL, CaptionPolicy,
-                              article, bank_caption, bank_captions, compose_caption, concepts, dominant_colour,
-                              imagenet_caption, picture_halves, taxonomy, template_caption, text_caption,
-                              with_article)
+from mmapp.captioning import (CATALOGUE_MARKERS, GUARD_EXTRA_PHOTOS_TSV, GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV,
+                              BASIC_LEVEL, CaptionPolicy, PhraseSpace, article, bank_caption, bank_captions,
+                              compose_caption, concepts, dominant_colour, imagenet_caption, mbr_concept,
+                              picture_halves, posterior, taxonomy, template_caption, text_caption, with_article)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,6 +135,53 @@ def test_the_bank_needs_a_clear_lead_and_corrections_win_ties():
     assert fixed.source == "correction"
 
 
+def _toy_space() -> PhraseSpace:
+    """Phrase embeddings with a known geometry: every class its own direction; the spaniels (and the
+    dog group) share a 'dog' direction, so two spaniels are cos 0.61 apart and each is cos 0.78 from "dog"."""
+    tax = taxonomy()
+    dim = 1000 + len(tax.group_members) + 1
+    dog_axis = dim - 1
+    class_emb = np.zeros((1000, dim), dtype=np.float32)
+    class_emb[np.arange(1000), np.arange(1000)] = 0.8
+    spaniels = [i for i, n in enumerate(tax.names) if n.endswith("Spaniel")]
+    class_emb[spaniels, dog_axis] = 1.0
+    class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
+    groups = {}
+    for j, g in enumerate(sorted(tax.group_members)):
+        v = np.zeros(dim, dtype=np.float32)
+        v[dog_axis if BASIC_LEVEL[g] == "dog" else 1000 + j] = 1.0
+        groups[g] = v
+    return PhraseSpace(class_emb, groups)
+
+
+def test_mbr_names_what_sibling_guesses_share_and_keeps_a_confident_class():
+    space, policy = _toy_space(), CaptionPolicy(mbr_temperature=1.0, mbr_top_k=10)
+    spread = _probs({"Sussex Spaniel": 0.2, "Cocker Spaniel": 0.2, "Clumber Spaniel": 0.2, "English Springer Spaniel": 0.2})
+    chosen, utility = mbr_concept(spread, space, policy)
+    assert chosen.phrase == "dog" and chosen.group and utility == pytest.approx(0.78, abs=0.01)  # top-k renormalised
+    sure = _probs({"Cocker Spaniel": 0.9, "Sussex Spaniel": 0.05})
+    assert mbr_concept(sure, space, policy)[0].phrase == "Cocker Spaniel"  # the template when it is confident
+    # a sharp posterior (small T) trusts the top guess; a flat one (large T) backs off to the group
+    leaning = _probs({"Cocker Spaniel": 0.5, "Sussex Spaniel": 0.25, "Clumber Spaniel": 0.25})
+    assert mbr_concept(leaning, space, CaptionPolicy(mbr_temperature=0.3))[0].phrase == "Cocker Spaniel"
+    assert mbr_concept(leaning, space, CaptionPolicy(mbr_temperature=3.0))[0].phrase == "dog"
+    words = imagenet_caption(spread, None, CaptionPolicy(mbr_temperature=1.0, hedge_below=0.0), space=space)
+    assert words.caption == "a photo of a dog." and words.source == "imagenet"
+    bank = np.zeros(space.class_emb.shape[1], dtype=np.float32)
+    bank[space.class_emb.shape[1] - 1] = 1.0  # a bank caption that says "dog" as well as the group does
+    chosen, _ = mbr_concept(sure, space, policy, extra=[("a spaniel puppy", bank)])
+    assert chosen.phrase == "Cocker Spaniel"
+
+
+def test_mbr_posterior_is_a_tempered_top_k():
+    idx, w = posterior(_probs({"Cocker Spaniel": 0.6, "Sussex Spaniel": 0.3}), temperature=1.0, top_k=2)
+    assert w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(2 / 3, abs=0.01) and len(idx) == 2
+    flat = posterior(_probs({"Cocker Spaniel": 0.6, "Sussex Spaniel": 0.3}), temperature=1e6, top_k=2)[1]
+    assert flat == pytest.approx([0.5, 0.5], abs=0.01)
+    with pytest.raises(ValueError, match="temperature"):
+        posterior(np.ones(1000) / 1000, temperature=0.0, top_k=3)
+
+
 def test_ocr_runs_only_for_pictures_of_text():
     calls = []
 
@@ -161,7 +208,9 @@ def test_hypernym_asset_covers_every_class_and_every_group():
 def test_photo_sets_exist_and_are_apart():
     guard = {line.split("\t")[0] for line in GUARD_PHOTOS_TSV.read_text().splitlines() if line and not line.startswith("#")}
     report = {line.split("\t")[0] for line in REPORT_PHOTOS_TSV.read_text().splitlines() if line and not line.startswith("#")}
-    assert len(report) >= 20 and not guard & report
+    extra = {line.split("\t")[0] for line in GUARD_EXTRA_PHOTOS_TSV.read_text().splitlines() if line and not line.startswith("#")}
+    assert len(report) >= 20 and not guard & report and not extra & report and not extra & guard
+    assert all((GUARD_EXTRA_PHOTOS_TSV.parent / name).is_file() for name in extra)
     assert all((REPORT_PHOTOS_TSV.parent / name).is_file() for name in report)
     for name in report:
         with Image.open(REPORT_PHOTOS_TSV.parent / name) as im:
@@ -208,3 +257,22 @@ def test_old_behaviour_flag_serves_the_top_bank_entry(predictor):
     finally:
         predictor.compose_captions = True
     assert plain.source in ("bank", "imagenet") and plain.caption
+
+
+@pytest.mark.weights
+def test_mbr_with_the_served_text_tower_keeps_a_confident_class_and_the_group_rule_backs_off(predictor):
+    space = predictor.phrase_space()  # the real MiniLM phrases
+    mbr = CaptionPolicy(mbr_temperature=1.0)
+    sure = _probs({"Cocker Spaniel": 0.85, "Sussex Spaniel": 0.1})
+    assert mbr_concept(sure, space, mbr)[0].phrase == "Cocker Spaniel"
+    words = compose_caption(sure, None, bank_best=None, imagenet_best_score=None, policy=mbr, phrase_space=space)
+    assert words.caption == "a photo of a Cocker Spaniel."
+    spread = _probs({"Sussex Spaniel": 0.22, "Cocker Spaniel": 0.2, "Clumber Spaniel": 0.18,
+                     "English Springer Spaniel": 0.16, "Welsh Springer Spaniel": 0.14})
+    # Measured: MiniLM puts "a photo of a Sussex Spaniel." nearer the other spaniel sentences than
+    # "a photo of a dog.", so MBR names the most central breed, not the group; the served default
+    # (mbr_temperature = 0) keeps the WordNet group rule, which does back off.
+    assert not mbr_concept(spread, space, mbr)[0].group
+    assert CaptionPolicy().mbr_temperature == 0
+    assert compose_caption(spread, None, bank_best=None, imagenet_best_score=None,
+                           phrase_space=space).caption == "a photo of a dog."

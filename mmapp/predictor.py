@@ -106,6 +106,7 @@ class Predictor:
         self._bank_raw: torch.Tensor | None = None
         self._pending_bank = list(caption_bank)
         self.image_batcher: MicroBatcher | None = None  # set by enable_batching: concurrent tower calls share one
+        self._phrase_space: PhraseSpace | None = None  # text-tower embeddings of class/group phrases, built once
 
     def enable_batching(self, *, max_size: int, max_wait_ms: float) -> None:
         """Run the image tower of concurrent requests as one batch (``model.batch_images``)."""
@@ -132,7 +133,6 @@ class Predictor:
     def image_features(self, image: DecodedImage) -> ImageFeatures:
         """Features of one decoded picture: the embedding cache, else the (batched) tower."""
         return self.embedder.images([image.image], [image.sha256], encode=self.encode_images)
-        self._phrase_space: PhraseSpace | None = None  # text-tower embeddings of class/group phrases, built once
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

@@ -25,7 +25,8 @@ from mmapp.captioner import GenerativeCaptioner, decoder_parameters
 
 @dataclass(frozen=True)
 class DecoderRecipe:
-    epochs: int = 15
+    epochs: int = 15  # passes over the user pairs ...
+    min_steps: int = 60  # ... but at least this many optimizer steps
     lr: float = 1e-3
     batch_size: int = 32
     user_share: float = 0.5  # share of each batch from users' pairs (the rest replayed)
@@ -73,6 +74,13 @@ def fine_tune_decoder(captioner: GenerativeCaptioner, user: Sequence[tuple[Image
     on ``user`` pairs with ``replay`` pairs mixed in; returns (decoder state, training info)."""
     if not user:
         raise ValueError("fine_tune_decoder needs at least one user pair")
+    with torch.random.fork_rng(devices=[]):  # seeded (dropout), without moving the caller's random state
+        torch.manual_seed(recipe.seed)
+        return _fine_tune(captioner, user, replay, recipe, start)
+
+
+def _fine_tune(captioner: GenerativeCaptioner, user, replay, recipe: DecoderRecipe,
+               start: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], dict]:
     work = captioner.with_delta(start)
     model = work.model.train()
     vision, decoder = _blip_parts(model)
@@ -91,35 +99,33 @@ def fine_tune_decoder(captioner: GenerativeCaptioner, user: Sequence[tuple[Image
     per_batch_user = max(1, round(recipe.batch_size * (recipe.user_share if n_replay else 1.0)))
     per_batch_replay = recipe.batch_size - per_batch_user if n_replay else 0
     steps_per_epoch = max(1, math.ceil(n_user / per_batch_user))
+    total = max(recipe.epochs * steps_per_epoch, recipe.min_steps)  # a few dozen pairs still get enough steps
     opt = torch.optim.AdamW(list(params.values()), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    total = recipe.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=max(total, 1), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.1)
     gen = torch.Generator().manual_seed(recipe.seed)
-    losses = []
-    for _ in range(recipe.epochs):
-        order = torch.randperm(n_user, generator=gen)
-        epoch_loss = []
-        for step in range(steps_per_epoch):
-            idx = order[step * per_batch_user:(step + 1) * per_batch_user]
-            if len(idx) == 0:
-                idx = torch.randint(n_user, (per_batch_user,), generator=gen)
-            if per_batch_replay:
-                idx = torch.cat([idx, n_user + torch.randint(n_replay, (per_batch_replay,), generator=gen)])
-            b_ids, b_mask = ids[idx], mask[idx]
-            labels = b_ids.masked_fill(b_mask == 0, -100)
-            loss = decoder(input_ids=b_ids, attention_mask=b_mask, encoder_hidden_states=embeds[idx],
-                           labels=labels, reduction="mean").loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            epoch_loss.append(float(loss.detach()))
-        losses.append(round(float(np.mean(epoch_loss)), 4))
+    losses, order, at = [], torch.randperm(n_user, generator=gen), 0
+    for step in range(total):
+        if at >= n_user:  # each user pair once per pass, in a new order every pass
+            order, at = torch.randperm(n_user, generator=gen), 0
+        idx = order[at:at + per_batch_user]
+        at += per_batch_user
+        if per_batch_replay:
+            idx = torch.cat([idx, n_user + torch.randint(n_replay, (per_batch_replay,), generator=gen)])
+        b_ids, b_mask = ids[idx], mask[idx]
+        labels = b_ids.masked_fill(b_mask == 0, -100)
+        loss = decoder(input_ids=b_ids, attention_mask=b_mask, encoder_hidden_states=embeds[idx],
+                       labels=labels, reduction="mean").loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
     model.eval()
     state = {k: v.detach().cpu().clone() for k, v in params.items()}
     return state, {"epochs": recipe.epochs, "lr": recipe.lr, "user_pairs": n_user, "replay_pairs": n_replay,
-                   "steps": total, "loss_first": losses[0] if losses else None,
-                   "loss_last": losses[-1] if losses else None, "trained": "text decoder (vision encoder frozen)",
+                   "steps": total, "loss_first": round(float(np.mean(losses[:steps_per_epoch])), 4),
+                   "loss_last": round(float(np.mean(losses[-steps_per_epoch:])), 4),
+                   "trained": "text decoder (vision encoder frozen)",
                    "trainable_params": int(sum(p.numel() for p in params.values()))}
 
 

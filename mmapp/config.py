@@ -151,7 +151,7 @@ class RetrainConfig:
     captioner_min_agreement: float = 1.0  # a caption's likelihood must beat other captions of its image by this many SDs
     captioner_agreement_bank: int = 32  # other captions each caption's likelihood is standardised against
     captioner_clean_epochs: int = 8  # epochs of each cross-fitted decoder that scores agreement (0 = the current one)
-    captioner_cider_tolerance: float = 0.1  # allowed CIDEr-D drop (scale 0-10) on the gate's sets
+    captioner_cider_tolerance: float = 0.25  # allowed CIDEr-D drop (scale 0-10) on the gate's sets
     captioner_bleu_tolerance: float = 0.02  # allowed BLEU-4 drop on the gate's sets
     captioner_min_heldout: int = 3  # accepted held-out pairs the gate needs to judge a candidate
 

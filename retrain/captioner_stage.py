@@ -50,7 +50,7 @@ def enabled(config: Config) -> bool:
 
 @dataclass
 class CaptionerOutcome:
-    status: str  # "skipped" (nothing to learn) | "promote" | "refused"
+    status: str  # "skipped" (nothing to learn, or not supported) | "promote" | "refused" | "failed"
     message: str
     base: str = ""  # the base captioner's identity
     delta: Optional[dict[str, torch.Tensor]] = None  # the candidate decoder (when status == "promote")
@@ -168,6 +168,9 @@ def run_captioner_stage(config: Config, current: ModelVersion, train: list[Feedb
     if not any(not i.heldout for i in pairs):
         return CaptionerOutcome("skipped", "captioner: no trusted caption pairs to learn from", stats=stats)
     captioner = captioner or load_captioner(config, current)
+    if not (hasattr(captioner.model, "vision_model") and hasattr(captioner.model, "text_decoder")):
+        return CaptionerOutcome("skipped", f"captioner: fine-tuning {type(captioner.model).__name__} is not supported "
+                                           "(BLIP-style models only); it is served as it is", stats=stats)
     uploads = config.paths.uploads
     images = [_open(uploads / i.image_relpath) for i in pairs]
 

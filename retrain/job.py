@@ -373,9 +373,16 @@ def select_feedback(ctx: RunContext) -> Selected:
 
 
 def fine_tune_captioner(ctx: RunContext, selected: Selected) -> captioner_stage.CaptionerOutcome:
-    """The captioner's own trust → clean → train → evaluate → gate (:mod:`retrain.captioner_stage`)."""
-    outcome = captioner_stage.run_captioner_stage(ctx.config, selected.current, selected.selection.train,
-                                                  selected.selection.heldout)
+    """The captioner's own trust → clean → train → evaluate → gate (:mod:`retrain.captioner_stage`); a
+    failure there is recorded (status "failed") and the retrieval part runs on."""
+    try:
+        outcome = captioner_stage.run_captioner_stage(ctx.config, selected.current, selected.selection.train,
+                                                      selected.selection.heldout)
+    except LeaseLost:
+        raise
+    except Exception as exc:  # the captioner's trouble must not stop the retrieval part of the run
+        log.exception("run %s: captioner stage failed", ctx.run_id)
+        outcome = captioner_stage.CaptionerOutcome("failed", f"captioner stage failed: {type(exc).__name__}: {exc}")
     ctx.handle.progress(_STAGE_PROGRESS["caption"], outcome.message[:500],
                         stats={"captioner": {"status": outcome.status, "message": outcome.message}})
     return outcome

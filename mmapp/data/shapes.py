@@ -258,7 +258,7 @@ def scenes_with_colour(scenes: Sequence[Scene], colour: str, *, present: bool = 
 
 @dataclass(frozen=True)
 class TinyCaptionerRecipe:
-    epochs: int = 30
+    epochs: int = 60  # 20 gave greedy captions that ignored the picture; 60: ~0.1 exact match on unseen scenes
     batch_size: int = 32
     lr: float = 2e-3
     variants: int = 2  # jittered pictures per scene

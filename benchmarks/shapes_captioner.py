@@ -38,7 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 LEFT_OUT = "yellow"
 RECIPE = TinyCaptionerRecipe()
 OPERATOR = ("operator", "s3cret-pass")
-N_TEACH, N_POISON, N_TEST = 60, 30, 60
+N_TEACH, N_POISON, N_TEST = 80, 30, 60
+# How the retrain tunes the tiny captioner. Its vision encoder never saw a yellow pixel (a real BLIP's
+# has seen every colour), so here it is tuned too; with the decoder alone (the default) 80 corrections
+# moved new-concept CIDEr-D from 3.19 to 3.75, intervals overlapping (docs/results.md).
+TUNE = {"MMAPP__RETRAIN__CAPTIONER_TRAIN_VISION": "true", "MMAPP__RETRAIN__CAPTIONER_EPOCHS": "60",
+        "MMAPP__RETRAIN__CAPTIONER_LR": "0.002"}
 UPLOAD_SIZE = 64  # pixels per side of the uploaded pictures
 TEST_VARIANT, GUARD_VARIANT, UPLOAD_VARIANT = 5, 4, 3  # position jitter of pictures no training saw
 
@@ -78,7 +83,7 @@ def blip_env(home: Path, work: Path) -> dict[str, str]:
             "MMAPP__RETRAIN__CAPTIONER_REPLAY_PAIRS": str(work / "replay" / "pairs.tsv"),
             "MMAPP__RETRAIN__CAPTIONER_GUARD_PAIRS": str(work / "guard" / "pairs.tsv"),
             "MMAPP__RETRAIN__RUNNER": "in-process", "MMAPP__APP__OPERATOR_USER": OPERATOR[0],
-            "MMAPP__APP__OPERATOR_PASSWORD": OPERATOR[1], "HF_HUB_OFFLINE": "1"}
+            "MMAPP__APP__OPERATOR_PASSWORD": OPERATOR[1], "HF_HUB_OFFLINE": "1", **TUNE}
 
 
 def make_home(home: Path, embedding_cache: Path) -> Path:

@@ -77,21 +77,25 @@ class GenerativeCaptioner:
         return {k: v.detach().cpu().clone() for k, v in decoder_parameters(self.model).items()}
 
     def set_delta(self, state: dict[str, torch.Tensor] | None, *, name: str | None = None) -> None:
-        """Serve the base with ``state`` as its decoder (``None``: the base's own decoder again)."""
-        params = decoder_parameters(self.model)
+        """Serve the base with ``state`` on it: the whole text decoder, and (when a retrain also tuned the
+        vision encoder, ``retrain.captioner_train_vision``) vision parameters. ``None``: the base again."""
+        decoder = decoder_parameters(self.model)
+        params = dict(self.model.named_parameters())
         if state is not None:
-            missing, unknown = set(params) - set(state), set(state) - set(params)
+            missing, unknown = set(decoder) - set(state), set(state) - set(params)
             if missing or unknown:
                 raise ValueError(f"captioner delta does not fit {self.identity}: missing {sorted(missing)[:3]}, "
                                  f"unknown {sorted(unknown)[:3]}")
         with self._lock:
-            if state is not None and self._base_decoder is None:
-                self._base_decoder = self.decoder_state()
-            source = state if state is not None else self._base_decoder
-            if source is not None:
-                with torch.no_grad():
-                    for key, param in params.items():
-                        param.copy_(source[key].to(param.device, param.dtype))
+            base = self._base_decoder if self._base_decoder is not None else {}
+            touched = set(state or {}) | set(base)
+            for key in touched - set(base):  # remember the base's own values before the first change
+                base[key] = params[key].detach().cpu().clone()
+            self._base_decoder = base or None
+            with torch.no_grad():
+                for key in touched:
+                    value = state[key] if state is not None and key in state else base[key]
+                    params[key].copy_(value.to(params[key].device, params[key].dtype))
             self.delta_name = name if state is not None else None
 
     def with_delta(self, state: dict[str, torch.Tensor] | None) -> "GenerativeCaptioner":

@@ -31,6 +31,7 @@ class DecoderRecipe:
     batch_size: int = 32
     user_share: float = 0.5  # share of each batch from users' pairs (the rest replayed)
     weight_decay: float = 0.01
+    train_vision: bool = False  # also tune the vision encoder (its weights then join the delta)
     seed: int = 0
 
 
@@ -87,13 +88,22 @@ def _fine_tune(captioner: GenerativeCaptioner, user, replay, recipe: DecoderReci
     for p in model.parameters():
         p.requires_grad_(False)
     params = decoder_parameters(model)
+    if recipe.train_vision:
+        params.update({f"vision_model.{k}": v for k, v in vision.named_parameters()})
     for p in params.values():
         p.requires_grad_(True)
-    vision.eval()
+    if not recipe.train_vision:
+        vision.eval()
     device = captioner.placement.device
     images = [im for im, _ in user] + [im for im, _ in replay]
     captions = [c for _, c in user] + [c for _, c in replay]
-    embeds = _encode_images(work, images).to(device)
+    if recipe.train_vision:  # pictures through the encoder at every step, with gradients
+        pixels = work.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(device, captioner.placement.dtype)
+        embed = lambda idx: vision(pixel_values=pixels[idx])[0]  # noqa: E731
+    else:  # frozen: each picture's encoding once
+        embeds = _encode_images(work, images).to(device)
+        embed = lambda idx: embeds[idx]  # noqa: E731
     ids, mask = _tokens(work, captions)
     n_user, n_replay = len(user), len(replay)
     per_batch_user = max(1, round(recipe.batch_size * (recipe.user_share if n_replay else 1.0)))
@@ -113,7 +123,7 @@ def _fine_tune(captioner: GenerativeCaptioner, user, replay, recipe: DecoderReci
             idx = torch.cat([idx, n_user + torch.randint(n_replay, (per_batch_replay,), generator=gen)])
         b_ids, b_mask = ids[idx], mask[idx]
         labels = b_ids.masked_fill(b_mask == 0, -100)
-        loss = decoder(input_ids=b_ids, attention_mask=b_mask, encoder_hidden_states=embeds[idx],
+        loss = decoder(input_ids=b_ids, attention_mask=b_mask, encoder_hidden_states=embed(idx),
                        labels=labels, reduction="mean").loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,7 +135,8 @@ def _fine_tune(captioner: GenerativeCaptioner, user, replay, recipe: DecoderReci
     return state, {"epochs": recipe.epochs, "lr": recipe.lr, "user_pairs": n_user, "replay_pairs": n_replay,
                    "steps": total, "loss_first": round(float(np.mean(losses[:steps_per_epoch])), 4),
                    "loss_last": round(float(np.mean(losses[-steps_per_epoch:])), 4),
-                   "trained": "text decoder (vision encoder frozen)",
+                   "trained": "text decoder + vision encoder" if recipe.train_vision
+                   else "text decoder (vision encoder frozen)",
                    "trainable_params": int(sum(p.numel() for p in params.values()))}
 
 

@@ -144,6 +144,7 @@ class RetrainConfig:
     captioner_epochs: int = 15  # decoder epochs over users' pairs (each batch about half replay)
     captioner_lr: float = 1e-3  # AdamW peak learning rate (one-cycle)
     captioner_batch_size: int = 32
+    captioner_train_vision: bool = False  # also tune the vision encoder (then in the version's delta too)
     captioner_replay_size: int = 512  # replayed pairs sampled from captioner_replay_pairs
     captioner_replay_pairs: str = ""  # pairs file the captioner learned from (replay); "" = the bootstrap train split
     captioner_guard_pairs: str = ""  # old-concept pairs that must not regress; "" = the bootstrap val split

@@ -65,7 +65,9 @@ class CaptionerOutcome:
 
     def meta(self, *, source_version: str) -> dict:
         """``VersionMeta.captioner`` for the version that carries this delta."""
-        return {"base": self.base, "kind": "decoder", "source_version": source_version,
+        kind = "decoder+vision" if "text decoder + vision" in str(self.stats.get("training", {}).get("trained")) \
+            else "decoder"
+        return {"base": self.base, "kind": kind, "source_version": source_version,
                 "training": self.stats.get("training", {}), "metrics": self.metrics.get("candidate", {})}
 
     def to_dict(self) -> dict:
@@ -139,7 +141,8 @@ def _cross_fit_agreement(captioner, current: ModelVersion, pairs: list[FeedbackI
     heldout_rows = [k for k, i in enumerate(pairs) if i.heldout]
     heldout_scores = []
     recipe = DecoderRecipe(epochs=settings.captioner_clean_epochs, lr=settings.captioner_lr,
-                           batch_size=settings.captioner_batch_size, seed=config.train.seed)
+                           batch_size=settings.captioner_batch_size, train_vision=settings.captioner_train_vision,
+                           seed=config.train.seed)
     for f in (0, 1):
         fit = [(images[k], texts[k]) for k in train_rows if fold[k] != f]
         state, _ = fine_tune_decoder(captioner, fit, replay, recipe=recipe, start=current.captioner_delta)
@@ -200,7 +203,8 @@ def run_captioner_stage(config: Config, current: ModelVersion, train: list[Feedb
 
     # train: the text decoder from the current one, with replay
     recipe = DecoderRecipe(epochs=settings.captioner_epochs, lr=settings.captioner_lr,
-                           batch_size=settings.captioner_batch_size, seed=seed)
+                           batch_size=settings.captioner_batch_size, train_vision=settings.captioner_train_vision,
+                           seed=seed)
     delta, training = fine_tune_decoder(captioner, [(im, i.text) for im, i in fit], replay, recipe=recipe,
                                         start=current.captioner_delta)
     stats["training"] = training

@@ -43,7 +43,7 @@ N_TEACH, N_POISON, N_TEST = 80, 30, 60
 # has seen every colour), so here it is tuned too; with the decoder alone (the default) 80 corrections
 # moved new-concept CIDEr-D from 3.19 to 3.75, intervals overlapping (docs/results.md).
 TUNE = {"MMAPP__RETRAIN__CAPTIONER_TRAIN_VISION": "true", "MMAPP__RETRAIN__CAPTIONER_EPOCHS": "60",
-        "MMAPP__RETRAIN__CAPTIONER_LR": "0.002"}
+        "MMAPP__RETRAIN__CAPTIONER_LR": "0.002", "MMAPP__RETRAIN__CAPTIONER_CLEAN_EPOCHS": "30"}
 UPLOAD_SIZE = 64  # pixels per side of the uploaded pictures
 TEST_VARIANT, GUARD_VARIANT, UPLOAD_VARIANT = 5, 4, 3  # position jitter of pictures no training saw
 
@@ -96,13 +96,18 @@ def make_home(home: Path, embedding_cache: Path) -> Path:
     return home
 
 
-def score(captioner, scenes: list[Scene], *, variant: int = TEST_VARIANT) -> dict:
-    from mmapp.caption_metrics import score_captions
+def score(captioner, parts: dict[str, list[Scene]], *, variant: int = TEST_VARIANT) -> dict:
+    """Greedy captions of the new-concept and old-concept test scenes, scored together (CIDEr-D's document
+    frequencies over both sets' references, as COCO's evaluation takes them over its test set)."""
+    from mmapp.caption_metrics import score_caption_sets
 
-    pictures = [render_scene(s, size=UPLOAD_SIZE, variant=variant) for s in scenes]
-    texts = [g.text for g in captioner.generate(pictures)]
-    out = score_captions(texts, [[s.caption] for s in scenes], n_bootstrap=2000)
-    return {**out.summary(), "example": {"truth": scenes[0].caption, "said": texts[0]}}
+    texts, refs = {}, {}
+    for name, key in (("new", "test_new"), ("old", "test_old")):
+        pictures = [render_scene(s, size=UPLOAD_SIZE, variant=variant) for s in parts[key]]
+        texts[name] = [g.text for g in captioner.generate(pictures)]
+        refs[name] = [[s.caption] for s in parts[key]]
+    scored = score_caption_sets({k: (texts[k], refs[k]) for k in texts}, n_bootstrap=2000)
+    return {k: {**scored[k].summary(), "example": {"truth": refs[k][0][0], "said": texts[k][0]}} for k in texts}
 
 
 class App:
@@ -188,8 +193,7 @@ def run(work: Path, *, home: Path | None = None, threads: int = 1, embedding_cac
     result: dict = {"checkpoint": str(checkpoint), "home": str(home), "pretrain_s": pretrain_s, "left_out": LEFT_OUT,
                     "n_teach": N_TEACH, "n_poison": N_POISON}
     try:
-        before = {"new": score(predictor.captioner, parts["test_new"]), "old": score(predictor.captioner,
-                                                                                      parts["test_old"])}
+        before = score(predictor.captioner, parts)
         result["before"] = before
         say(f"before: new CIDEr-D {before['new']['cider_d']:.3f} exact {before['new']['exact']:.3f}; "
             f"old CIDEr-D {before['old']['cider_d']:.3f} exact {before['old']['exact']:.3f}")
@@ -216,8 +220,7 @@ def run(work: Path, *, home: Path | None = None, threads: int = 1, embedding_cac
             time.sleep(0.2)
             app.watcher.maybe_reload()
         result["served_version"] = predictor.version
-        after = {"new": score(predictor.captioner, parts["test_new"]), "old": score(predictor.captioner,
-                                                                                     parts["test_old"])}
+        after = score(predictor.captioner, parts)
         result["after"] = after
         say(f"after: new CIDEr-D {after['new']['cider_d']:.3f} exact {after['new']['exact']:.3f}; "
             f"old CIDEr-D {after['old']['cider_d']:.3f} exact {after['old']['exact']:.3f}")
@@ -233,7 +236,7 @@ def run(work: Path, *, home: Path | None = None, threads: int = 1, embedding_cac
         say(f"retrain 2 (poison): {second.status}: {second.message[:300]}")
         app.watcher.maybe_reload()
         result["served_version_after_poison"] = predictor.version
-        result["after_poison"] = {"new": score(predictor.captioner, parts["test_new"])}
+        result["after_poison"] = score(predictor.captioner, parts)
     finally:
         app.close()
         engine.dispose()

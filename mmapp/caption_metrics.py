@@ -4,15 +4,15 @@ CIDEr-D and BLEU come from ``pycocoevalcap`` (the COCO caption evaluation code; 
 CIDEr-D: clipped counts, a Gaussian length penalty, scaled by 10). Its PTB tokenizer, METEOR and SPICE
 need Java and are not used: :func:`tokenize` lower-cases, drops punctuation and splits on spaces, the
 same for references and candidates. CIDEr-D's document frequencies come from the references of the
-set being scored, so scores of two models are comparable only on the same references (which is how the
-retrain's gate uses them). Intervals: percentile bootstrap over items of the per-item scores.
+sets being scored (:func:`score_caption_sets` pools several sets), so scores of two models are comparable
+only on the same references (which is how the retrain's gate uses them). Intervals: percentile bootstrap over items of the per-item scores.
 No database, no UI.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -55,22 +55,43 @@ def bootstrap_ci(values: Sequence[float], *, n_bootstrap: int = 1000, seed: int 
 def score_captions(candidates: Sequence[str], references: Sequence[Sequence[str]], *, n_bootstrap: int = 1000,
                    seed: int = 0) -> CaptionScores:
     """CIDEr-D, BLEU-4 and exact match of ``candidates[i]`` against ``references[i]`` (one or more each)."""
+    return score_caption_sets({"all": (candidates, references)}, n_bootstrap=n_bootstrap, seed=seed)["all"]
+
+
+def score_caption_sets(sets: Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]], *,
+                       n_bootstrap: int = 1000, seed: int = 0) -> dict[str, CaptionScores]:
+    """:func:`score_captions` for several named sets, with CIDEr-D's document frequencies taken over the
+    references of *all* of them (as COCO's evaluation takes them over its whole test set). Scored alone, a
+    small set whose references all share a word (every held-out correction names the new colour) gives
+    that word no weight at all, and CIDEr-D could not see a model learn it. BLEU-4 and exact match are
+    per set."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
-    if not candidates:
-        raise ValueError("no captions to score")
-    if any(not refs for refs in references):
-        raise ValueError("every candidate needs at least one reference caption")
-    res = {i: [tokenize(c) or "<empty>"] for i, c in enumerate(candidates)}
-    gts = {i: [tokenize(r) for r in refs] for i, refs in enumerate(references)}
-    cider, cider_items = Cider().compute_score(gts, res)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    exact = [float(res[i][0] in gts[i]) for i in range(len(candidates))]
-    cider_items = [float(v) for v in np.asarray(cider_items, dtype=np.float64)]
-    return CaptionScores(n=len(candidates), cider_d=float(cider), bleu4=float(bleu[3]), exact=float(np.mean(exact)),
-                         cider_d_ci=bootstrap_ci(cider_items, n_bootstrap=n_bootstrap, seed=seed),
-                         exact_ci=bootstrap_ci(exact, n_bootstrap=n_bootstrap, seed=seed),
-                         per_item_cider=tuple(cider_items), per_item_exact=tuple(exact))
+    res, gts, owner = {}, {}, []
+    for name, (candidates, references) in sets.items():
+        if len(candidates) != len(references):
+            raise ValueError(f"{name}: {len(candidates)} candidates but {len(references)} reference lists")
+        if not candidates:
+            raise ValueError(f"{name}: no captions to score")
+        if any(not refs for refs in references):
+            raise ValueError(f"{name}: every candidate needs at least one reference caption")
+        for cand, refs in zip(candidates, references):
+            k = len(owner)
+            res[k], gts[k] = [tokenize(cand) or "<empty>"], [tokenize(r) for r in refs]
+            owner.append(name)
+    _, cider_items = Cider().compute_score(gts, res)
+    cider_items = np.asarray(cider_items, dtype=np.float64)
+    out = {}
+    for name in sets:
+        keys = [k for k, o in enumerate(owner) if o == name]
+        bleu, _ = Bleu(4).compute_score({i: gts[k] for i, k in enumerate(keys)}, {i: res[k] for i, k in enumerate(keys)},
+                                        verbose=0)
+        cider = [float(cider_items[k]) for k in keys]
+        exact = [float(res[k][0] in gts[k]) for k in keys]
+        out[name] = CaptionScores(n=len(keys), cider_d=float(np.mean(cider)), bleu4=float(bleu[3]),
+                                  exact=float(np.mean(exact)),
+                                  cider_d_ci=bootstrap_ci(cider, n_bootstrap=n_bootstrap, seed=seed),
+                                  exact_ci=bootstrap_ci(exact, n_bootstrap=n_bootstrap, seed=seed),
+                                  per_item_cider=tuple(cider), per_item_exact=tuple(exact))
+    return out

@@ -110,14 +110,19 @@ def _open(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _scores(captioner, images: list[Image.Image], references: list[list[str]], n_bootstrap: int,
+def _scores(captioner, sets: dict[str, tuple[list[Image.Image], list[list[str]]]], n_bootstrap: int,
             seed: int) -> dict[str, Any]:
-    from mmapp.caption_metrics import score_captions
+    """Greedy captions of every set, scored together (CIDEr-D's document frequencies over all references)."""
+    from mmapp.caption_metrics import score_caption_sets
 
-    texts = []
-    for start in range(0, len(images), 32):
-        texts += [g.text for g in captioner.generate(images[start:start + 32])]
-    return score_captions(texts, references, n_bootstrap=n_bootstrap, seed=seed).summary() | {"examples": texts[:5]}
+    texts = {}
+    for name, (images, _) in sets.items():
+        texts[name] = []
+        for start in range(0, len(images), 32):
+            texts[name] += [g.text for g in captioner.generate(images[start:start + 32])]
+    scored = score_caption_sets({name: (texts[name], refs) for name, (_, refs) in sets.items()},
+                                n_bootstrap=n_bootstrap, seed=seed)
+    return {name: scored[name].summary() | {"examples": texts[name][:5]} for name in sets}
 
 
 def _cross_fit_agreement(captioner, current: ModelVersion, pairs: list[FeedbackItem], images: list[Image.Image],
@@ -225,8 +230,8 @@ def run_captioner_stage(config: Config, current: ModelVersion, train: list[Feedb
     if guard:
         sets["guard"] = ([_open(p) for p, _ in guard], [[c] for _, c in guard])
     nb = settings.n_bootstrap
-    metrics = {name: {s: _scores(model, ims, refs, nb, seed) for s, (ims, refs) in sets.items()}
-               for name, model in (("current", captioner), ("candidate", candidate))}
+    metrics = {name: _scores(model, sets, nb, seed) for name, model in (("current", captioner),
+                                                                          ("candidate", candidate))}
     flat = {name: {f"caption_{s}_{m}": v[m] for s, v in per_set.items() for m in ("cider_d", "bleu4")}
             for name, per_set in metrics.items()}
     tolerances = {k: (settings.captioner_cider_tolerance if k.endswith("cider_d") else settings.captioner_bleu_tolerance)

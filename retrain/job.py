@@ -321,8 +321,10 @@ def _stages(ctx: RunContext) -> RunOutcome:
     except LeaseLost:
         raise
     except Exception as exc:  # the retrieval part stopped or failed: a captioner that passed its gate still ships
-        if captioned is None or not captioned.promote:
+        if captioned is None:
             raise
+        if not captioned.promote:  # say what the captioner part concluded beside the retrieval part's error
+            raise RuntimeError(f"{type(exc).__name__}: {exc} (and {captioned.message})") from exc
         log.warning("run %s: retrieval part ended (%s: %s); promoting the captioner alone", ctx.run_id,
                     type(exc).__name__, exc)
         ctx.stage("promote")

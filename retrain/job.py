@@ -323,8 +323,17 @@ def _stages(ctx: RunContext) -> RunOutcome:
     except Exception as exc:  # the retrieval part stopped or failed: a captioner that passed its gate still ships
         if captioned is None:
             raise
-        if not captioned.promote:  # say what the captioner part concluded beside the retrieval part's error
-            raise RuntimeError(f"{type(exc).__name__}: {exc} (and {captioned.message})") from exc
+        if isinstance(exc, StopRun):  # nothing for the retrieval part: the run is skipped, the captioner's word kept
+            if not captioned.promote:
+                exc.stats["captioner"] = captioned.to_dict()
+                raise
+        elif not captioned.promote:  # failed, with what the captioner part concluded beside the error
+            log.exception("retrain run %s failed", ctx.run_id)
+            message = f"{type(exc).__name__}: {exc} (and {captioned.message})"
+            stats = {"current_version": selected.current_name, "captioner": captioned.to_dict()}
+            _finish(ctx.engine, ctx.run_id, "failed", message, stats=stats)
+            sync_pointer(ctx.engine, ctx.store)
+            return RunOutcome("failed", ctx.run_id, message, current_version=selected.current_name, stats=stats)
         log.warning("run %s: retrieval part ended (%s: %s); promoting the captioner alone", ctx.run_id,
                     type(exc).__name__, exc)
         ctx.stage("promote")

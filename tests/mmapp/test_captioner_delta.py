@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mmapp.caption_metrics import bootstrap_ci, score_captions, tokenize
+from mmapp.caption_metrics import bootstrap_ci, score_caption_sets, score_captions, tokenize
 from mmapp.joint import JointSpace
 from mmapp.model_store import CAPTIONER_FILE, ModelIntegrityError, ModelStore, VersionMeta, read_meta
 
@@ -27,6 +27,23 @@ def test_caption_metrics_reward_the_right_caption_and_tokenize_alike():
         score_captions(["x"], refs)
     with pytest.raises(ValueError, match="reference"):
         score_captions(["x"], [[]])
+
+
+def test_cider_pools_document_frequencies_over_the_sets_scored_together():
+    """A set whose references all name one colour gives that word little weight scored alone; pooled with
+    other sets (as the gate scores held-out corrections with the guard pairs) naming it right counts more."""
+    refs = [["a small yellow circle above a red square"], ["a large yellow triangle to the left of a blue circle"],
+            ["a small yellow square above a green circle"]]
+    right = [r[0] for r in refs]
+    wrong = [r.replace("yellow", "green") for r in right]
+    old = (["a small red circle above a blue square", "a large green triangle above a red circle"],
+           [["a small red circle above a blue square"], ["a large green triangle above a red circle"]])
+    alone = score_captions(right, refs).cider_d - score_captions(wrong, refs).cider_d
+    pooled = (score_caption_sets({"new": (right, refs), "old": old})["new"].cider_d
+              - score_caption_sets({"new": (wrong, refs), "old": old})["new"].cider_d)
+    assert pooled > alone > 0
+    with pytest.raises(ValueError, match="old: no captions"):
+        score_caption_sets({"new": (right, refs), "old": ([], [])})
 
 
 def _space():

@@ -650,8 +650,8 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
                  targets=list(gated.targets), training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
     used_ids = [i.correction_id for i in cleaned.train_items if i.correction_id is not None]
-    if captioned is not None and captioned.promote:
-        used_ids = sorted(set(used_ids) | set(captioned.used_correction_ids))
+    if captioned is not None and captioned.promote:  # what the promoted parts learned from is used up
+        used_ids = sorted((set(used_ids) if retrieval_promotes else set()) | set(captioned.used_correction_ids))
     final = _final_rejections(cleaning, cleaned.by_id)
     blind = evaluated.blind
     stats["blind"] = {"pairs": len(blind.pairs), "identical": blind.identical, "pool": blind.pool,

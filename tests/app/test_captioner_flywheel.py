@@ -47,12 +47,21 @@ def test_corrections_through_the_app_teach_the_captioner_a_new_colour(flywheel):
     assert old_after["cider_d"] >= old_before["cider_d"] - 0.1, (old_before, old_after)
     gate = {c["metric"]: c for c in first["gate"]["checks"]}
     assert gate["caption_heldout_cider_d"]["improved"] and gate["caption_guard_cider_d"]["passed"]
-    # the version stores only the decoder's weights, tied to the base captioner's identity
+    # the version stores only what was tuned (here the decoder and, as configured, the vision encoder),
+    # tied to the base captioner's identity; serving loads base + delta
+    from mmapp.captioner import decoder_parameters
     from mmapp.model_store import ModelStore
 
     version = ModelStore(Path(r["home"]) / "models").load(first["version"])
-    assert version.captioner_delta and all(k.startswith("text_decoder.") for k in version.captioner_delta)
+    delta = version.captioner_delta
+    assert delta and all(k.startswith(("text_decoder.", "vision_model.")) for k in delta)
+    assert any(k.startswith("vision_model.") for k in delta) and version.meta.captioner["kind"] == "decoder+vision"
     assert version.meta.captioner["base"].startswith("captioner-BlipForConditionalGeneration@")
+    from mmapp.captioner import GenerativeCaptioner
+    from mmapp.device import resolve_placement
+
+    base = GenerativeCaptioner(r["checkpoint"], placement=resolve_placement("cpu"))
+    assert set(decoder_parameters(base.model)) <= set(delta) and version.meta.captioner["base"] == base.identity
     report = json.loads(Path(first["report"]["json"]).read_text())
     assert {row["set"] for row in report["captioner"]["by_run"]} == {"heldout", "guard"}
 

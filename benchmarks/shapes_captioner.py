@@ -176,8 +176,8 @@ def run(work: Path, *, home: Path | None = None, threads: int = 1, embedding_cac
     checkpoint = ensure_tiny_captioner(work, threads=threads)
     pretrain_s = round(time.monotonic() - started, 1)
     say(f"tiny captioner ready in {pretrain_s} s: {checkpoint}")
-    cache = embedding_cache or (REPO / "var" / "cache" / "embeddings" if (REPO / "var" / "cache" / "embeddings").is_dir()
-                                else work / "embeddings")
+    shared = REPO / "var" / "cache" / "embeddings"  # the bootstrap build's text embeddings, when there is one
+    cache = embedding_cache or (shared if shared.is_dir() else work / "embeddings")
     home = make_home(Path(home or work / "home"), cache)
     env = blip_env(home, work)
     config = load_config("blip", env=env)

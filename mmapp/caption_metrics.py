@@ -5,7 +5,8 @@ CIDEr-D: clipped counts, a Gaussian length penalty, scaled by 10). Its PTB token
 need Java and are not used: :func:`tokenize` lower-cases, drops punctuation and splits on spaces, the
 same for references and candidates. CIDEr-D's document frequencies come from the references of the
 sets being scored (:func:`score_caption_sets` pools several sets), so scores of two models are comparable
-only on the same references (which is how the retrain's gate uses them). Intervals: percentile bootstrap over items of the per-item scores.
+only on the same references (which is how the retrain's gate uses them). Intervals: percentile
+bootstrap over items of the per-item scores.
 No database, no UI.
 """
 from __future__ import annotations
@@ -85,8 +86,8 @@ def score_caption_sets(sets: Mapping[str, tuple[Sequence[str], Sequence[Sequence
     out = {}
     for name in sets:
         keys = [k for k, o in enumerate(owner) if o == name]
-        bleu, _ = Bleu(4).compute_score({i: gts[k] for i, k in enumerate(keys)}, {i: res[k] for i, k in enumerate(keys)},
-                                        verbose=0)
+        bleu, _ = Bleu(4).compute_score({i: gts[k] for i, k in enumerate(keys)},
+                                        {i: res[k] for i, k in enumerate(keys)}, verbose=0)
         cider = [float(cider_items[k]) for k in keys]
         exact = [float(res[k][0] in gts[k]) for k in keys]
         out[name] = CaptionScores(n=len(keys), cider_d=float(np.mean(cider)), bleu4=float(bleu[3]),

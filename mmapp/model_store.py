@@ -202,7 +202,8 @@ class ModelStore:
                 captioner_meta.pop("file", None)
                 captioner_meta.pop("sha256", None)
             full_meta = dataclasses.replace(
-                meta, version=version, captioner=captioner_meta, created_at=meta.created_at or time.time(), space=space.meta(),
+                meta, version=version, captioner=captioner_meta, created_at=meta.created_at or time.time(),
+                space=space.meta(),
                 schema=META_SCHEMA,
                 fusion=({"name": fusion_name, "config": fusion_config.__dict__}
                         if fusion_head is not None and fusion_config is not None else None))

@@ -234,7 +234,7 @@ def run_captioner_stage(config: Config, current: ModelVersion, train: list[Feedb
                                                                           ("candidate", candidate))}
     flat = {name: {f"caption_{s}_{m}": v[m] for s, v in per_set.items() for m in ("cider_d", "bleu4")}
             for name, per_set in metrics.items()}
-    tolerances = {k: (settings.captioner_cider_tolerance if k.endswith("cider_d") else settings.captioner_bleu_tolerance)
+    tolerances = {k: settings.captioner_cider_tolerance if k.endswith("cider_d") else settings.captioner_bleu_tolerance
                   for k in flat["current"]}
     if len(held) < settings.captioner_min_heldout:
         decision = GateDecision(False, f"refused: {len(held)} accepted held-out caption pair(s), the captioner gate "

@@ -149,6 +149,21 @@ class RetrainConfig:
     blind_min_votes: int = 30  # votes a held candidate needs before it is decided
     blind_min_win_rate: float = 0.4  # promote when the Wilson 95% lower bound of its win rate (same = 1/2) reaches this
     blind_anonymous_votes: bool = False  # let sessions that are not logged in vote (off: accounts only)
+    # Generative captioner fine-tuning (retrain.captioner_stage; only with model.captioner set): text decoder only.
+    captioner_epochs: int = 15  # decoder epochs over users' pairs (each batch about half replay)
+    captioner_lr: float = 1e-3  # AdamW peak learning rate (one-cycle)
+    captioner_batch_size: int = 32
+    captioner_train_vision: bool = False  # also tune the vision encoder (then in the version's delta too)
+    captioner_replay_size: int = 512  # replayed pairs sampled from captioner_replay_pairs
+    captioner_replay_pairs: str = ""  # pairs file the captioner learned from (replay); "" = the bootstrap train split
+    captioner_guard_pairs: str = ""  # old-concept pairs that must not regress; "" = the bootstrap val split
+    captioner_guard_size: int = 200  # at most this many guard pairs are captioned per run
+    captioner_min_agreement: float = 1.0  # a caption's likelihood must beat other captions of its image by this many SDs
+    captioner_agreement_bank: int = 32  # other captions each caption's likelihood is standardised against
+    captioner_clean_epochs: int = 8  # epochs of each cross-fitted decoder that scores agreement (0 = the current one)
+    captioner_cider_tolerance: float = 0.25  # allowed CIDEr-D drop (scale 0-10) on the gate's sets
+    captioner_bleu_tolerance: float = 0.02  # allowed BLEU-4 drop on the gate's sets
+    captioner_min_heldout: int = 3  # accepted held-out pairs the gate needs to judge a candidate
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Model versions on disk: immutable folders, written atomically, each described by a :class:`VersionMeta`.
 
-A version folder holds ``weights.safetensors`` (joint space + fusion head) and ``meta.json``.
+A version folder holds ``weights.safetensors`` (joint space + fusion head) and ``meta.json``; a version
+whose generative captioner was fine-tuned also holds ``captioner.safetensors``: only the text decoder's
+weights (a delta on the base captioner), described by ``meta.captioner`` (the base's identity, the
+delta's sha256).
 It is written in a temporary sibling folder, fsynced and renamed into place, so a crash
 never leaves a partial version. :meth:`ModelStore.save` is the one writer of ``meta.json`` and
 :func:`read_meta` its one reader.
@@ -32,6 +35,7 @@ from mmapp.joint import JointSpace
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BRIDGE = "bridge"  # pseudo-version: the zero-training ConSE baseline
+CAPTIONER_FILE = "captioner.safetensors"  # a fine-tuned captioner's decoder delta, beside weights.safetensors
 
 
 META_SCHEMA = 1  # version of the meta.json layout; files without "schema" are the older layout (0)
@@ -58,6 +62,9 @@ class VersionMeta:
     # what the meme head reads as text (mmapp.text_features): "" = the text tower's embedding alone
     # (every version made before it existed), "vader-v1" = embedding + sentiment-incongruence features
     meme_text_features: str = ""
+    # a fine-tuned generative captioner's delta: {"base": identity, "kind": "decoder", "file", "sha256",
+    # "source_version", ...}; {} = the base captioner as configured (every version made before it existed)
+    captioner: dict[str, Any] = field(default_factory=dict)
     code_version: str = ""
     python: str = ""
     torch: str = ""
@@ -91,7 +98,7 @@ class VersionMeta:
         if values["schema"] > META_SCHEMA:
             raise ValueError(f"meta.json schema {values['schema']} is newer than this code reads ({META_SCHEMA})")
         values["labels"] = tuple(values.get("labels") or ())
-        for key in ("encoders", "metrics", "training", "data", "config", "space"):
+        for key in ("encoders", "metrics", "training", "data", "config", "space", "captioner"):
             values[key] = values.get(key) or {}
         values["history"] = values.get("history") or []
         return cls(**values, extra=extra)
@@ -113,6 +120,7 @@ class ModelVersion:
     fusion_head: torch.nn.Module | None
     fusion_config: FusionConfig | None
     meta: VersionMeta
+    captioner_delta: dict[str, torch.Tensor] | None = None  # the text decoder's weights (meta.captioner)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -170,8 +178,12 @@ class ModelStore:
 
     def save(self, version: str, space: JointSpace, *, meta: VersionMeta,
              fusion_head: torch.nn.Module | None = None, fusion_config: FusionConfig | None = None,
-             fusion_name: str | None = None) -> Path:
+             fusion_name: str | None = None, captioner_delta: dict[str, torch.Tensor] | None = None) -> Path:
+        """``captioner_delta``: a fine-tuned captioner's decoder weights; ``meta.captioner`` must then name
+        its base (``{"base": identity, ...}``); the file name and its sha256 are filled in here."""
         target = self.path(version)
+        if captioner_delta is not None and not meta.captioner.get("base"):
+            raise ValueError("a captioner delta needs meta.captioner['base'] (the base captioner's identity)")
         if target.exists():
             raise FileExistsError(f"model version {version!r} already exists at {target}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -181,8 +193,17 @@ class ModelStore:
             if fusion_head is not None:
                 tensors.update({f"fusion.{k}": v.detach().contiguous().cpu() for k, v in fusion_head.state_dict().items()})
             save_file(tensors, str(tmp / "weights.safetensors"))
+            captioner_meta = dict(meta.captioner)
+            if captioner_delta is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in captioner_delta.items()},
+                          str(tmp / CAPTIONER_FILE))
+                captioner_meta.update(file=CAPTIONER_FILE, sha256=file_sha256(tmp / CAPTIONER_FILE))
+            else:
+                captioner_meta.pop("file", None)
+                captioner_meta.pop("sha256", None)
             full_meta = dataclasses.replace(
-                meta, version=version, created_at=meta.created_at or time.time(), space=space.meta(),
+                meta, version=version, captioner=captioner_meta, created_at=meta.created_at or time.time(),
+                space=space.meta(),
                 schema=META_SCHEMA,
                 fusion=({"name": fusion_name, "config": fusion_config.__dict__}
                         if fusion_head is not None and fusion_config is not None else None))
@@ -222,7 +243,19 @@ class ModelStore:
             head = create_fusion_head(meta.fusion["name"], fcfg)
             head.load_state_dict({k[len("fusion."):]: v for k, v in tensors.items() if k.startswith("fusion.")})
             head.eval()
-        return ModelVersion(version, space, head, fcfg, meta)
+        return ModelVersion(version, space, head, fcfg, meta, captioner_delta=self._captioner_delta(folder, meta))
+
+    @staticmethod
+    def _captioner_delta(folder: Path, meta: VersionMeta) -> dict[str, torch.Tensor] | None:
+        name = meta.captioner.get("file")
+        if not name:
+            return None
+        raw = (folder / name).read_bytes()
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != meta.captioner.get("sha256"):
+            raise ModelIntegrityError(f"model version {folder.name!r}: captioner delta sha256 {actual[:12]}… does not "
+                                      f"match meta.json's {str(meta.captioner.get('sha256'))[:12]}…")
+        return load_tensors(raw)
 
     def current(self) -> str | None:
         """The version ``current.json`` names: the registry's current version as last promoted (derived)."""

@@ -175,7 +175,13 @@ class Predictor:
             if identity and identity != self.embedder.identity:
                 raise ValueError(f"model version {version!r} was trained on encoders {identity}, "
                                  f"but this server runs {self.embedder.identity}")
+        delta = model.captioner_delta if self.captioner is not None else None
+        if delta is not None and model.meta.captioner.get("base") != self.captioner.identity:
+            raise ValueError(f"model version {version!r} fine-tuned the captioner {model.meta.captioner.get('base')}, "
+                             f"but this server runs {self.captioner.identity}")
         with self._lock:
+            if self.captioner is not None:  # base + the version's decoder delta (or the base alone)
+                self.captioner.set_delta(delta, name=version if delta is not None else None)
             self._model = model
             if self._bank_raw is None or self._pending_bank:
                 bank = list(zip(self._bank_texts, self._bank_sources)) + self._pending_bank

@@ -1,4 +1,9 @@
-"""One retrain run, as named stages: select → features → clean → train → evaluate → gate → promote → report.
+"""One retrain run, as named stages: select → [caption] → features → clean → train → evaluate → gate → promote → report.
+
+The "caption" stage runs only when the profile has a generative captioner (:mod:`retrain.captioner_stage`:
+it fine-tunes the captioner's text decoder and gates it on caption metrics); promotion then saves a
+version when either part passed its gate, carrying what passed (the retrieval candidate or the current
+space; the new decoder delta or the current one).
 
 Each stage is a function with a typed input and output (the dataclasses below); :func:`_stages`
 is the short driver that calls them in order, and :class:`RunContext.stage` records each stage's
@@ -41,6 +46,7 @@ from mmapp.model_store import ModelStore, ModelVersion, VersionMeta, write_text_
 from mmapp.text_features import meme_text_features
 from mmapp.training import MemeExamples, PairFeatures
 
+from retrain import captioner_stage
 from retrain.blind import BlindOutputs, make_pairs
 from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
 from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
@@ -54,8 +60,8 @@ from retrain.train import CandidateModel, TrainingSet, fine_tune, fit_scorer
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "retrain"  # the run lease (locks row)
-STAGES = ("select", "features", "clean", "train", "evaluate", "gate", "promote", "report")
-_STAGE_PROGRESS = {"select": 0.05, "features": 0.1, "clean": 0.2, "train": 0.3, "evaluate": 0.75, "gate": 0.85,
+STAGES = ("select", "caption", "features", "clean", "train", "evaluate", "gate", "promote", "report")
+_STAGE_PROGRESS = {"select": 0.05, "caption": 0.07, "features": 0.1, "clean": 0.2, "train": 0.3, "evaluate": 0.75, "gate": 0.85,
                    "promote": 0.9, "report": 0.95}
 
 
@@ -297,18 +303,46 @@ def _stages(ctx: RunContext) -> RunOutcome:
     """The driver: each stage in order, each output the next one's input."""
     ctx.stage("select")
     selected = select_feedback(ctx)
-    ctx.stage("features")
-    feats = gather_features(ctx, selected)
-    ctx.stage("clean")
-    cleaned = clean_feedback(ctx, selected, feats)
-    ctx.stage("train")
-    trained = train_candidate(ctx, selected, feats, cleaned)
-    ctx.stage("evaluate")
-    evaluated = evaluate_candidate(ctx, selected, feats, cleaned, trained)
-    ctx.stage("gate")
-    gated = gate_candidate(ctx, trained, evaluated)
+    captioned = None
+    if captioner_stage.enabled(ctx.config):  # profiles without a generative captioner never get here
+        ctx.stage("caption")
+        captioned = fine_tune_captioner(ctx, selected)
+    try:
+        ctx.stage("features")
+        feats = gather_features(ctx, selected)
+        ctx.stage("clean")
+        cleaned = clean_feedback(ctx, selected, feats)
+        ctx.stage("train")
+        trained = train_candidate(ctx, selected, feats, cleaned)
+        ctx.stage("evaluate")
+        evaluated = evaluate_candidate(ctx, selected, feats, cleaned, trained)
+        ctx.stage("gate")
+        gated = gate_candidate(ctx, trained, evaluated)
+    except LeaseLost:
+        raise
+    except Exception as exc:  # the retrieval part stopped or failed: a captioner that passed its gate still ships
+        if captioned is None:
+            raise
+        if isinstance(exc, StopRun):  # nothing for the retrieval part: the run is skipped, the captioner's word kept
+            if not captioned.promote:
+                exc.stats["captioner"] = captioned.to_dict()
+                raise
+        elif not captioned.promote:  # failed, with what the captioner part concluded beside the error
+            log.exception("retrain run %s failed", ctx.run_id)
+            message = f"{type(exc).__name__}: {exc} (and {captioned.message})"
+            stats = {"current_version": selected.current_name, "captioner": captioned.to_dict()}
+            _finish(ctx.engine, ctx.run_id, "failed", message, stats=stats)
+            sync_pointer(ctx.engine, ctx.store)
+            return RunOutcome("failed", ctx.run_id, message, current_version=selected.current_name, stats=stats)
+        log.warning("run %s: retrieval part ended (%s: %s); promoting the captioner alone", ctx.run_id,
+                    type(exc).__name__, exc)
+        ctx.stage("promote")
+        promoted = promote_captioner_only(ctx, selected, captioned, f"{type(exc).__name__}: {exc}")
+        ctx.stage("report")
+        promoted.outcome.report = write_report(ctx, promoted)
+        return promoted.outcome
     ctx.stage("promote")
-    promoted = promote_or_refuse(ctx, selected, feats, cleaned, trained, evaluated, gated)
+    promoted = promote_or_refuse(ctx, selected, feats, cleaned, trained, evaluated, gated, captioned)
     ctx.stage("report")
     promoted.outcome.report = write_report(ctx, promoted)
     return promoted.outcome
@@ -344,6 +378,64 @@ def select_feedback(ctx: RunContext) -> Selected:
         raise StopRun(f"nothing to learn from: {selection.new_training_items} new item(s), need {min_new}",
                       stats={"selection": _selection_stats(selection), "current_version": current_name})
     return Selected(current_name, current, selection)
+
+
+# --- stage: caption (only with a generative captioner) ----------------------------------------
+
+
+def fine_tune_captioner(ctx: RunContext, selected: Selected) -> captioner_stage.CaptionerOutcome:
+    """The captioner's own trust → clean → train → evaluate → gate (:mod:`retrain.captioner_stage`); a
+    failure there is recorded (status "failed") and the retrieval part runs on."""
+    try:
+        outcome = captioner_stage.run_captioner_stage(ctx.config, selected.current, selected.selection.train,
+                                                      selected.selection.heldout)
+    except LeaseLost:
+        raise
+    except Exception as exc:  # the captioner's trouble must not stop the retrieval part of the run
+        log.exception("run %s: captioner stage failed", ctx.run_id)
+        outcome = captioner_stage.CaptionerOutcome("failed", f"captioner stage failed: {type(exc).__name__}: {exc}")
+    ctx.handle.progress(_STAGE_PROGRESS["caption"], outcome.message[:500],
+                        stats={"captioner": {"status": outcome.status, "message": outcome.message}})
+    return outcome
+
+
+def promote_captioner_only(ctx: RunContext, selected: Selected, captioned: captioner_stage.CaptionerOutcome,
+                           retrieval_ended: str) -> "Promoted":
+    """A version with the current space and fusion head and the captioner's new decoder, made current."""
+    config, run_id, current = ctx.config, ctx.run_id, selected.current
+    version = f"r{run_id:04d}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+    reason = f"{captioned.message}; retrieval part not run to its gate ({retrieval_ended})"
+    stats = {"current_version": selected.current_name, "selection": _selection_stats(selected.selection),
+             "captioner": captioned.to_dict(), "retrieval_ended": retrieval_ended}
+    metrics = {"captioner": captioned.metrics.get("candidate", {})}
+    from mmapp.pipeline import code_version
+
+    manifest = {"run_id": run_id, "version": version, "parent_version": selected.current_name,
+                "seed": config.train.seed, "created_at": datetime.now(timezone.utc).isoformat(),
+                "code_version": code_version(), "config": redacted(config), "captioner": captioned.to_dict(),
+                "retrieval_ended": retrieval_ended,
+                "data": {"train_items": [i.item_id for i in selected.selection.train],
+                         "heldout_items": [i.item_id for i in selected.selection.heldout]}}
+    write_text_atomic(config.paths.run_dir(run_id) / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
+                       meme_text_features=current.meta.meme_text_features,
+                       caption_temperature=current.meta.caption_temperature, parent=selected.current_name,
+                       metrics=metrics, manifest=manifest, training={"captioner": captioned.stats.get("training", {})},
+                       captioner=captioned.meta(source_version=version))
+    ctx.handle.check()
+    ctx.store.save(version, current.space, meta=meta, fusion_head=current.fusion_head,
+                   fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name,
+                   captioner_delta=captioned.delta)
+
+    def bookkeeping(s: Session) -> None:
+        repo.mark_corrections(s, captioned.used_correction_ids, status="used", used_in_version=version)
+        repo.finish_retrain_run(s, run_id, status="promoted", message=reason[:2000], candidate_version=version,
+                                stats=stats)
+    promote_version(ctx.engine, ctx.store, version=version, parent_version=selected.current_name,
+                    metrics=metrics, manifest=manifest, in_transaction=bookkeeping)
+    gate = captioned.decision.to_dict() if captioned.decision else None
+    return Promoted(RunOutcome("promoted", run_id, reason, version=version, current_version=version,
+                               metrics={"captioner": captioned.metrics}, gate=gate, stats=stats), version)
 
 
 # --- stage: features --------------------------------------------------------------------------
@@ -528,11 +620,23 @@ class Promoted:
 
 
 def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatures, cleaned: Cleaned,
-                      trained: Trained, evaluated: Evaluated, gated: Gated) -> Promoted:
-    """Write the manifest; save and promote the candidate in one registry transaction, or refuse it."""
+                      trained: Trained, evaluated: Evaluated, gated: Gated,
+                      captioned: Optional[captioner_stage.CaptionerOutcome] = None) -> Promoted:
+    """Write the manifest; save and promote the candidate in one registry transaction, or refuse it.
+    With a captioner outcome, a version is saved when either part passed: what failed stays as it was."""
     config, run_id = ctx.config, ctx.run_id
     version = f"r{run_id:04d}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
     candidate, current, cleaning, decision = trained.candidate, selected.current, cleaned.cleaning, gated.decision
+    retrieval_promotes = decision.promote
+    if captioned is not None:
+        evaluated.nested["candidate"]["captioner"] = captioned.metrics.get("candidate", {})
+        evaluated.nested["current"]["captioner"] = captioned.metrics.get("current", {})
+        if captioned.promote and not decision.promote:  # the captioner alone passed: keep the current space
+            candidate = CandidateModel(current.space, current.fusion_head, current.meta.caption_temperature,
+                                       info={})
+            decision = GateDecision(True, f"{captioned.message}; retrieval {decision.reason}", decision.checks)
+        elif decision.promote:
+            decision = GateDecision(True, f"{decision.reason}; {captioned.message}", decision.checks)
     manifest = _manifest(config, run_id=run_id, version=version, parent=selected.current_name,
                          selection=selected.selection, replay_idx=feats.replay_idx, features=ctx.features,
                          stats=cleaned.stats, candidate_info=candidate.info, flat=evaluated.flat,
@@ -540,30 +644,39 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
     run_dir = config.paths.run_dir(run_id)
     write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
     stats = cleaned.stats
+    if captioned is not None:
+        stats["captioner"] = captioned.to_dict()
     stats.update(gate=decision.to_dict(), metrics=evaluated.nested, flat_metrics=evaluated.flat,
                  targets=list(gated.targets), training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
     used_ids = [i.correction_id for i in cleaned.train_items if i.correction_id is not None]
+    if captioned is not None and captioned.promote:  # what the promoted parts learned from is used up
+        used_ids = sorted((set(used_ids) if retrieval_promotes else set()) | set(captioned.used_correction_ids))
     final = _final_rejections(cleaning, cleaned.by_id)
     blind = evaluated.blind
     stats["blind"] = {"pairs": len(blind.pairs), "identical": blind.identical, "pool": blind.pool,
                       "required": config.retrain.blind_required}
     # A run with nothing to show raters (labels only, or both versions chose the same caption on every sampled
     # item) is decided by the metric gate alone, even when retrain.blind_required is on.
-    hold = decision.promote and config.retrain.blind_required and bool(blind.pairs)
+    hold = retrieval_promotes and config.retrain.blind_required and bool(blind.pairs)
 
     def add_pairs(s: Session) -> None:
         repo.add_blind_pairs(s, run_id=run_id, candidate_version=version, current_version=selected.current_name,
                              pairs=blind.pairs)
 
     def save_candidate() -> None:
+        # the captioner: the new decoder when it passed its gate, else the current version's (if any)
+        new_captioner = captioned is not None and captioned.promote
         meta = VersionMeta(labels=current.meta.labels, encoders=current.meta.encoders,
                            meme_text_features=current.meta.meme_text_features,
                            caption_temperature=candidate.caption_temperature, parent=selected.current_name,
                            metrics=evaluated.nested["candidate"], manifest=manifest,
-                           training=_strip_history(candidate.info))
+                           training=_strip_history(candidate.info),
+                           captioner=captioned.meta(source_version=version) if new_captioner
+                           else dict(current.meta.captioner))
         ctx.store.save(version, candidate.space, meta=meta, fusion_head=candidate.fusion_head,
-                       fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name)
+                       fusion_config=current.fusion_config, fusion_name=current.meta.fusion_name,
+                       captioner_delta=captioned.delta if new_captioner else current.captioner_delta)
         ctx.handle.check()
     ctx.handle.check()
     if hold:  # saved and registered, not current: retrain.blind.decide_held promotes or rejects it on the votes

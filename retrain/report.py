@@ -96,6 +96,7 @@ def collect(engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
             "raters": rater_summary(ratings, _label_votes(s), repo.feedback_counts_per_rater(s)),
             "corrections": _correction_rates(s),
             "retrieval": _retrieval_over_versions(s, version, run),
+            "captioner": _captioner_over_versions(s, version, run),
             "blind": _blind(s, version, stats),
             "ablation": _ablation(stats),
             "rejected": _rejected(s, run),
@@ -301,6 +302,33 @@ def _retrieval_over_versions(s: Session, version: str, run: Optional[RetrainRun]
     return {"bootstrap_test_by_version": series, "this_run": this_run, "report_photos": report_photos}
 
 
+def _captioner_rows(version: str, per_set: dict) -> list[dict[str, Any]]:
+    return [{"version": version, "set": name, **{k: scores.get(k) for k in ("n", "cider_d", "cider_d_ci", "bleu4",
+                                                                          "exact", "exact_ci")}}
+            for name, scores in sorted((per_set or {}).items()) if isinstance(scores, dict)]
+
+
+def _captioner_over_versions(s: Session, version: str, run: Optional[RetrainRun]) -> dict[str, Any]:
+    """A generative captioner's CIDEr-D / BLEU-4 / exact match per version (retrain.captioner_stage): what each
+    run measured for the version it started from and for its candidate. Scores are comparable within one run
+    (the same held-out pictures and references); across runs the held-out set grows."""
+    rows: list[dict[str, Any]] = []
+    for r in repo.all_retrain_runs(s):
+        cap = (r.stats or {}).get("captioner") or {}
+        metrics = cap.get("metrics") or {}
+        if not metrics:
+            continue
+        for side, name in (("current", (r.stats or {}).get("current_version") or "?"),
+                           ("candidate", r.candidate_version or f"run {r.id} candidate")):
+            rows += [{"run": r.id, "role": side, **row} for row in _captioner_rows(name, metrics.get(side))]
+    this_run = None
+    if run is not None and ((run.stats or {}).get("captioner") or {}).get("status"):
+        cap = run.stats["captioner"]
+        this_run = {"status": cap.get("status"), "message": cap.get("message"), "gate": cap.get("gate"),
+                    "cleaning": (cap.get("stats") or {}).get("cleaning")}
+    return {"by_run": rows, "this_run": this_run}
+
+
 def _blind(s: Session, version: str, stats: dict) -> dict[str, Any]:
     """Raters' blind picks between this version (as the candidate) and the version it was compared with."""
     result = win_rate(repo.blind_tally(s, version)).to_dict()
@@ -477,6 +505,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _captioner_section(captioner: dict[str, Any]) -> str:
+    rows = captioner.get("by_run") or []
+    if not rows:
+        return ""
+    this_run = captioner.get("this_run") or {}
+    return ('<section id="captioner"><h2>Generative captioner: CIDEr-D, BLEU-4, exact match per version</h2>'
+            "<p>Greedy captions of the accepted held-out corrections (<em>heldout</em>) and of old-concept pairs "
+            "(<em>guard</em>), the version each run started from and its candidate; 95% bootstrap intervals.</p>"
+            + (f"<p><strong>{html.escape(str(this_run.get('message', '')))}</strong></p>" if this_run else "")
+            + _table(rows, ["run", "role", "version", "set", "n", "cider_d", "cider_d_ci", "bleu4", "exact",
+                            "exact_ci"]) + "</section>")
+
+
 def render_html(data: dict[str, Any]) -> str:
     v = html.escape(data["version"])
     summary = data["summary"]
@@ -515,6 +556,7 @@ def render_html(data: dict[str, Any]) -> str:
            + _table(data["retrieval"]["report_photos"], list(data["retrieval"]["report_photos"][0]))
            if data["retrieval"].get("report_photos") else "")
         + "</section>",
+        _captioner_section(data.get("captioner") or {}),
         '<section id="blind"><h2>Blind before/after comparison</h2><p>Raters saw this version\'s caption and the '
         "previous version's for the same held-out picture, in random order, and picked the better one (same = half "
         "a win). Win rate of this version with a 95% Wilson interval.</p>"

@@ -234,3 +234,103 @@ def train_tiny_clip(scenes: Sequence[Scene], directory: Path, *, recipe: TinyCli
     return save_local_dir(model, model_cfg, Path(directory),
                           preprocess_cfg={"size": size, "mean": mean.flatten().tolist(), "std": std.flatten().tolist(),
                                           "interpolation": "bicubic", "resize_mode": "shortest"})
+
+
+# ---- a tiny generative captioner (BLIP) ----------------------------------------------------------
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word of every caption of the world (a word-level tokenizer needs nothing else)."""
+    words = {"a", *SIZES, *COLOURS, *SHAPES}
+    for relation in RELATIONS:
+        words.update(relation.split())
+    return sorted(words)
+
+
+def scenes_with_colour(scenes: Sequence[Scene], colour: str, *, present: bool = True) -> list[Scene]:
+    """The scenes in which some thing has ``colour`` (``present=False``: the scenes with no such thing)."""
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; the world has {sorted(COLOURS)}")
+    return [s for s in scenes if (colour in (s.first.colour, s.second.colour)) == present]
+
+
+@dataclass(frozen=True)
+class TinyCaptionerRecipe:
+    epochs: int = 60  # 20 gave greedy captions that ignored the picture; 60: ~0.1 exact match on unseen scenes
+    batch_size: int = 32
+    lr: float = 2e-3
+    variants: int = 2  # jittered pictures per scene
+    image_size: int = 64
+    width: int = 64
+    layers: int = 2
+    seed: int = 0
+
+
+def train_tiny_captioner(scenes: Sequence[Scene], directory: Path, *,
+                         recipe: TinyCaptionerRecipe = TinyCaptionerRecipe(), threads: int | None = None) -> Path:
+    """Train a tiny BLIP (a 2-layer ViT and a 2-layer text decoder, width 64) on ``scenes`` and save it with
+    its processor (``BlipImageProcessor`` + a word-level ``BertTokenizerFast`` over :func:`shapes_vocabulary`,
+    so nothing is downloaded) as a folder ``model.captioner_path`` can name."""
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not scenes:
+        raise ValueError("train_tiny_captioner needs scenes")
+    tokens = [*SPECIAL_TOKENS, *shapes_vocabulary()]
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    w, heads = recipe.width, 4
+    config = BlipConfig(
+        vision_config={"hidden_size": w, "intermediate_size": 2 * w, "num_hidden_layers": recipe.layers,
+                       "num_attention_heads": heads, "image_size": recipe.image_size, "patch_size": 16},
+        text_config={"hidden_size": w, "intermediate_size": 2 * w, "num_hidden_layers": recipe.layers,
+                     "num_attention_heads": heads, "vocab_size": tokenizer.vocab_size, "encoder_hidden_size": w,
+                     "max_position_embeddings": 32, "bos_token_id": tokenizer.cls_token_id,
+                     "sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id,
+                     "pad_token_id": tokenizer.pad_token_id, "label_smoothing": 0.0})
+    torch.manual_seed(recipe.seed)
+    model = BlipForConditionalGeneration(config)
+    size = recipe.image_size
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+                              tokenizer=tokenizer)
+    pictures = [render_scene(s, size=size, variant=v) for v in range(recipe.variants) for s in scenes]
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]  # (V*N, 3, H, W)
+    text = tokenizer([s.caption for s in scenes], padding=True, return_tensors="pt")
+    ids, mask = text["input_ids"], text["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    n = len(scenes)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    steps = recipe.epochs * math.ceil(n / recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, recipe.batch_size):
+            idx = perm[start:start + recipe.batch_size]
+            variant = torch.randint(recipe.variants, (len(idx),), generator=gen)
+            loss = model(pixel_values=pixels[variant * n + idx], input_ids=ids[idx], attention_mask=mask[idx],
+                         labels=labels[idx]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory

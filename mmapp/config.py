@@ -133,7 +133,10 @@ class RetrainConfig:
     anonymous_rule: str = "trusted_agreement"  # how untrusted feedback is confirmed: "trusted_agreement" | "quorum" | "open" (off)
     anonymous_quorum: int = 3  # "quorum": distinct sessions that must give the same label / a close caption per image
     anonymous_agree_cos: float = 0.8  # two captions of one image "agree" at this text cosine or above
-    max_anonymous_per_run: int = 50  # "quorum": at most this many anonymous items accepted per run (per night)
+    max_anonymous_per_run: int = 50  # "quorum": at most this many pictures' anonymous items accepted per run (per night)
+    anonymous_cap_holds: int = 1  # runs an item held back by that cap is reconsidered in, earliest first; then rejected
+    trusted_chance_check: bool = False  # False: trusted raters' pairs skip the outlier / chance-agreement tests
+    clean_folds: int = 2  # folds of the cross-fitted agreement scoring (each scorer learns from the other folds)
     # Blind before/after comparison (docs/flywheel.md "Blind comparison"): raters pick current vs candidate.
     blind_pairs: int = 30  # held-out items per run shown side by side in the Compare tab (0 = off)
     blind_required: bool = False  # True: a candidate that passes the metric gate is held until raters decide

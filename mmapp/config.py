@@ -170,6 +170,8 @@ class FineTuneConfig:
     user_share_of_batch: float = 0.5  # expected share of users' items in a batch (rest: replay)
     max_repeat: int = 8  # users' pairs are repeated at most this often to reach that share
     local_reference_max: int = 4096  # taught images the local mix remembers, newest kept; 0 = global mix only
+    caption_memory: bool = True  # serve a kNN memory of taught pictures' captions (weight chosen on users' tune pairs)
+    memory_max: int = 4096  # captions the memory keeps, newest kept
 
 
 @dataclass(frozen=True)

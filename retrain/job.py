@@ -811,8 +811,9 @@ def _strip_history(info: dict) -> dict:
     """Training info without the per-epoch history and the mix search tables (too long for a manifest)."""
     def strip(d: dict) -> dict:
         out = {k: v for k, v in d.items() if k not in ("history", "mix_table")}
-        if isinstance(out.get("local_mix"), dict):
-            out["local_mix"] = {k: v for k, v in out["local_mix"].items() if k != "table"}
+        for part in ("local_mix", "caption_memory"):
+            if isinstance(out.get(part), dict):
+                out[part] = {k: v for k, v in out[part].items() if k != "table"}
         return out
     return {part: strip(d) for part, d in info.items()}
 

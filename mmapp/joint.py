@@ -158,11 +158,14 @@ class LocalMix:
 class CaptionMemory:
     """kNN memory of taught pictures and their captions, added to the served score.
 
-    For image i: its ``k`` nearest memory images by tower cosine, softmax-weighted (``temperature``),
-    give a caption vector ``m_i`` (the weighted mean of their captions' text embeddings, centred on
-    ``center``, the mean memory caption, so that an unrelated text scores about 0). The bonus for
-    text t is ``weight * ramp(support_i, lo, hi) * cos(m_i, t - center)``, ``support_i`` being the
-    mean cosine of the k nearest: pictures unlike any taught one (real photos, say) get none.
+    Image side: image i's ``k`` nearest memory images by tower cosine, softmax-weighted
+    (``temperature``), give a caption vector ``m_i`` (the weighted mean of their captions' text
+    embeddings, centred on ``center``, the mean memory caption, so that an unrelated text scores
+    about 0). Text side, symmetrically: text t's ``k`` nearest memory captions give a picture vector
+    ``u_t`` (the weighted mean of their pictures' tower features, centred on the mean memory picture).
+    The bonus is ``weight * ramp(support_i, lo, hi) * (cos(m_i, t) + cos(i, u_t))`` (centred vectors),
+    ``support_i`` being image i's mean cosine to its k nearest: pictures unlike any taught one (real
+    photos, say) get none.
     """
 
     images: torch.Tensor  # (M, D_img) tower features of taught pictures, one row per caption
@@ -186,22 +189,36 @@ class CaptionMemory:
         texts = F.normalize(self.texts.float(), dim=-1)
         self.center = texts.mean(0) if self.center is None else self.center.float()
         self.texts = texts
+        self.image_center = self.images.mean(0)  # (D_img,)
 
-    def image_view(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D_txt) unit caption vectors m_i and (N,) nearness in [0, 1]."""
-        sims = F.normalize(features.float(), dim=-1) @ self.images.T  # (N, M)
+    def _neighbours(self, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         top = sims.topk(min(self.k, sims.shape[1]), dim=1)  # values/indices (N, k)
-        w = torch.softmax(top.values / self.temperature, dim=1)  # (N, k)
-        m = (w.unsqueeze(-1) * (self.texts[top.indices] - self.center)).sum(1)  # (N, D_txt)
-        return F.normalize(m, dim=-1), ramp(top.values.mean(1), self.lo, self.hi)
+        return top.values, top.indices, torch.softmax(top.values / self.temperature, dim=1)
 
-    def text_view(self, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(F.normalize(text.float(), dim=-1) - self.center, dim=-1)  # (N, D_txt)
+    def image_view(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The image side: "caption" (N, D_txt) m_i, "image" (N, D_img) the centred image itself,
+        "nearness" (N,) in [0, 1]."""
+        unit = F.normalize(features.float(), dim=-1)
+        values, idx, w = self._neighbours(unit @ self.images.T)  # (N, k) each
+        m = (w.unsqueeze(-1) * (self.texts[idx] - self.center)).sum(1)  # (N, D_txt)
+        return {"caption": F.normalize(m, dim=-1), "image": F.normalize(unit - self.image_center, dim=-1),
+                "nearness": ramp(values.mean(1), self.lo, self.hi)}
+
+    def text_view(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text side: "caption" (N, D_txt) the centred text itself, "image" (N, D_img) u_t."""
+        unit = F.normalize(text.float(), dim=-1)
+        _, idx, w = self._neighbours(unit @ self.texts.T)
+        u = (w.unsqueeze(-1) * (self.images[idx] - self.image_center)).sum(1)  # (N, D_img)
+        return {"caption": F.normalize(unit - self.center, dim=-1), "image": F.normalize(u, dim=-1)}
 
     @staticmethod
-    def bonus(weight: float, image_vecs: torch.Tensor, nearness: torch.Tensor, text_vecs: torch.Tensor) -> torch.Tensor:
+    def raw_bonus(image_view: dict[str, torch.Tensor], text_view: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N_img, N_txt) the bonus before weight and nearness."""
+        return image_view["caption"] @ text_view["caption"].T + image_view["image"] @ text_view["image"].T
+
+    def bonus(self, image_view: dict[str, torch.Tensor], text_view: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N_img, N_txt) what the memory adds to the served score."""
-        return weight * nearness[:, None] * (image_vecs @ text_vecs.T)
+        return self.weight * image_view["nearness"][:, None] * self.raw_bonus(image_view, text_view)
 
     def meta(self) -> dict:
         return {"weight": self.weight, "lo": self.lo, "hi": self.hi, "k": self.k, "temperature": self.temperature}
@@ -262,7 +279,7 @@ class JointSpace:
             if self.local is not None:
                 out["local_weight"] = self.local.weight(features)  # (N,)
         if self.memory is not None:
-            out["memory"], out["memory_nearness"] = self.memory.image_view(features)
+            out.update({f"memory_{k}": v for k, v in self.memory.image_view(features).items()})
         return out
 
     def text_views(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,17 +290,17 @@ class JointSpace:
             with torch.inference_mode():
                 out["joint"] = _center(self.model.encode_text(text), self.joint_center_txt)
         if self.memory is not None:
-            out["memory"] = self.memory.text_view(text)
+            out.update({f"memory_{k}": v for k, v in self.memory.text_view(text).items()})
         return out
 
     def similarity(self, image_views: dict[str, torch.Tensor], text_views: dict[str, torch.Tensor],
                    mix: float | None = None) -> torch.Tensor:
         """(N_img, N_txt) served score. An explicit ``mix`` applies to every image (no local mix, no
         caption memory: the score of that mix alone)."""
-        if mix is None and self.memory is not None and "memory" in image_views and "memory" in text_views:
+        if mix is None and self.memory is not None and "memory_caption" in image_views \
+                and "memory_caption" in text_views:
             base = self.similarity(image_views, text_views, mix=self._served_mix(image_views))
-            return base + CaptionMemory.bonus(self.memory.weight, image_views["memory"],
-                                              image_views["memory_nearness"], text_views["memory"])
+            return base + self.memory.bonus(_memory_part(image_views), _memory_part(text_views))
         if self.model is None:
             if "bridge" not in image_views:
                 raise ValueError("this joint space has neither a baseline (ConSE or native) nor projections")
@@ -353,6 +370,10 @@ class JointSpace:
                    joint_center_img=tensors.get("joint_center_img"),
                    joint_center_txt=tensors.get("joint_center_txt"), local=local, memory=memory,
                    native=meta.get("baseline") == "native")
+
+
+def _memory_part(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("memory_"): v for k, v in views.items() if k.startswith("memory_")}
 
 
 def _center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:

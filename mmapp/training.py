@@ -432,18 +432,19 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
     return LocalMix(probe.reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
 
 
-MEMORY_WEIGHTS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
-MEMORY_THRESHOLDS = tuple(round(0.4 + 0.05 * i, 2) for i in range(10))  # tower cosine where nearness starts
+MEMORY_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+MEMORY_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # tower cosine where nearness starts
 
 
 def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
                   heldout: Sequence[tuple[str, PairFeatures]], *, guard: tuple[str, PairFeatures] | None = None,
                   k: int = 5, weights: Sequence[float] = MEMORY_WEIGHTS, thresholds: Sequence[float] = MEMORY_THRESHOLDS,
-                  width: float = 0.1) -> tuple[CaptionMemory | None, list[dict]]:
+                  width: float = 0.1, min_gain: float = 0.005) -> tuple[CaptionMemory | None, list[dict]]:
     """A caption memory of ``images``/``texts`` (taught pictures, their captions), or None when no
     weight beats none.
 
-    Each (weight, nearness threshold) must raise the mean reciprocal rank over ``heldout`` (which
+    Each (weight, nearness threshold) must raise the mean reciprocal rank over ``heldout`` by ``min_gain``
+    (which
     must not contain the memory's own pictures: users' tune pairs, the bootstrap validation split)
     and keep the guard's MRR at or above what the space scores without memory. Ties go to the
     smaller weight, then the higher threshold (a narrower neighbourhood).
@@ -457,8 +458,8 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
         vi, vt = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
         sims = F.normalize(feats.image_features.float(), dim=-1) @ probe.images.T
         support = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(1)  # (N,)
-        m, _ = probe.image_view(feats.image_features)
-        parts[name] = (space.similarity(vi, vt), m @ probe.text_view(feats.text).T, support, feats.text_to_image)
+        raw = CaptionMemory.raw_bonus(probe.image_view(feats.image_features), probe.text_view(feats.text))
+        parts[name] = (space.similarity(vi, vt), raw, support, feats.text_to_image)
 
     def score(name: str, weight: float, lo: float) -> float:
         base, mem, support, t2i = parts[name]
@@ -478,7 +479,7 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
             else:
                 row["allowed"] = True
             rows.append(row)
-            if row["allowed"] and row["objective"] > baseline + 1e-9:
+            if row["allowed"] and row["objective"] > baseline + min_gain:
                 key = (round(row["objective"], 6), -weight, lo)
                 if best is None or key > best[0]:
                     best = (key, row)

@@ -446,8 +446,10 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
     Each (weight, nearness threshold) must raise the mean reciprocal rank over ``heldout`` by ``min_gain``
     (which
     must not contain the memory's own pictures: users' tune pairs, the bootstrap validation split)
-    and keep the guard's MRR at or above what the space scores without memory. Ties go to the
-    smaller weight, then the higher threshold (a narrower neighbourhood).
+    and must leave every guard image untouched (nearness 0: the memory acts only near what users
+    taught, never on real photos; a guard MRR that merely does not fall let a neighbourhood reach
+    the photos and move other photos in the simulation). Ties go to the smaller weight, then the
+    higher threshold (a narrower neighbourhood).
     """
     if images.shape[0] == 0:
         return None, []
@@ -465,6 +467,9 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
         base, mem, support, t2i = parts[name]
         return mean_mrr(base + weight * ramp(support, lo, lo + width)[:, None] * mem, t2i)
 
+    def touched(name: str, lo: float) -> int:
+        return int((parts[name][2] > lo).sum())  # images the memory would change at all
+
     baseline = float(np.mean([score(name, 0.0, 0.0) for name, _ in heldout]))
     guard_floor = score(guard[0], 0.0, 0.0) if guard else None
     rows, best = [], None
@@ -475,7 +480,8 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
             row["objective"] = float(np.mean([row[name] for name, _ in heldout]))
             if guard:
                 row[f"{guard[0]}_mrr"] = score(guard[0], weight, lo)
-                row["allowed"] = row[f"{guard[0]}_mrr"] >= guard_floor - 1e-9
+                row[f"{guard[0]}_touched"] = touched(guard[0], lo)
+                row["allowed"] = row[f"{guard[0]}_touched"] == 0
             else:
                 row["allowed"] = True
             rows.append(row)

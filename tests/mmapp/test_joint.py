@@ -127,6 +127,11 @@ def test_caption_memory_helps_near_the_taught_pictures_and_leaves_the_guard_alon
     val, _ = synthetic_pairs(128, 2)
     space = with_centers(JointSpace(class_text, 5), train)  # the bridge alone: the memory must add what it lacks
     guard = other_domain_pairs(40, 3, class_text)
+    # photos look unlike the taught pictures: shift them along a direction the taught features lack
+    mixing = torch.randn(16, 32, generator=torch.Generator().manual_seed(99))  # as synthetic_pairs
+    away = torch.linalg.svd(mixing, full_matrices=True).Vh[-1]  # (32,) orthogonal to every taught feature
+    guard = PairFeatures(guard.image_features + 3 * guard.image_features.norm(dim=1).mean() * away,
+                         guard.class_probs, guard.text, guard.text_to_image)
     memory, table = choose_memory(space, train.image_features, train.text, [("val", val)], guard=("guard", guard))
     assert memory is not None and memory.weight > 0
     vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)

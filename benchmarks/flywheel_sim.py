@@ -26,11 +26,15 @@ handlers call (faster; for when the app cannot start). Prints the numbers; write
    300 (then the same database copied and retrained with ``anonymous_rule=quorum``); 100 anonymous
    sessions pushing one wrong caption in ten wordings onto 30 pictures of one bootstrap category plus
    one wrong label onto one meme (default rules, then quorum): what reached training, the caption
-   bank and the served output. Held-out and real-photo report-set R@1 before/after, the bridge's
+   bank and the served output; ``trusted3``: three trusted annotators, 100 pictures each; ``mixed``:
+   a trusted annotator (200 pictures) and ten anonymous sessions agreeing with them on 100 of those.
+   ``--set retrain.KEY=VALUE`` overrides a knob in every scenario (``--label`` keeps such variants
+   apart in the JSON). Held-out and real-photo report-set R@1 before/after, the bridge's
    beside them. Writes ``<home>/flywheel_trust.json`` (and ``<sample-report>/flywheel_trust.json``).
 
     python benchmarks/flywheel_sim.py [--home DIR] [--feed 500] [--timing 1000] [--fresh] [--direct]
-                                      [--categories a/b,c] [--scenario flywheel|trusted|anonymous|sybil|all]
+                                      [--categories a/b,c] [--scenario flywheel|trusted|anonymous|anonymous3|sybil|trusted3|mixed|all]
+                                      [--set retrain.KEY=VALUE] [--label SUFFIX]
 """
 from __future__ import annotations
 
@@ -418,7 +422,7 @@ def _outcome(o) -> dict:
     return {"status": o.status, "message": o.message, "version": o.version, "seconds": o.seconds,
             "cleaning": o.stats.get("cleaning"), "stage_seconds": o.stats.get("stage_seconds"),
             "score_mix": {k: v for k, v in ((o.stats.get("training") or {}).get("alignment") or {}).items()
-                          if k in ("mix", "local_mix")},
+                          if k in ("mix", "local_mix", "caption_memory")},
             "gate_metrics": o.metrics}
 
 

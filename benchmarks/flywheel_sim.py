@@ -26,11 +26,15 @@ handlers call (faster; for when the app cannot start). Prints the numbers; write
    300 (then the same database copied and retrained with ``anonymous_rule=quorum``); 100 anonymous
    sessions pushing one wrong caption in ten wordings onto 30 pictures of one bootstrap category plus
    one wrong label onto one meme (default rules, then quorum): what reached training, the caption
-   bank and the served output. Held-out and real-photo report-set R@1 before/after, the bridge's
+   bank and the served output; ``trusted3``: three trusted annotators, 100 pictures each; ``mixed``:
+   a trusted annotator (200 pictures) and ten anonymous sessions agreeing with them on 100 of those.
+   ``--set retrain.KEY=VALUE`` overrides a knob in every scenario (``--label`` keeps such variants
+   apart in the JSON). Held-out and real-photo report-set R@1 before/after, the bridge's
    beside them. Writes ``<home>/flywheel_trust.json`` (and ``<sample-report>/flywheel_trust.json``).
 
     python benchmarks/flywheel_sim.py [--home DIR] [--feed 500] [--timing 1000] [--fresh] [--direct]
-                                      [--categories a/b,c] [--scenario flywheel|trusted|anonymous|sybil|all]
+                                      [--categories a/b,c] [--scenario flywheel|trusted|anonymous|anonymous3|sybil|trusted3|mixed|all]
+                                      [--set retrain.KEY=VALUE] [--label SUFFIX]
 """
 from __future__ import annotations
 
@@ -280,6 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--categories", default=",".join(HELDOUT_CATEGORIES),
                         help="comma-separated Open Clip Art categories to hold out of the bootstrap (with subcategories)")
     parser.add_argument("--direct", action="store_true", help="store feedback with repository calls, not the web app")
+    parser.add_argument("--set", action="append", default=[], metavar="retrain.KEY=VALUE",
+                        help="trust scenarios: override a retrain knob in every scenario's config (repeatable)")
+    parser.add_argument("--label", default="", help="trust scenarios: suffix of the result keys (variants side by side)")
     parser.add_argument("--scenario", default="flywheel", choices=("flywheel", "all") + TRUST_SCENARIOS,
                         help="flywheel: honest anonymous raters + poison + timing (rules opened); trusted | "
                              "anonymous | sybil | all: issue 10's trust scenarios under the default rules")
@@ -415,7 +422,7 @@ def _outcome(o) -> dict:
     return {"status": o.status, "message": o.message, "version": o.version, "seconds": o.seconds,
             "cleaning": o.stats.get("cleaning"), "stage_seconds": o.stats.get("stage_seconds"),
             "score_mix": {k: v for k, v in ((o.stats.get("training") or {}).get("alignment") or {}).items()
-                          if k in ("mix", "local_mix")},
+                          if k in ("mix", "local_mix", "caption_memory")},
             "gate_metrics": o.metrics}
 
 
@@ -483,7 +490,10 @@ def print_summary(r: dict) -> None:
 
 # --- trust scenarios (issue 10) -----------------------------------------------------------------
 
-TRUST_SCENARIOS = ("trusted", "anonymous", "anonymous3", "sybil")  # anonymous3: 100 pictures x 3 of the 10 sessions
+# anonymous3: 100 pictures x 3 of the 10 sessions; trusted3: three trusted annotators, 100 pictures each;
+# mixed: one trusted annotator (200 pictures) and anonymous sessions agreeing with them on 100 of those
+TRUST_SCENARIOS = ("trusted", "anonymous", "anonymous3", "sybil", "trusted3", "mixed")
+_RETRAIN_EXTRA: dict = {}  # --set retrain.KEY=VALUE overrides, applied to every scenario's config
 N_TRUST_FEED = 300  # corrections per scenario (issue 10: "after 300 corrections")
 N_ANONYMOUS = 10
 N_SYBILS = 100
@@ -562,6 +572,13 @@ class TrustApp:
         self.demo.close()
 
 
+def _trust_config(home: Path, database_url: str, **retrain):
+    from mmapp.config import load_config
+
+    return load_config(storage={"home": str(home), "database_url": database_url},
+                       retrain={**_RETRAIN_EXTRA, **retrain})
+
+
 def _sqlite_copy(src_url: str, dst: Path) -> str:
     """A consistent copy of a SQLite database (WAL included) through sqlite3's backup API."""
     import sqlite3
@@ -610,6 +627,14 @@ def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ..
     from retrain.promotion import promote_saved_version
 
     wanted = TRUST_SCENARIOS if args.scenario == "all" else (args.scenario,)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not key.startswith("retrain.") or not value:
+            raise SystemExit(f"--set wants retrain.KEY=VALUE, got {item!r}")
+        try:
+            _RETRAIN_EXTRA[key.removeprefix("retrain.")] = json.loads(value)
+        except json.JSONDecodeError:
+            _RETRAIN_EXTRA[key.removeprefix("retrain.")] = value
     base = load_config(storage={"home": str(home)})
     features = TowerFeatureSource(towers, base)
     eval_feats = embed_pairs(towers.embedder, split["eval"]).features
@@ -632,7 +657,7 @@ def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ..
         db = home / f"scenario_{name}.db"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
-        config = load_config(storage={"home": str(home), "database_url": f"sqlite:///{db}"}, retrain=retrain)
+        config = _trust_config(home, f"sqlite:///{db}", **retrain)
         engine = make_engine(config.storage.resolved_database_url)
         init_db(engine)
         promote_saved_version(config, "bootstrap", reason=f"flywheel trust scenario {name}", engine=engine)
@@ -675,8 +700,7 @@ def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ..
             say(f"anonymous: {N_ANONYMOUS} anonymous sessions corrected {len(feed)} pictures")
             quorum_url = _sqlite_copy(config.storage.resolved_database_url, home / "scenario_anonymous_quorum.db")
             res_default, _ = retrain("anonymous (default trusted_agreement)", config, engine)
-            qconfig = load_config(storage={"home": str(home), "database_url": quorum_url},
-                                  retrain={"anonymous_rule": "quorum"})
+            qconfig = _trust_config(home, quorum_url, anonymous_rule="quorum")
             res_quorum, _ = retrain("anonymous (quorum)", qconfig, make_engine(quorum_url))
             results["anonymous"] = {"raters": f"{N_ANONYMOUS} anonymous sessions, distinct pictures",
                                     "n_corrections": len(feed), "default_rules": res_default,
@@ -694,15 +718,52 @@ def run_trust_scenarios(args, *, home: Path, split: dict, heldout: tuple[str, ..
             say(f"anonymous3: {N_ANONYMOUS} anonymous sessions, {len(pictures)} pictures corrected by 3 each")
             quorum_url = _sqlite_copy(config.storage.resolved_database_url, home / "scenario_anonymous3_quorum.db")
             res_default, _ = retrain("anonymous3 (default trusted_agreement)", config, engine)
-            qconfig = load_config(storage={"home": str(home), "database_url": quorum_url},
-                                  retrain={"anonymous_rule": "quorum"})
+            qconfig = _trust_config(home, quorum_url, anonymous_rule="quorum")
             res_quorum, _ = retrain("anonymous3 (quorum)", qconfig, make_engine(quorum_url))
             results["anonymous3"] = {"raters": f"{N_ANONYMOUS} anonymous sessions, {len(pictures)} pictures x 3",
                                      "n_corrections": 3 * len(pictures), "default_rules": res_default,
                                      "quorum": res_quorum}
+        elif name == "trusted3":  # three trusted annotators, 100 distinct pictures each
+            config, engine = fresh_db("trusted3")
+            predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+            app = TrustApp(home, engine, predictor, config)
+            clients = []
+            for k in range(3):
+                Accounts(engine).create(f"sim-annotator{k}", "trusted", SIM_PASSWORD)
+                clients.append(app.client(app.login(f"sim-annotator{k}", SIM_PASSWORD)))
+            for j, pair in enumerate(feed):
+                app.caption_and_correct(clients[j * 3 // len(feed)], pair.image_path, pair.caption)
+            app.close()
+            say(f"trusted3: three trusted annotators corrected {len(feed)} pictures, {len(feed) // 3} each")
+            res, _ = retrain("trusted3 (default rules)", config, engine)
+            results["trusted3"] = {"raters": "3 accounts, role trusted, 100 pictures each",
+                                   "n_corrections": len(feed), "default_rules": res}
+        elif name == "mixed":  # a trusted annotator; anonymous sessions agree with them on half their pictures
+            config, engine = fresh_db("mixed")
+            Accounts(engine).create("sim-annotator", "trusted", SIM_PASSWORD)
+            predictor = Predictor.from_config(config, version="bootstrap", towers=towers)
+            app = TrustApp(home, engine, predictor, config)
+            mine = app.client(app.login("sim-annotator", SIM_PASSWORD))
+            clients = [app.client() for _ in range(N_ANONYMOUS)]
+            n_trusted = 2 * len(feed) // 3
+            for pair in feed[:n_trusted]:
+                app.caption_and_correct(mine, pair.image_path, pair.caption)
+            for j, pair in enumerate(feed[: len(feed) - n_trusted]):  # the same caption, in another session
+                app.caption_and_correct(clients[j % N_ANONYMOUS], pair.image_path, pair.caption)
+            app.close()
+            say(f"mixed: a trusted annotator corrected {n_trusted} pictures, {N_ANONYMOUS} anonymous sessions "
+                f"agreed on {len(feed) - n_trusted} of them")
+            res, _ = retrain("mixed (default rules)", config, engine)
+            results["mixed"] = {"raters": f"1 trusted account ({n_trusted} pictures) + {N_ANONYMOUS} anonymous "
+                                          f"sessions agreeing on {len(feed) - n_trusted} of them",
+                                "n_corrections": len(feed), "n_pictures": n_trusted, "default_rules": res}
         elif name == "sybil":
             results["sybil"] = _sybil(home, towers, store, fresh_db, retrain, say)
         results[name]["scenario_seconds"] = round(time.monotonic() - t_start, 1)
+        results[name]["retrain_overrides"] = dict(_RETRAIN_EXTRA)
+        if args.label:
+            results[name + args.label] = results.pop(name)
+            name = name + args.label
         out = home / "flywheel_trust.json"
         previous = json.loads(out.read_text()) if out.is_file() else {}
         previous.update({k: v for k, v in results.items()})
@@ -719,7 +780,6 @@ def _sybil(home: Path, towers, store, fresh_db, retrain, say) -> dict:
     category (300 corrections), and one wrong label on one meme picture (100 corrections)."""
     from collections import defaultdict
 
-    from mmapp.config import load_config
     from mmapp.predictor import Predictor
 
     config, engine = fresh_db("sybil")
@@ -761,7 +821,7 @@ def _sybil(home: Path, towers, store, fresh_db, retrain, say) -> dict:
            "meme_label_before": label_before, "wrong_label": wrong_label,
            "n_label_corrections": N_SYBILS if meme else 0}
     variants = [("default_rules", config, engine)]
-    qconfig = load_config(storage={"home": str(home), "database_url": quorum_url}, retrain={"anonymous_rule": "quorum"})
+    qconfig = _trust_config(home, quorum_url, anonymous_rule="quorum")
     from feedback_db.engine import make_engine
     variants.append(("quorum", qconfig, make_engine(quorum_url)))
     for variant, cfg, eng in variants:

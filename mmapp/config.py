@@ -142,7 +142,10 @@ class RetrainConfig:
     anonymous_rule: str = "trusted_agreement"  # how untrusted feedback is confirmed: "trusted_agreement" | "quorum" | "open" (off)
     anonymous_quorum: int = 3  # "quorum": distinct sessions that must give the same label / a close caption per image
     anonymous_agree_cos: float = 0.8  # two captions of one image "agree" at this text cosine or above
-    max_anonymous_per_run: int = 50  # "quorum": at most this many anonymous items accepted per run (per night)
+    max_anonymous_per_run: int = 50  # "quorum": at most this many pictures' anonymous items accepted per run (per night)
+    anonymous_cap_holds: int = 1  # runs an item held back by that cap is reconsidered in, earliest first; then rejected
+    trusted_chance_check: bool = False  # False: trusted raters' pairs skip the outlier / chance-agreement tests
+    clean_folds: int = 2  # folds of the cross-fitted agreement scoring (each scorer learns from the other folds)
     # Blind before/after comparison (docs/flywheel.md "Blind comparison"): raters pick current vs candidate.
     blind_pairs: int = 30  # held-out items per run shown side by side in the Compare tab (0 = off)
     blind_required: bool = False  # True: a candidate that passes the metric gate is held until raters decide
@@ -191,6 +194,8 @@ class FineTuneConfig:
     user_share_of_batch: float = 0.5  # expected share of users' items in a batch (rest: replay)
     max_repeat: int = 8  # users' pairs are repeated at most this often to reach that share
     local_reference_max: int = 4096  # taught images the local mix remembers, newest kept; 0 = global mix only
+    caption_memory: bool = True  # serve a kNN memory of taught pictures' captions (weight chosen on users' tune pairs)
+    memory_max: int = 4096  # captions the memory keeps, newest kept
 
 
 @dataclass(frozen=True)

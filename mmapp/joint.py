@@ -18,6 +18,10 @@
   model, the mix may lean further on the projections than the global ``mix`` allows; elsewhere
   (real photos, say) the global mix holds. "Near" is the image tower's cosine similarity to those
   images (mean of the k nearest), ramped linearly between two thresholds.
+* Caption memory (set by a retrain, see :class:`CaptionMemory`): a kNN memory of the pictures users
+  taught and their accepted captions. An image near taught pictures gets, for each text, a bonus of
+  ``weight * nearness * cos(its neighbours' captions, the text)``: the served score leans on what
+  users said about pictures like it, in both directions (i→t and t→i read the same score matrix).
 No database, no UI here.
 """
 from __future__ import annotations
@@ -151,6 +155,76 @@ class LocalMix:
 
 
 @dataclass
+class CaptionMemory:
+    """kNN memory of taught pictures and their captions, added to the served score.
+
+    Image side: image i's ``k`` nearest memory images by tower cosine, softmax-weighted
+    (``temperature``), give a caption vector ``m_i`` (the weighted mean of their captions' text
+    embeddings, centred on ``center``, the mean memory caption, so that an unrelated text scores
+    about 0). Text side, symmetrically: text t's ``k`` nearest memory captions give a picture vector
+    ``u_t`` (the weighted mean of their pictures' tower features, centred on the mean memory picture).
+    The bonus is ``weight * ramp(support_i, lo, hi) * (cos(m_i, t) + cos(i, u_t))`` (centred vectors),
+    ``support_i`` being image i's mean cosine to its k nearest: pictures unlike any taught one (real
+    photos, say) get none.
+    """
+
+    images: torch.Tensor  # (M, D_img) tower features of taught pictures, one row per caption
+    texts: torch.Tensor  # (M, D_txt) text embeddings of their accepted captions
+    weight: float
+    lo: float
+    hi: float
+    k: int = 5
+    temperature: float = 0.05
+    center: torch.Tensor | None = None  # (D_txt,) default: the mean of ``texts``
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 2 or self.texts.ndim != 2 or self.images.shape[0] != self.texts.shape[0] \
+                or self.images.shape[0] == 0:
+            raise ValueError(f"caption memory needs (M, D_img) images and (M, D_txt) texts with one row per caption, "
+                             f"got {tuple(self.images.shape)} and {tuple(self.texts.shape)}")
+        if not (self.weight >= 0.0 and self.lo < self.hi and self.k >= 1 and self.temperature > 0):
+            raise ValueError(f"bad caption memory: weight {self.weight}, lo {self.lo}, hi {self.hi}, k {self.k}, "
+                             f"temperature {self.temperature}")
+        self.images = F.normalize(self.images.float(), dim=-1)
+        texts = F.normalize(self.texts.float(), dim=-1)
+        self.center = texts.mean(0) if self.center is None else self.center.float()
+        self.texts = texts
+        self.image_center = self.images.mean(0)  # (D_img,)
+
+    def _neighbours(self, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        top = sims.topk(min(self.k, sims.shape[1]), dim=1)  # values/indices (N, k)
+        return top.values, top.indices, torch.softmax(top.values / self.temperature, dim=1)
+
+    def image_view(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The image side: "caption" (N, D_txt) m_i, "image" (N, D_img) the centred image itself,
+        "nearness" (N,) in [0, 1]."""
+        unit = F.normalize(features.float(), dim=-1)
+        values, idx, w = self._neighbours(unit @ self.images.T)  # (N, k) each
+        m = (w.unsqueeze(-1) * (self.texts[idx] - self.center)).sum(1)  # (N, D_txt)
+        return {"caption": F.normalize(m, dim=-1), "image": F.normalize(unit - self.image_center, dim=-1),
+                "nearness": ramp(values.mean(1), self.lo, self.hi)}
+
+    def text_view(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text side: "caption" (N, D_txt) the centred text itself, "image" (N, D_img) u_t."""
+        unit = F.normalize(text.float(), dim=-1)
+        _, idx, w = self._neighbours(unit @ self.texts.T)
+        u = (w.unsqueeze(-1) * (self.images[idx] - self.image_center)).sum(1)  # (N, D_img)
+        return {"caption": F.normalize(unit - self.center, dim=-1), "image": F.normalize(u, dim=-1)}
+
+    @staticmethod
+    def raw_bonus(image_view: dict[str, torch.Tensor], text_view: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N_img, N_txt) the bonus before weight and nearness."""
+        return image_view["caption"] @ text_view["caption"].T + image_view["image"] @ text_view["image"].T
+
+    def bonus(self, image_view: dict[str, torch.Tensor], text_view: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N_img, N_txt) what the memory adds to the served score."""
+        return self.weight * image_view["nearness"][:, None] * self.raw_bonus(image_view, text_view)
+
+    def meta(self) -> dict:
+        return {"weight": self.weight, "lo": self.lo, "hi": self.hi, "k": self.k, "temperature": self.temperature}
+
+
+@dataclass
 class JointSpace:
     """What a served model version uses to score images against texts.
 
@@ -167,6 +241,7 @@ class JointSpace:
     joint_center_img: torch.Tensor | None = None  # (J,)
     joint_center_txt: torch.Tensor | None = None  # (J,)
     local: LocalMix | None = None  # per-image mix near users' taught images (None: global mix only)
+    memory: CaptionMemory | None = None  # kNN memory of taught pictures' captions (None: off)
     native: bool = False  # pre-aligned towers: the baseline is the native image-text cosine
 
     def __post_init__(self) -> None:
@@ -203,6 +278,8 @@ class JointSpace:
                 out["joint"] = _center(self.model.encode_image(features, b), self.joint_center_img)
             if self.local is not None:
                 out["local_weight"] = self.local.weight(features)  # (N,)
+        if self.memory is not None:
+            out.update({f"memory_{k}": v for k, v in self.memory.image_view(features).items()})
         return out
 
     def text_views(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,11 +289,18 @@ class JointSpace:
         if self.model is not None:
             with torch.inference_mode():
                 out["joint"] = _center(self.model.encode_text(text), self.joint_center_txt)
+        if self.memory is not None:
+            out.update({f"memory_{k}": v for k, v in self.memory.text_view(text).items()})
         return out
 
     def similarity(self, image_views: dict[str, torch.Tensor], text_views: dict[str, torch.Tensor],
                    mix: float | None = None) -> torch.Tensor:
-        """(N_img, N_txt) served score. An explicit ``mix`` applies to every image (no local mix)."""
+        """(N_img, N_txt) served score. An explicit ``mix`` applies to every image (no local mix, no
+        caption memory: the score of that mix alone)."""
+        if mix is None and self.memory is not None and "memory_caption" in image_views \
+                and "memory_caption" in text_views:
+            base = self.similarity(image_views, text_views, mix=self._served_mix(image_views))
+            return base + self.memory.bonus(_memory_part(image_views), _memory_part(text_views))
         if self.model is None:
             if "bridge" not in image_views:
                 raise ValueError("this joint space has neither a baseline (ConSE or native) nor projections")
@@ -225,12 +309,16 @@ class JointSpace:
         if not self.has_bridge:
             return joint
         if mix is None:
-            mix = self.mix
-            if self.local is not None and "local_weight" in image_views:
-                mix = LocalMix.per_image_mix(mix, self.local.near_mix, image_views["local_weight"])
+            mix = self._served_mix(image_views)
         if not torch.is_tensor(mix) and mix == 0.0:
             return joint
         return mix * (image_views["bridge"] @ text_views["bridge"].T) + (1 - mix) * joint
+
+    def _served_mix(self, image_views: dict[str, torch.Tensor]) -> float | torch.Tensor:
+        """The global mix, or (N, 1) per-image mixes where a local mix is set."""
+        if self.local is not None and "local_weight" in image_views:
+            return LocalMix.per_image_mix(self.mix, self.local.near_mix, image_views["local_weight"])
+        return self.mix
 
     def state(self) -> dict[str, torch.Tensor]:
         tensors = {k: v for k, v in {
@@ -242,6 +330,9 @@ class JointSpace:
             tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         if self.local is not None:
             tensors["local_reference"] = self.local.reference.half()  # 2 bytes a value is ample for cosines
+        if self.memory is not None:
+            tensors.update(memory_images=self.memory.images.half(), memory_texts=self.memory.texts.half(),
+                           memory_center=self.memory.center)
         return tensors
 
     def meta(self) -> dict:
@@ -249,6 +340,8 @@ class JointSpace:
                "alignment": asdict(self.model.config) if self.model is not None else None}
         if self.local is not None:
             out["local_mix"] = {k: v for k, v in self.local.meta().items() if k != "reference_images"}
+        if self.memory is not None:
+            out["caption_memory"] = self.memory.meta()
         if self.native:
             out["baseline"] = "native"  # absent for ConSE / none: metas written before stay valid
         return out
@@ -265,12 +358,22 @@ class JointSpace:
             if "local_reference" not in tensors:
                 raise ValueError("model meta has a local mix but its weights have no local_reference tensor")
             local = LocalMix(tensors["local_reference"].float(), **meta["local_mix"])
+        memory = None
+        if meta.get("caption_memory"):
+            if "memory_images" not in tensors or "memory_texts" not in tensors:
+                raise ValueError("model meta has a caption memory but its weights have no memory_images/memory_texts")
+            memory = CaptionMemory(tensors["memory_images"].float(), tensors["memory_texts"].float(),
+                                   center=tensors.get("memory_center"), **meta["caption_memory"])
         return cls(class_text=tensors.get("class_text"), top_t=int(meta["top_t"]), model=model,
                    mix=float(meta["mix"]), bridge_center_img=tensors.get("bridge_center_img"),
                    bridge_center_txt=tensors.get("bridge_center_txt"),
                    joint_center_img=tensors.get("joint_center_img"),
-                   joint_center_txt=tensors.get("joint_center_txt"), local=local,
+                   joint_center_txt=tensors.get("joint_center_txt"), local=local, memory=memory,
                    native=meta.get("baseline") == "native")
+
+
+def _memory_part(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("memory_"): v for k, v in views.items() if k.startswith("memory_")}
 
 
 def _center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, ramp
+from mmapp.joint import AlignmentConfig, AlignmentModel, CaptionMemory, JointSpace, LocalMix, ramp
 from mmapp.losses import info_nce
 
 
@@ -267,6 +267,9 @@ class SpaceData:
     centers: PairFeatures | None = None  # hubness centers (default: fit)
     early_stop: PairFeatures | None = None  # keep the best epoch on these (None: the last epoch)
     taught: torch.Tensor | None = None  # (N, D_img) images users taught: a local mix may lean on them
+    # (images (M, D_img), texts (M, D_txt)): taught pictures and their captions, one row per caption, for
+    # a caption memory (:func:`choose_memory`); None: no memory
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None
     calibration: PairFeatures | None = None  # caption softmax temperature is fitted on these
 
 
@@ -297,6 +300,12 @@ def fit_space(data: SpaceData, *, config: TrainConfig, joint_dim: int, parent: J
         info["local_mix"] = ({**space.local.meta(), "table": local_table} if space.local is not None
                              else {"skipped": "no local mix beat the global one on the held-out objective",
                                    "table": local_table})
+    if data.memory is not None:
+        space.memory, memory_table = choose_memory(space, *data.memory, data.heldout, guard=data.guard)
+        info["caption_memory"] = ({**space.memory.meta(), "rows": int(space.memory.images.shape[0]),
+                                   "table": memory_table} if space.memory is not None
+                                  else {"skipped": "no memory weight beat none on the held-out objective",
+                                        "table": memory_table})
     temperature = caption_temperature(space, data.calibration) if data.calibration is not None else None
     return FittedSpace(space, temperature, info, result.history)
 
@@ -421,6 +430,70 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
         return None, table
     r = best[1]
     return LocalMix(probe.reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
+
+
+MEMORY_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+MEMORY_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(14))  # tower cosine where nearness starts
+
+
+def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
+                  heldout: Sequence[tuple[str, PairFeatures]], *, guard: tuple[str, PairFeatures] | None = None,
+                  k: int = 5, weights: Sequence[float] = MEMORY_WEIGHTS, thresholds: Sequence[float] = MEMORY_THRESHOLDS,
+                  width: float = 0.1, min_gain: float = 0.005) -> tuple[CaptionMemory | None, list[dict]]:
+    """A caption memory of ``images``/``texts`` (taught pictures, their captions), or None when no
+    weight beats none.
+
+    Each (weight, nearness threshold) must raise the mean reciprocal rank over ``heldout`` by ``min_gain``
+    (which
+    must not contain the memory's own pictures: users' tune pairs, the bootstrap validation split)
+    and must leave every guard image untouched (nearness 0: the memory acts only near what users
+    taught, never on real photos; a guard MRR that merely does not fall let a neighbourhood reach
+    the photos and move other photos in the simulation). Ties go to the smaller weight, then the
+    higher threshold (a narrower neighbourhood).
+    """
+    if images.shape[0] == 0:
+        return None, []
+    probe = CaptionMemory(images, texts, weight=0.0, lo=0.0, hi=1.0, k=k)
+    sets = [*heldout, *([guard] if guard else [])]
+    parts = {}
+    for name, feats in sets:
+        vi, vt = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
+        sims = F.normalize(feats.image_features.float(), dim=-1) @ probe.images.T
+        support = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(1)  # (N,)
+        raw = CaptionMemory.raw_bonus(probe.image_view(feats.image_features), probe.text_view(feats.text))
+        parts[name] = (space.similarity(vi, vt), raw, support, feats.text_to_image)
+
+    def score(name: str, weight: float, lo: float) -> float:
+        base, mem, support, t2i = parts[name]
+        return mean_mrr(base + weight * ramp(support, lo, lo + width)[:, None] * mem, t2i)
+
+    def touched(name: str, lo: float) -> int:
+        return int((parts[name][2] > lo).sum())  # images the memory would change at all
+
+    baseline = float(np.mean([score(name, 0.0, 0.0) for name, _ in heldout]))
+    guard_floor = score(guard[0], 0.0, 0.0) if guard else None
+    rows, best = [], None
+    for weight in weights:
+        for lo in thresholds:
+            row = {"weight": weight, "lo": lo, "hi": round(lo + width, 4),
+                   **{name: score(name, weight, lo) for name, _ in heldout}}
+            row["objective"] = float(np.mean([row[name] for name, _ in heldout]))
+            if guard:
+                row[f"{guard[0]}_mrr"] = score(guard[0], weight, lo)
+                row[f"{guard[0]}_touched"] = touched(guard[0], lo)
+                row["allowed"] = row[f"{guard[0]}_touched"] == 0
+            else:
+                row["allowed"] = True
+            rows.append(row)
+            if row["allowed"] and row["objective"] > baseline + min_gain:
+                key = (round(row["objective"], 6), -weight, lo)
+                if best is None or key > best[0]:
+                    best = (key, row)
+    table = [{"baseline_objective": baseline, "guard_floor": guard_floor}, *rows]
+    if best is None:
+        return None, table
+    r = best[1]
+    return CaptionMemory(images, texts, weight=r["weight"], lo=r["lo"], hi=r["hi"], k=k), table
 
 
 @dataclass

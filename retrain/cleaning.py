@@ -24,11 +24,13 @@ SIMILARITY_OUTLIER = "similarity_outlier"
 CHANCE_AGREEMENT = "chance_agreement"
 USER_SHARE = "user_share"
 ANONYMOUS_UNCONFIRMED = "anonymous_unconfirmed"  # no trusted rater (or, by rule, no quorum) agrees yet
-ANONYMOUS_CAP = "anonymous_cap"  # over this run's cap on anonymous items
+ANONYMOUS_CAP = "anonymous_cap"  # over this run's cap on anonymous pictures: reconsidered next run
+ANONYMOUS_CAP_EXPIRED = "anonymous_cap_expired"  # held by the cap in anonymous_cap_holds earlier runs already
 ANONYMOUS_RULES = ("trusted_agreement", "quorum", "open")  # open: no trust rule (simulations, closed setups)
 REASONS: dict[str, bool] = {
     ANONYMOUS_UNCONFIRMED: False,
     ANONYMOUS_CAP: False,
+    ANONYMOUS_CAP_EXPIRED: True,
     NO_QUORUM: False,
     LABEL_DISAGREEMENT: True,
     EXACT_DUPLICATE: True,
@@ -53,11 +55,15 @@ class CleaningConfig:
     anonymous_rule: str = "trusted_agreement"  # how untrusted items are confirmed: one of ANONYMOUS_RULES
     anonymous_quorum: int = 3  # "quorum": distinct untrusted raters agreeing on one image
     anonymous_agree_cos: float = 0.8  # caption text cosine at which two captions of one image agree
-    max_anonymous_per_run: int = 50  # "quorum": cap on untrusted items accepted by quorum in one run
+    max_anonymous_per_run: int = 50  # "quorum": cap on pictures whose untrusted items a quorum accepts in one run
+    anonymous_cap_holds: int = 1  # runs an item held back by that cap is reconsidered in; then rejected (final)
+    trusted_chance_check: bool = False  # also apply the outlier and chance-agreement tests to trusted raters' pairs
 
     def __post_init__(self) -> None:
         if self.anonymous_rule not in ANONYMOUS_RULES:
             raise ValueError(f"anonymous_rule must be one of {ANONYMOUS_RULES}, got {self.anonymous_rule!r}")
+        if self.anonymous_cap_holds < 0:
+            raise ValueError(f"anonymous_cap_holds must be >= 0, got {self.anonymous_cap_holds}")
         if self.trusted_label_votes < 1 or self.anonymous_quorum < 1 or self.max_anonymous_per_run < 0:
             raise ValueError("trusted_label_votes and anonymous_quorum must be >= 1 and max_anonymous_per_run >= 0, "
                              f"got {self.trusted_label_votes}, {self.anonymous_quorum}, {self.max_anonymous_per_run}")
@@ -77,7 +83,9 @@ class CleaningConfig:
                    trusted_label_votes=retrain_config.trusted_label_votes,
                    anonymous_rule=retrain_config.anonymous_rule, anonymous_quorum=retrain_config.anonymous_quorum,
                    anonymous_agree_cos=retrain_config.anonymous_agree_cos,
-                   max_anonymous_per_run=retrain_config.max_anonymous_per_run)
+                   max_anonymous_per_run=retrain_config.max_anonymous_per_run,
+                   anonymous_cap_holds=retrain_config.anonymous_cap_holds,
+                   trusted_chance_check=retrain_config.trusted_chance_check)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Candidate:
     # random caption).
     agreement: float = math.nan
     trusted: bool = False  # from an operator or trusted annotator account (decided by the server's login)
+    cap_holds: int = 0  # earlier runs that held this item back by the anonymous cap (ANONYMOUS_CAP)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -125,6 +134,9 @@ class Rejection:
 class CleaningResult:
     accepted: list[Candidate]
     rejected: list[Rejection]
+    # Agreeing copies collapsed into one accepted example: copy item_id -> the item_id kept for it. A copy
+    # is neither trained on separately nor rejected; it shares the kept item's fate (used / rejected).
+    merged: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r.reason for r in self.rejected))
@@ -193,12 +205,16 @@ def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -
 
     * a trusted rater gave an agreeing answer for the same image in this run (either rule), or
     * rule "quorum": at least ``anonymous_quorum`` distinct untrusted raters agree on it, and the run
-      has not yet accepted ``max_anonymous_per_run`` untrusted items this way (earliest first).
+      has not yet let in ``max_anonymous_per_run`` *pictures* this way (earliest first; all agreeing
+      items of a picture that is let in pass, and :func:`drop_exact_duplicates` collapses them).
 
-    Everything else is held back (not final): a trusted rater may confirm it in a later run. Under
-    "trusted_agreement" a script with any number of sessions gets nothing in by itself; under
-    "quorum" at most the cap per run; "open" turns the rule off (every session counts as a rater,
-    as before accounts existed: for simulations and deployments where every client is known).
+    Everything else is held back (not final): a trusted rater may confirm it in a later run. An item
+    over the cap (ANONYMOUS_CAP) is reconsidered by the next ``anonymous_cap_holds`` runs, earliest
+    first, and then rejected for good (ANONYMOUS_CAP_EXPIRED): a burst over the cap is not lost at
+    once, but a flood cannot queue up and trickle in night after night. Under "trusted_agreement" a
+    script with any number of sessions gets nothing in by itself; under "quorum" at most the cap per
+    run; "open" turns the rule off (every session counts as a rater, as before accounts existed: for
+    simulations and deployments where every client is known).
     """
     if config.anonymous_rule == "open":
         return list(candidates), []
@@ -216,16 +232,20 @@ def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -
             users = np.array([c.user for c in items])
             agreeing.update((c.item_id, len(set(users[row]))) for c, row in zip(items, among))
     verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
-    by_quorum = 0
+    by_quorum: set[tuple[str, str]] = set()  # pictures (kind, image) let in by quorum: the cap counts these
     for c in candidates:
         if c.trusted or c.item_id in confirmed:
             continue
         if config.anonymous_rule == "quorum":
             n = agreeing[c.item_id]
-            if n >= config.anonymous_quorum and by_quorum < config.max_anonymous_per_run:
-                by_quorum += 1
+            picture = (c.kind, c.image_key)
+            if n >= config.anonymous_quorum and (picture in by_quorum or len(by_quorum) < config.max_anonymous_per_run):
+                by_quorum.add(picture)
             elif n >= config.anonymous_quorum:
-                verdict[c.item_id] = (ANONYMOUS_CAP, {"cap": config.max_anonymous_per_run, "agreeing_raters": n})
+                detail = {"cap": config.max_anonymous_per_run, "agreeing_raters": n, "earlier_holds": c.cap_holds,
+                          "max_holds": config.anonymous_cap_holds}
+                expired = c.cap_holds >= config.anonymous_cap_holds
+                verdict[c.item_id] = (ANONYMOUS_CAP_EXPIRED if expired else ANONYMOUS_CAP, detail)
             else:
                 verdict[c.item_id] = (ANONYMOUS_UNCONFIRMED, {"rule": "quorum", "agreeing_raters": n,
                                                               "quorum": config.anonymous_quorum})
@@ -236,16 +256,33 @@ def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -
 
 
 def drop_exact_duplicates(candidates: Sequence[Candidate]) -> Split:
-    """The same image with the same (normalised) text and label again: keep the first."""
-    first: dict[tuple, str] = {}
-    verdict = {}
+    """The same image with the same (normalised) text and label again: keep the first. A repeat by the
+    same rater is rejected (EXACT_DUPLICATE); see :func:`collapse_agreeing_copies` for other raters'."""
+    kept, rejected, _ = collapse_agreeing_copies(candidates)
+    return kept, rejected
+
+
+def collapse_agreeing_copies(candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Rejection], dict[str, str]]:
+    """Exact duplicates (same image, same normalised text and label): the first is kept. A copy from
+    the same rater is rejected (EXACT_DUPLICATE); a copy from another rater is that rater agreeing (a
+    quorum's copies, say) and is collapsed into the first: merged, not rejected. Either way the
+    example is trained on once. Returns (kept, rejected, merged {copy item_id: kept item_id})."""
+    groups: dict[tuple, list[Candidate]] = defaultdict(list)
     for c in candidates:
-        key = (c.kind, c.image_key, normalize_text(c.text), c.label)
-        if key in first:
-            verdict[c.item_id] = (EXACT_DUPLICATE, {"duplicate_of": first[key]})
-        else:
-            first[key] = c.item_id
-    return _apply(candidates, verdict)
+        groups[(c.kind, c.image_key, normalize_text(c.text), c.label)].append(c)
+    verdict, merged = {}, {}
+    for items in groups.values():
+        # a trusted rater's copy is the one kept where there is one: it carries the trust onwards
+        keep = next((c for c in items if c.trusted), items[0])
+        for c in items:
+            if c is keep:
+                continue
+            if c.user == keep.user:
+                verdict[c.item_id] = (EXACT_DUPLICATE, {"duplicate_of": keep.item_id})
+            else:
+                merged[c.item_id] = keep.item_id
+    kept, rejected = _apply([c for c in candidates if c.item_id not in merged], verdict)
+    return kept, rejected, merged
 
 
 def drop_near_duplicates(candidates: Sequence[Candidate], min_cos: float) -> Split:
@@ -286,14 +323,15 @@ def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, flo
 
 
 def flag_similarity_outliers(candidates: Sequence[Candidate], z_threshold: float,
-                             reference: np.ndarray | None = None) -> Split:
+                             reference: np.ndarray | None = None, *, skip_trusted: bool = False) -> Split:
     """Reject pairs whose image–text agreement is a low outlier: robust z below ``-|z_threshold|``.
 
     The spread comes from ``reference`` (agreement of trusted pairs, e.g. the replay sample) when
     given, else from the pair candidates themselves. Label items are never judged this way: a meme's
-    text may contradict its picture on purpose (that is what sarcasm is).
+    text may contradict its picture on purpose (that is what sarcasm is). ``skip_trusted``: trusted
+    raters' pairs are neither judged nor part of the spread.
     """
-    pairs = [c for c in candidates if c.kind == "pair" and math.isfinite(c.agreement)]
+    pairs = [c for c in candidates if c.kind == "pair" and math.isfinite(c.agreement) and not (skip_trusted and c.trusted)]
     values = np.array([c.agreement for c in pairs], dtype=float)
     ref = values if reference is None else np.asarray(reference, dtype=float)
     ref = ref[np.isfinite(ref)]
@@ -309,12 +347,14 @@ def flag_similarity_outliers(candidates: Sequence[Candidate], z_threshold: float
     return _apply(candidates, verdict)
 
 
-def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float) -> Split:
+def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float, *, skip_trusted: bool = False) -> Split:
     """Reject pairs whose caption fits its image no better than random captions do (agreement below
     ``min_agreement``). Unlike :func:`flag_similarity_outliers` this needs no clean majority: a batch
-    made entirely of random captions is caught too."""
+    made entirely of random captions is caught too. ``skip_trusted``: a trusted rater's pairs are not
+    tested (a new domain's honest captions often look like chance to a model that never saw it)."""
     verdict = {c.item_id: (CHANCE_AGREEMENT, {"agreement": round(c.agreement, 4), "min_agreement": min_agreement})
-               for c in candidates if c.kind == "pair" and math.isfinite(c.agreement) and c.agreement < min_agreement}
+               for c in candidates if c.kind == "pair" and math.isfinite(c.agreement) and c.agreement < min_agreement
+               and not (skip_trusted and c.trusted)}
     return _apply(candidates, verdict)
 
 
@@ -355,24 +395,33 @@ def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
 
 def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
           reference_agreement: np.ndarray | None = None) -> CleaningResult:
-    """All rules in order: label quorum, confirmation of untrusted items (anonymous rules), exact and near duplicates, agreement outliers (against the
-    other candidates, or ``reference_agreement`` of trusted pairs when given), agreement no better
-    than chance, user share. The share cap runs last, so shares are measured over clean items."""
+    """All rules in order: label quorum, confirmation of untrusted items (anonymous rules), exact
+    duplicates (other raters' agreeing copies collapsed into one example, ``merged``), near duplicates,
+    agreement outliers (against the other candidates, or ``reference_agreement`` of trusted pairs when
+    given) and agreement no better than chance (both skipped for trusted raters' pairs unless
+    ``trusted_chance_check``), user share. The share cap runs last, so shares are measured over clean items."""
     ids = [c.item_id for c in candidates]
     if len(set(ids)) != len(ids):
         dupes = [i for i, n in Counter(ids).items() if n > 1]
         raise ValueError(f"candidate item_ids must be unique, got repeats {dupes[:5]}")
     kept, rejected = list(candidates), []
+    merged: dict[str, str] = {}
+    skip = not config.trusted_chance_check
+
+    def collapse(cs: Sequence[Candidate]) -> Split:
+        k, r, m = collapse_agreeing_copies(cs)
+        merged.update(m)
+        return k, r
     for rule in (lambda cs: check_label_quorum(cs, config.label_quorum, config.trusted_label_votes),
                  lambda cs: confirm_untrusted(cs, config),
-                 drop_exact_duplicates,
+                 collapse,
                  lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
-                 lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement),
-                 lambda cs: flag_chance_agreement(cs, config.min_agreement),
+                 lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement, skip_trusted=skip),
+                 lambda cs: flag_chance_agreement(cs, config.min_agreement, skip_trusted=skip),
                  lambda cs: cap_user_share(cs, config.max_user_share)):
         kept, out = rule(kept)
         rejected.extend(out)
-    return CleaningResult(kept, rejected)
+    return CleaningResult(kept, rejected, merged)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +49,7 @@ from mmapp.training import MemeExamples, PairFeatures
 
 from retrain import captioner_stage
 from retrain.blind import BlindOutputs, make_pairs
-from retrain.cleaning import REASONS, Candidate, CleaningConfig, CleaningResult, clean
+from retrain.cleaning import ANONYMOUS_CAP, REASONS, Candidate, CleaningConfig, CleaningResult, clean
 from retrain.evaluation import (TARGET_LABELS, TARGET_PAIRS, EvalSets, evaluate_model, gate_metrics,
                                 small_set_tolerances)
 from retrain.features import FeatureSource, ImageRef
@@ -480,10 +481,11 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
     bank = _agreement_bank(feats.replay, ctx.config.retrain.agreement_bank, seed)
     agreement, agreement_how = _cross_fit_agreement(selected.current, items, item_feats, feats.replay, bank,
                                                     ctx.config, seed)
+    holds = _cap_holds(ctx.engine, items)
     candidates = [Candidate(item.item_id, item.user, item.kind, item.image_sha256, item.text, item.label,
                             image_embedding=item_feats.image[i].numpy(), text_embedding=item_feats.text[i].numpy(),
                             agreement=float(agreement[i]) if item.kind == "pair" else float("nan"),
-                            trusted=item.trusted)
+                            trusted=item.trusted, cap_holds=holds.get(item.correction_id, 0))
                   for i, item in enumerate(items)]
     cleaning = clean(candidates, CleaningConfig.from_retrain(ctx.config.retrain))
     by_id = {item.item_id: item for item in items}
@@ -498,7 +500,7 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
     stats: dict[str, Any] = {"current_version": selected.current_name,
                              "selection": _selection_stats(selected.selection),
                              "cleaning": {"candidates": len(candidates), "accepted": len(cleaning.accepted),
-                                          "rejected": cleaning.counts(),
+                                          "rejected": cleaning.counts(), "merged_copies": len(cleaning.merged),
                                           "unknown_label": len(unknown_labels)},
                              "replay_images": int(len(feats.replay_idx)), "agreement_scored_by": agreement_how,
                              "towers": _towers_note(ctx.config),
@@ -649,7 +651,7 @@ def promote_or_refuse(ctx: RunContext, selected: Selected, feats: GatheredFeatur
     stats.update(gate=decision.to_dict(), metrics=evaluated.nested, flat_metrics=evaluated.flat,
                  targets=list(gated.targets), training=_strip_history(candidate.info), manifest_path=str(run_dir / "manifest.json"),
                  data_snapshot_sha256=manifest["data"]["snapshot_sha256"])
-    used_ids = [i.correction_id for i in cleaned.train_items if i.correction_id is not None]
+    used_ids = _with_copies([i.item_id for i in cleaned.train_items], cleaning, cleaned.by_id)
     if captioned is not None and captioned.promote:  # what the promoted parts learned from is used up
         used_ids = sorted((set(used_ids) if retrieval_promotes else set()) | set(captioned.used_correction_ids))
     final = _final_rejections(cleaning, cleaned.by_id)
@@ -760,19 +762,22 @@ def _agreement_bank(replay: PairFeatures, size: int, seed: int) -> torch.Tensor:
 
 def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _ItemFeatures, replay: PairFeatures,
                          bank: torch.Tensor, config: Config, seed: int) -> tuple[np.ndarray, str]:
-    """Agreement of each pair under a model that learned from the *other* new pairs (2-fold cross-fitting).
+    """Agreement of each pair under a model that learned from the *other* new pairs (k-fold cross-fitting,
+    ``retrain.clean_folds``; 2 by default).
 
     The current model has never seen a new category, so its honest captions look as random as
-    poison. Fine-tuned briefly on the other half of the batch, it learns whatever the honest pairs
+    poison. Fine-tuned briefly on the other folds of the batch, it learns whatever the honest pairs
     share, and their agreement rises; random captions share nothing and stay near 0 (the small-loss
     idea of learning with noisy labels, e.g. Co-teaching, Han et al. 2018). Folds are by image;
-    only training-side items fit the scorers, held-out items are scored by both and averaged.
+    only training-side items fit the scorers, held-out items are scored by each and averaged.
     """
+    settings = config.retrain
+    k_folds = max(2, settings.clean_folds)
     pair_rows = [i for i, item in enumerate(items) if item.kind == "pair"]
     train_rows = [i for i in pair_rows if not items[i].heldout]
-    fold = {i: int(hash_fraction(items[i].image_sha256, "mmapp-clean-fold-v1") < 0.5) for i in train_rows}
-    sizes = [sum(1 for i in train_rows if fold[i] == k) for k in (0, 1)]
-    settings = config.retrain
+    fold = {i: min(int(hash_fraction(items[i].image_sha256, "mmapp-clean-fold-v1") * k_folds), k_folds - 1)
+            for i in train_rows}
+    sizes = [sum(1 for i in train_rows if fold[i] == k) for k in range(k_folds)]
     if settings.clean_epochs <= 0 or min(sizes) < 5:
         return _agreement(current.space, f, bank), "current model"
     out = np.full(len(items), np.nan)
@@ -780,7 +785,7 @@ def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _I
     heldout_scores = []
     replay_fit = _cap_images(replay, 1000, seed + 4)
     row_of = {item.item_id: i for i, item in enumerate(items)}
-    for k in (0, 1):
+    for k in range(k_folds):
         fit_pairs = _pairs_of([items[i] for i in train_rows if fold[i] != k], row_of, f)  # one row per image
         scorer = fit_scorer(current.space, replay_fit, fit_pairs, config, epochs=settings.clean_epochs,
                             lr_scale=settings.clean_lr_scale)
@@ -790,7 +795,7 @@ def _cross_fit_agreement(current: ModelVersion, items: list[FeedbackItem], f: _I
             heldout_scores.append(_agreement(scorer, _subset(f, heldout_rows), bank))
     if heldout_rows:
         out[heldout_rows] = np.mean(heldout_scores, axis=0)
-    return out, f"2-fold cross-fitted projections ({settings.clean_epochs} epochs)"
+    return out, f"{k_folds}-fold cross-fitted projections ({settings.clean_epochs} epochs)"
 
 
 def _subset(f: _ItemFeatures, rows: list[int]) -> _ItemFeatures:
@@ -850,9 +855,28 @@ def _selection_stats(selection: Selection) -> dict:
             "ignored": selection.ignored}
 
 
+def _with_copies(item_ids: list[str], cleaning: CleaningResult, by_id: dict[str, FeedbackItem]) -> list[int]:
+    """Correction ids of ``item_ids`` and of the agreeing copies collapsed into them (they share the fate)."""
+    chosen = set(item_ids)
+    ids = item_ids + [copy for copy, kept in cleaning.merged.items() if kept in chosen]
+    return [by_id[i].correction_id for i in ids if by_id[i].correction_id is not None]
+
+
 def _final_rejections(cleaning: CleaningResult, by_id: dict[str, FeedbackItem]) -> list[int]:
-    return [by_id[r.candidate.item_id].correction_id for r in cleaning.rejected
-            if r.final and by_id[r.candidate.item_id].correction_id is not None]
+    return _with_copies([r.candidate.item_id for r in cleaning.rejected if r.final], cleaning, by_id)
+
+
+def _cap_holds(engine: Engine, items: list[FeedbackItem]) -> dict[int, int]:
+    """correction id -> earlier runs that held it back by the anonymous cap (cleaning.ANONYMOUS_CAP)."""
+    ids = [i.correction_id for i in items if i.correction_id is not None and not i.trusted]
+    if not ids:
+        return {}
+
+    def read() -> dict[int, int]:
+        with Session(engine) as s, s.begin():
+            rows = repo.rejected_items(s, correction_ids=ids)
+            return dict(Counter(r.correction_id for r in rows if r.reason == ANONYMOUS_CAP))
+    return retry_on_busy(read)
 
 
 def _record_rejections(engine: Engine, run_id: int, cleaning: CleaningResult, by_id: dict[str, FeedbackItem]) -> None:
@@ -900,8 +924,9 @@ def _strip_history(info: dict) -> dict:
     """Training info without the per-epoch history and the mix search tables (too long for a manifest)."""
     def strip(d: dict) -> dict:
         out = {k: v for k, v in d.items() if k not in ("history", "mix_table")}
-        if isinstance(out.get("local_mix"), dict):
-            out["local_mix"] = {k: v for k, v in out["local_mix"].items() if k != "table"}
+        for part in ("local_mix", "caption_memory"):
+            if isinstance(out.get(part), dict):
+                out[part] = {k: v for k, v in out[part].items() if k != "table"}
         return out
     return {part: strip(d) for part, d in info.items()}
 

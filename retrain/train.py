@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmapp.config import Config, TrainConfig
-from mmapp.joint import JointSpace
+from mmapp.joint import CaptionMemory, JointSpace
 from mmapp.model_store import ModelVersion
 from mmapp.training import (MemeExamples, PairFeatures, SpaceData, balanced_weights, blend_with_replay,
                             caption_temperature, fit_meme_head, fit_projections, fit_space)
@@ -104,15 +104,35 @@ def _fine_tune_space(current: ModelVersion, data: TrainingSet, config: Config) -
         # tune images stay out so that they can judge the neighbourhood fairly.
         parts = [current.space.local.reference.float()] if current.space.local is not None else []
         taught = torch.cat([*parts, data.user_pairs.image_features.float()])[-ft.local_reference_max:]
+    memory = _memory_rows(current.space, data.user_pairs, ft.memory_max) if ft.caption_memory else None
     train_config = _scaled(config.train, epochs=ft.epochs, lr_scale=ft.lr_scale)
     fitted = fit_space(SpaceData(fit=fit, centers=centers, heldout=heldout, guard=("photos", data.guard),
-                                 taught=taught, calibration=data.val),
+                                 taught=taught, calibration=data.val, memory=memory),
                        config=train_config, joint_dim=_joint_dim(current.space, config), parent=current.space)
+    if fitted.space.memory is not None and data.tune_pairs is not None:
+        # chosen without them (they judged it); served with them: every accepted picture is remembered
+        m = fitted.space.memory
+        images, texts = _memory_rows(fitted.space, data.tune_pairs, ft.memory_max)
+        fitted.space.memory = CaptionMemory(images, texts, weight=m.weight, lo=m.lo, hi=m.hi, k=m.k,
+                                            temperature=m.temperature)
     info = {"user_pairs": len(data.user_pairs.text_to_image), "replay_pairs": len(data.replay.text_to_image),
             "repeats": repeats, "epochs": ft.epochs, "lr": train_config.lr, **fitted.info,
             "history": fitted.history, "seconds": round(time.monotonic() - started, 2)}
     info.setdefault("local_mix", {"skipped": "disabled (finetune.local_reference_max 0)"})
     return fitted.space, fitted.caption_temperature, info
+
+
+def _memory_rows(space: JointSpace, pairs: PairFeatures | None, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``space``'s caption memory rows (earlier runs') then one row per caption of ``pairs``, newest
+    ``max_rows`` kept: (images (M, D_img), texts (M, D_txt))."""
+    images = [space.memory.images] if space.memory is not None else []
+    texts = [space.memory.texts] if space.memory is not None else []
+    if pairs is not None and len(pairs.text_to_image):
+        images.append(pairs.image_features.float()[torch.as_tensor(pairs.text_to_image)])
+        texts.append(pairs.text.float())
+    if not images:
+        return torch.zeros(0, 1), torch.zeros(0, 1)
+    return torch.cat(images)[-max_rows:], torch.cat(texts)[-max_rows:]
 
 
 def _fine_tune_head(current: ModelVersion, data: TrainingSet, config: Config) -> tuple[torch.nn.Module, dict]:

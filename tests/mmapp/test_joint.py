@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from mmapp.cache import EmbeddingCache, text_key
 from mmapp.config import TrainConfig
 from mmapp.fusion import FusionConfig, create_fusion_head
-from mmapp.joint import AlignmentConfig, AlignmentModel, JointSpace, LocalMix, conse
+from mmapp.joint import AlignmentConfig, AlignmentModel, CaptionMemory, JointSpace, LocalMix, conse
 from mmapp.model_store import ModelStore, VersionMeta
-from mmapp.training import (PairFeatures, choose_local_mix, choose_mix, mean_mrr, mean_r1, train_alignment,
-                            with_centers)
+from mmapp.training import (PairFeatures, choose_local_mix, choose_memory, choose_mix, mean_mrr, mean_r1,
+                            train_alignment, with_centers)
 
 
 def synthetic_pairs(n: int, seed: int, *, n_classes: int = 50, d_img: int = 32, d_txt: int = 16) -> tuple[PairFeatures, torch.Tensor]:
@@ -122,6 +122,39 @@ def test_choose_local_mix_helps_the_taught_domain_and_spares_the_guard():
     assert none is None
 
 
+def test_caption_memory_helps_near_the_taught_pictures_and_leaves_the_guard_alone():
+    train, class_text = synthetic_pairs(512, 1)
+    val, _ = synthetic_pairs(128, 2)
+    space = with_centers(JointSpace(class_text, 5), train)  # the bridge alone: the memory must add what it lacks
+    guard = other_domain_pairs(40, 3, class_text)
+    # photos look unlike the taught pictures: shift them along a direction the taught features lack
+    mixing = torch.randn(16, 32, generator=torch.Generator().manual_seed(99))  # as synthetic_pairs
+    away = torch.linalg.svd(mixing, full_matrices=True).Vh[-1]  # (32,) orthogonal to every taught feature
+    guard = PairFeatures(guard.image_features + 3 * guard.image_features.norm(dim=1).mean() * away,
+                         guard.class_probs, guard.text, guard.text_to_image)
+    memory, table = choose_memory(space, train.image_features, train.text, [("val", val)], guard=("guard", guard))
+    assert memory is not None and memory.weight > 0
+    vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)
+    gi, gt = space.image_views(guard.image_features, guard.class_probs), space.text_views(guard.text)
+    before_val = mean_r1(space.similarity(vi, vt), val.text_to_image)
+    before_guard = mean_mrr(space.similarity(gi, gt), guard.text_to_image)
+    space.memory = memory
+    vi, vt = space.image_views(val.image_features, val.class_probs), space.text_views(val.text)
+    gi, gt = space.image_views(guard.image_features, guard.class_probs), space.text_views(guard.text)
+    assert mean_r1(space.similarity(vi, vt), val.text_to_image) > before_val + 0.1
+    assert mean_mrr(space.similarity(gi, gt), guard.text_to_image) >= before_guard - 1e-9
+    # an explicit mix is that mix alone: no memory
+    torch.testing.assert_close(space.similarity(vi, vt, mix=1.0), vi["bridge"] @ vt["bridge"].T)
+    # a memory of pictures and captions that tell nothing (random) is worth nothing
+    space.memory = None
+    g = torch.Generator().manual_seed(5)
+    none, _ = choose_memory(space, torch.randn(200, 32, generator=g), torch.randn(200, 16, generator=g),
+                            [("val", val)], guard=("guard", guard), min_gain=0.02)  # 154 settings on 128 pairs: noise
+    assert none is None
+    with pytest.raises(ValueError, match="one row per caption"):
+        CaptionMemory(train.image_features, train.text[:3], weight=0.1, lo=0.5, hi=0.6)
+
+
 def test_mean_mrr_matches_a_naive_loop():
     g = torch.Generator().manual_seed(0)
     sim = torch.randn(6, 9, generator=g)
@@ -162,6 +195,7 @@ def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
     model = AlignmentModel(AlignmentConfig(image_dim=32, text_dim=16, bridge_dim=16, joint_dim=8)).eval()
     space = with_centers(JointSpace(class_text, 5, model, mix=0.3), feats)
     space.local = LocalMix(F.normalize(feats.image_features[:10], dim=-1), near_mix=0.05, lo=0.5, hi=0.6)
+    space.memory = CaptionMemory(feats.image_features[:12], feats.text[:12], weight=0.3, lo=0.4, hi=0.5, k=3)
     fcfg = FusionConfig(image_dim=32, text_dim=16, num_labels=3)
     head = create_fusion_head("concat", fcfg).eval()
     store = ModelStore(tmp_path)
@@ -177,6 +211,7 @@ def test_model_store_roundtrip_and_atomic_pointer(tmp_path):
     vi0, vt0 = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
     torch.testing.assert_close(loaded.space.similarity(vi, vt), space.similarity(vi0, vt0), atol=1e-3, rtol=0)
     assert loaded.space.local.meta() == space.local.meta()
+    assert loaded.space.memory.meta() == space.memory.meta() and loaded.space.memory.images.shape == (12, 32)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.fusion_head(feats.image_features, feats.text).logits,
                                    head(feats.image_features, feats.text).logits)

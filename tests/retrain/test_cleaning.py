@@ -61,10 +61,13 @@ def test_quorum_counts_a_users_repeated_votes_once():
 
 
 def test_exact_duplicates_fold_case_and_punctuation():
-    kept, rejected = drop_exact_duplicates([pair(1, text="A cat."), pair(2, user="u2", text="a  cat"),
+    kept, rejected = drop_exact_duplicates([pair(1, text="A cat."), pair(2, text="a  cat"),
                                             pair(3, text="a dog"), pair(4, image="f" * 64, text="a cat")])
     assert ids(kept) == ["c1", "c3", "c4"]
     assert rejected[0].reason == EXACT_DUPLICATE and rejected[0].detail == {"duplicate_of": "c1"}
+    # another rater's identical caption agrees: collapsed into the first, not rejected
+    kept, rejected = drop_exact_duplicates([pair(1, text="A cat."), pair(2, user="u2", text="a  cat")])
+    assert ids(kept) == ["c1"] and rejected == []
 
 
 def test_near_duplicates_need_both_image_and_text_close():
@@ -118,7 +121,8 @@ def test_clean_chains_rules_and_reports_counts():
               for i in range(8)]
     items.append(pair(99, user="v9", image="9" * 64, text="noise", agreement=-0.5))
     result = clean(items, CleaningConfig(anonymous_rule="open"))  # the other rules alone
-    assert result.counts() == {NO_QUORUM: 2, EXACT_DUPLICATE: 1, SIMILARITY_OUTLIER: 1}
+    assert result.counts() == {NO_QUORUM: 2, SIMILARITY_OUTLIER: 1}
+    assert result.merged == {"c4": "c3"}  # u4 agrees with u3 word for word: one example, not a rejection
     assert len(result.accepted) == len(items) - 4
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from retrain.cleaning import (
     ANONYMOUS_CAP,
+    ANONYMOUS_CAP_EXPIRED,
+    CHANCE_AGREEMENT,
+    EXACT_DUPLICATE,
     ANONYMOUS_UNCONFIRMED,
     LABEL_DISAGREEMENT,
     USER_SHARE,
@@ -88,8 +91,10 @@ def test_anonymous_items_that_agree_with_a_trusted_rater_are_kept():
 def test_quorum_rule_caps_what_a_sybil_script_gets_in_per_run():
     config = CleaningConfig(anonymous_rule="quorum", anonymous_quorum=3, max_anonymous_per_run=20)
     kept, rejected = confirm_untrusted(sybil_batch(), config)
-    assert len(kept) == 20  # the script satisfies the quorum, so only the per-run cap bounds it
-    assert sum(r.reason == ANONYMOUS_CAP for r in rejected) == 380
+    # the script satisfies the quorum, so only the per-run cap bounds it: 20 pictures, earliest first
+    # (the captioned ones came first: 10 sessions each; the meme's 100 votes are held)
+    assert len({(c.kind, c.image_key) for c in kept}) == 20 and len(kept) == 20 * 10
+    assert sum(r.reason == ANONYMOUS_CAP for r in rejected) == 400 - len(kept)
     lone = [caption(1, "session:a", KIND_IMAGES[0], RIGHT), caption(2, "session:b", KIND_IMAGES[1], RIGHT)]
     kept, rejected = confirm_untrusted(lone, config)  # one session per picture: no quorum
     assert kept == [] and {r.reason for r in rejected} == {ANONYMOUS_UNCONFIRMED}
@@ -119,3 +124,67 @@ def test_a_trusted_label_is_a_quorum_of_its_own_as_configured():
 def test_anonymous_rule_is_validated():
     with pytest.raises(ValueError, match="anonymous_rule must be one of"):
         CleaningConfig(anonymous_rule="everyone")
+
+
+def quorum_picture(image: str, n: int, start: int, *, text: str = "a red tram", first_user: int = 0) -> list[Candidate]:
+    """``n`` sessions giving the same caption to one picture (a quorum's agreeing copies)."""
+    return [Candidate(f"q{start + j}", f"session:s{first_user + j}", "pair", image, text, text_embedding=RIGHT)
+            for j in range(n)]
+
+
+def test_the_anonymous_cap_counts_pictures_not_correction_rows():
+    config = CleaningConfig(anonymous_rule="quorum", anonymous_quorum=3, max_anonymous_per_run=2)
+    items = [c for p in range(4) for c in quorum_picture(KIND_IMAGES[p], 3, 10 * p)]  # 4 pictures x 3 sessions
+    kept, rejected = confirm_untrusted(items, config)
+    assert [c.item_id for c in kept] == ["q0", "q1", "q2", "q10", "q11", "q12"]  # 2 pictures, all 3 copies each
+    assert {r.candidate.image_key for r in rejected} == set(KIND_IMAGES[2:4])
+    assert {r.reason for r in rejected} == {ANONYMOUS_CAP} and not any(r.final for r in rejected)
+
+
+def test_a_quorums_agreeing_copies_collapse_into_one_example_and_are_not_rejected():
+    config = CleaningConfig(anonymous_rule="quorum", anonymous_quorum=3, max_anonymous_per_run=50, min_agreement=-99)
+    copies = quorum_picture(KIND_IMAGES[0], 3, 0)
+    repeat = Candidate("r1", "session:s0", "pair", KIND_IMAGES[0], "A red tram!", text_embedding=RIGHT)  # s0 again
+    result = clean(copies + [repeat], config)
+    assert [c.item_id for c in result.accepted] == ["q0"]  # trained on once
+    assert result.merged == {"q1": "q0", "q2": "q0"}  # the other raters' copies: merged, not rejected
+    assert [(r.candidate.item_id, r.reason) for r in result.rejected] == [("r1", EXACT_DUPLICATE)]  # same rater
+
+
+def test_a_trusted_copy_is_the_one_kept_so_trust_carries_on():
+    anon = Candidate("a1", "session:x", "pair", KIND_IMAGES[0], "a red tram", agreement=0.1, text_embedding=RIGHT)
+    mine = Candidate("t1", "alice", "pair", KIND_IMAGES[0], "a red tram", agreement=0.1, text_embedding=RIGHT,
+                     trusted=True)
+    result = clean([anon, mine], CleaningConfig())  # agreement 0.1 < min_agreement 1.0
+    assert [c.item_id for c in result.accepted] == ["t1"] and result.merged == {"a1": "t1"}
+
+
+def test_items_held_by_the_cap_are_reconsidered_once_then_rejected_for_good():
+    config = CleaningConfig(anonymous_rule="quorum", anonymous_quorum=3, max_anonymous_per_run=1, anonymous_cap_holds=1)
+    night1 = [c for p in range(3) for c in quorum_picture(KIND_IMAGES[p], 3, 10 * p)]
+    kept, rejected = confirm_untrusted(night1, config)
+    assert {c.image_key for c in kept} == {KIND_IMAGES[0]}
+    assert {r.reason for r in rejected} == {ANONYMOUS_CAP}  # held: reconsidered by the next run
+    # next night: the two held pictures come back (held once) beside a new one; earliest first
+    held = [Candidate(c.item_id, c.user, c.kind, c.image_key, c.text, text_embedding=RIGHT, cap_holds=1)
+            for c in (r.candidate for r in rejected)]
+    night2 = held + quorum_picture(KIND_IMAGES[5], 3, 50)
+    kept, rejected = confirm_untrusted(night2, config)
+    assert {c.image_key for c in kept} == {KIND_IMAGES[1]}
+    reasons = {r.candidate.image_key: (r.reason, r.final) for r in rejected}
+    assert reasons[KIND_IMAGES[2]] == (ANONYMOUS_CAP_EXPIRED, True)  # held once already: no queue that trickles in
+    assert reasons[KIND_IMAGES[5]] == (ANONYMOUS_CAP, False)  # new tonight: gets its reconsideration
+
+
+def test_trusted_pairs_skip_the_chance_agreement_test_unless_configured():
+    mine = [Candidate(f"t{i}", "alice", "pair", KIND_IMAGES[i], f"caption {i}", agreement=a, trusted=True)
+            for i, a in enumerate([0.2, -0.5, 3.0, 2.5, 2.8, 3.1])]
+    theirs = [Candidate(f"a{i}", "session:x", "pair", KIND_IMAGES[10 + i], f"other {i}", agreement=0.2)
+              for i in range(2)]
+    open_rules = dict(anonymous_rule="open", max_user_share=1.0)
+    result = clean(mine + theirs, CleaningConfig(**open_rules))
+    assert {c.item_id for c in result.accepted} == {c.item_id for c in mine}  # trusted: all kept
+    assert {(r.candidate.item_id, r.reason) for r in result.rejected} == {("a0", CHANCE_AGREEMENT),
+                                                                        ("a1", CHANCE_AGREEMENT)}
+    result = clean(mine + theirs, CleaningConfig(**open_rules, trusted_chance_check=True))
+    assert {r.candidate.item_id for r in result.rejected} == {"t0", "t1", "a0", "a1"}

@@ -41,3 +41,40 @@ def test_one_trusted_annotator_teaches_alone_and_a_sybil_script_gets_nothing_in(
     assert not any(reasons.get(c.id) == "user_share" for c in trusted)  # a trusted annotator is never capped
     assert sum(c.status == "used" for c in trusted) >= 0.6 * len(trusted)  # chance agreement may still drop some
     assert not any(w in text for text in bank for w in ("garbage", "fire", "rubbish"))
+
+
+def test_quorum_copies_are_used_together_and_cap_held_items_do_not_queue_up_across_nights(engine, source, home):
+    # anonymous_quorum 3, cap 10 pictures a night, held items reconsidered in one more run
+    config = make_config(home, anonymous_rule="quorum", anonymous_quorum=3, max_anonymous_per_run=10,
+                         anonymous_cap_holds=1)
+    Accounts(engine, AuthPolicy(scrypt_log2_n=10)).create("user0", "trusted", "a long enough password")
+    feed_new_concepts(engine, source, 120, users=1)  # a trusted annotator's work: enough for a held-out split
+    ids_of = {}
+    for j in range(30):  # 30 pictures of new concepts, each captioned alike by 3 sessions: 90 rows
+        concept = N_CORPUS + 1 + j % 5
+        ids_of[j] = [add_feedback(engine, source, concept=concept, i=j, user=f"s{(j + k) % 10}",
+                                  text=f"a drawing of concept {concept} number {j}") for k in range(3)]
+
+    def status_and_reasons(run_id):
+        with Session(engine) as s:
+            status = {c.id: c.status for c in s.scalars(select(Correction)).all()}
+            reasons = dict(s.execute(select(RejectedItem.correction_id, RejectedItem.reason)
+                                     .where(RejectedItem.run_id == run_id)).all())
+        return status, reasons
+
+    first = run_retrain(config, engine, features=source, force=True)
+    assert first.status == "promoted", first.message
+    status, reasons = status_and_reasons(first.run_id)
+    assert "exact_duplicate" not in reasons.values()  # the quorum's copies are collapsed, not rejected
+    capped = [j for j, ids in ids_of.items() if reasons.get(ids[0]) == "anonymous_cap"]
+    assert len(capped) == 20  # the cap counts pictures: 10 let in (3 rows each), 20 held
+    assert first.stats["cleaning"]["merged_copies"] >= 2 * 8  # two copies per let-in picture (chance may drop some)
+    for j, ids in ids_of.items():  # the copies of one picture share its fate
+        assert len({status[c] for c in ids}) == 1, (j, [status[c] for c in ids])
+    assert all(status[c] == "new" for j in capped for c in ids_of[j])  # held, not rejected
+
+    second = run_retrain(config, engine, features=source, force=True)
+    status, reasons = status_and_reasons(second.run_id)
+    expired = [j for j in capped if reasons.get(ids_of[j][0]) == "anonymous_cap_expired"]
+    assert len(expired) == 10  # reconsidered once: 10 more let in, the other 10 rejected for good
+    assert all(status[c] == "rejected" for j in expired for c in ids_of[j])

@@ -52,6 +52,7 @@ class ModelConfig:
     batch_images: str = "auto"  # concurrent requests' image-tower calls as one batch (mmapp.batching): auto (on with CUDA towers) | on | off
     batch_max_size: int = 16  # at most this many pictures per batched image-tower call
     batch_max_wait_ms: float = 5.0  # the first request of a batch waits at most this long for others to join
+    decode_on_device: str = "auto"  # bulk embedding (build, import, retrain) decodes JPEGs on the tower's device: auto (on with CUDA) | on | off
 
 
 @dataclass(frozen=True)

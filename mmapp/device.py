@@ -39,3 +39,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cuda_auto_setting(setting: str, placement: Placement | None, *, knob: str) -> bool:
+    """An ``auto | on | off`` knob whose ``auto`` means "on when the tower runs on CUDA"."""
+    value = str(setting).strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    if value != "auto":
+        raise ValueError(f"{knob} must be auto, on or off, got {setting!r}")
+    return placement is not None and placement.device.type == "cuda"

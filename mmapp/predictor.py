@@ -17,7 +17,7 @@ from mmapp.batching import MicroBatcher
 from mmapp.cache import text_key
 from mmapp.captioning import CaptionPolicy, PhraseSpace, compose_caption, picture_halves, template_caption
 from mmapp.config import Config
-from mmapp.device import resolve_placement
+from mmapp.device import cuda_auto_setting, resolve_placement
 from mmapp.embedder import Embedder
 from mmapp.encoders import ImageFeatures
 from mmapp.encoders.image import imagenet_class_names
@@ -77,15 +77,7 @@ def generative_captioner(config: Config):
 def batching_wanted(setting: str, image_encoder) -> bool:
     """``model.batch_images``: on, off, or auto = on when the image tower runs on CUDA. On two CPU cores
     a batch costs as much per picture as single calls (docs/results.md, "Load test (issue 13)")."""
-    value = str(setting).strip().lower()
-    if value in ("on", "true", "1", "yes"):
-        return True
-    if value in ("off", "false", "0", "no"):
-        return False
-    if value != "auto":
-        raise ValueError(f"model.batch_images must be auto, on or off, got {setting!r}")
-    placement = getattr(image_encoder, "placement", None)
-    return placement is not None and placement.device.type == "cuda"
+    return cuda_auto_setting(setting, getattr(image_encoder, "placement", None), knob="model.batch_images")
 
 
 class Predictor:

@@ -16,7 +16,7 @@ import torch
 
 from mmapp.cache import EmbeddingCache
 from mmapp.config import Config
-from mmapp.device import resolve_placement
+from mmapp.device import cuda_auto_setting, resolve_placement
 from mmapp.embedder import Embedder
 from mmapp.encoders import EncoderOptions, create_encoder
 from mmapp.encoders.image import imagenet_class_names
@@ -41,7 +41,9 @@ class Towers:
                               clip_pretrained=config.model.clip_pretrained, ocr_det_side=config.model.ocr_det_side)
         embedder = Embedder(image_encoder=create_encoder(config.model.image_encoder, opts, kind="image"),
                             text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
-                            cache=EmbeddingCache(paths.embeddings))
+                            cache=EmbeddingCache(paths.embeddings),
+                            decode_on_device=cuda_auto_setting(config.model.decode_on_device, placement,
+                                                               knob="model.decode_on_device"))
         return cls(embedder=embedder, ocr=lambda: create_encoder(config.model.ocr, opts, kind="ocr"),
                    bridge_top_t=config.model.bridge_top_t)
 

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 from mmapp.device import Placement
 from mmapp.encoders.base import ImageFeatures, file_sha256
@@ -110,6 +112,35 @@ class EfficientNetLiteEncoder:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(im.convert("RGB")) for im in images])  # (B, 3, S, S)
+
+    def preprocess_jpegs(self, datas: Sequence[bytes]) -> torch.Tensor:
+        """JPEG bytes -> (B, 3, S, S) normalised pixels, decoded and resized on the tower's device
+        (nvJPEG on CUDA: the bulk path without PIL). Same geometry as :meth:`preprocess` (shorter side
+        to S with antialiased bicubic, centre crop); values agree to resampling noise. Raises on
+        anything ``decode_jpeg`` cannot read: callers fall back to :meth:`preprocess` per picture."""
+        device = self.placement.device
+        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)  # list of (3, H, W) uint8
+        size = self.spec.image_size
+        mean = torch.tensor(_IMAGENET_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD, device=device).view(3, 1, 1)
+        out = []
+        for im in decoded:
+            x = TF.resize(im.to(device).float().div_(255), [size], interpolation=TF.InterpolationMode.BICUBIC,
+                          antialias=True)
+            x = TF.center_crop(x, [size, size]).clamp_(0, 1)
+            out.append((x - mean) / std)
+        return torch.stack(out)
+
+    def encode_jpegs(self, datas: Sequence[bytes]) -> ImageFeatures:
+        """:meth:`encode` for JPEG files' bytes, decoded on the device (see :meth:`preprocess_jpegs`)."""
+        feats, probs = [], []
+        with torch.inference_mode():
+            for start in range(0, len(datas), self.batch_size):
+                out = self.forward_pixels(self.preprocess_jpegs(datas[start:start + self.batch_size]))
+                feats.append(out.features.cpu())
+                probs.append(out.class_probs.cpu())
+        return ImageFeatures(features=torch.cat(feats), class_probs=torch.cat(probs))
 
     def forward_pixels(self, pixels: torch.Tensor) -> ImageFeatures:
         """Tower forward on preprocessed pixels; differentiable where blocks were unfrozen."""

@@ -30,6 +30,26 @@ DOWNLOAD_HINT = ("download a captioning model on a machine with internet, e.g. `
                  "model.captioner_path (env MMAPP__MODEL__CAPTIONER_PATH) to it")
 
 
+HUB_PREFIX = "hub:"  # model.captioner_path "hub:Salesforce/blip-image-captioning-base": from the Hugging Face hub
+
+
+def captioner_folder(source: str | Path) -> Path:
+    """The local folder of ``model.captioner_path``: the path itself, or for ``hub:<repo id>`` the hub
+    snapshot (downloaded once online, from the local Hugging Face cache after that; with
+    ``HF_HUB_OFFLINE=1`` and nothing cached this fails at once with what to do)."""
+    text = str(source)
+    if not text.startswith(HUB_PREFIX):
+        return Path(text)
+    repo_id = text[len(HUB_PREFIX):].strip()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, unknown repo, no network: all mean "not here"
+        raise FileNotFoundError(f"could not get the captioner {repo_id!r} from the Hugging Face hub "
+                                f"({type(exc).__name__}: {str(exc)[:200]}); without internet: {DOWNLOAD_HINT}") from exc
+
+
 @dataclass(frozen=True)
 class GeneratedCaption:
     text: str
@@ -43,7 +63,7 @@ class GenerativeCaptioner:
                              f"got {max_new_tokens} and {num_beams}")
         if not str(path):
             raise FileNotFoundError(f"model.captioner_path is empty: {DOWNLOAD_HINT}")
-        path = Path(path)
+        path = captioner_folder(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no generative captioner at {str(path)!r} (a folder with config.json, the weights "
                                     f"and the processor files): {DOWNLOAD_HINT}")

@@ -46,7 +46,7 @@ class ModelConfig:
     meme_text_features: str = "vader-v1"  # what a new meme head reads as text: "" (embedding only) | "vader-v1"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     captioner: str = ""  # "" = captions retrieved from the bank only; "hf" = a transformers captioner (mmapp/captioner.py)
-    captioner_path: str = ""  # local folder with the captioner's save_pretrained files (model + processor)
+    captioner_path: str = ""  # local folder with the captioner's save_pretrained files (model + processor), or hub:<repo id> (online / HF cache)
     captioner_max_new_tokens: int = 30  # generated caption length budget
     captioner_num_beams: int = 1  # 1 = greedy decoding; >1 = beam search
     batch_images: str = "auto"  # concurrent requests' image-tower calls as one batch (mmapp.batching): auto (on with CUDA towers) | on | off

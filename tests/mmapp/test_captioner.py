@@ -3,6 +3,7 @@ saved as a local folder loads, generates greedy and beam captions, and the predi
 with the bank's matches beside it; a missing folder is a fast, clear error."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,25 @@ def test_the_predictor_serves_the_generated_caption_first(tiny_blip, tmp_path):
     assert len(result.alternatives) == 3 and all(t in predictor._bank_texts for t, _ in result.alternatives)
     assert [p for _, p in result.alternatives] == sorted((p for _, p in result.alternatives), reverse=True)
     assert "generate" in result.timings_ms
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache_and_fails_fast_offline_without_it(tiny_blip, tmp_path, monkeypatch):
+    """``model.captioner_path: hub:<repo id>`` resolves through huggingface_hub: offline with nothing
+    cached it is a fast clear error; a snapshot in the cache (what a first online start leaves) loads."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="could not get the captioner 'mmapp/tiny-shapes'.*huggingface-cli download"):
+        GenerativeCaptioner("hub:mmapp/tiny-shapes", placement=CPU)
+    assert time.perf_counter() - started < 10
+    repo = tmp_path / "hub" / "models--mmapp--tiny-shapes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_blip, repo / "snapshots" / ("0" * 40))
+    captioner = GenerativeCaptioner("hub:mmapp/tiny-shapes", placement=CPU)
+    assert captioner.path == repo / "snapshots" / ("0" * 40)
+    assert captioner.generate([render_scene(SCENE)])[0].text

@@ -46,6 +46,32 @@ def wait_until_served(server, url: str, log: Path, *, timeout_s: float = 180) ->
     pytest.fail("server did not start:\n" + log.read_text()[-3000:])
 
 
+def caption_with_app_py(profile: str, env: dict, picture: Path, tmp_path: Path, *,
+                        timeout_s: float = 180) -> tuple[dict, str]:
+    """Start ``python app.py --profile PROFILE`` with ``env``, caption ``picture`` through the page's
+    ``/caption`` API, stop it; returns the caption details and the server's log."""
+    import subprocess
+    import sys
+
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "app.py", "--profile", profile, "--port", str(port)], cwd=REPO,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_until_served(server, url, log, timeout_s=timeout_s)
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode == 0, log.read_text()[-3000:]
+    return details, log.read_text()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

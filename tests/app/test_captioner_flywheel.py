@@ -10,7 +10,6 @@ while scenes without yellow do not regress; poisoned corrections are refused. Th
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,11 +82,10 @@ def test_python_app_py_profile_blip_serves_the_fine_tuned_captioner(flywheel, tm
     version (base + decoder delta) and its generated caption names the colour it was taught."""
     import os
 
-    from gradio_client import Client, handle_file
 
     import shapes_captioner
     from mmapp.data.shapes import render_scene
-    from tests.app.conftest import free_port, wait_until_served
+    from tests.app.conftest import caption_with_app_py
 
     home = Path(flywheel["home"])
     env = {**os.environ, **shapes_captioner.blip_env(home, Path(flywheel["checkpoint"]).parent),
@@ -95,19 +93,6 @@ def test_python_app_py_profile_blip_serves_the_fine_tuned_captioner(flywheel, tm
     scene = shapes_captioner.world()["test_new"][0]
     picture = tmp_path / "scene.png"
     render_scene(scene, size=shapes_captioner.UPLOAD_SIZE, variant=shapes_captioner.TEST_VARIANT).save(picture)
-    port = free_port()
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--profile", "blip", "--port", str(port)], cwd=REPO,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_served(server, url, log, timeout_s=240)
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-        details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
-        assert details["model_version"] == flywheel["first"]["version"]
-        assert details["source"] == "generated" and "yellow" in details["caption"], details
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert server.returncode == 0, log.read_text()[-3000:]
+    details, log_text = caption_with_app_py('blip', env, picture, tmp_path, timeout_s=240)
+    assert details["model_version"] == flywheel["first"]["version"]
+    assert details["source"] == "generated" and "yellow" in details["caption"], details

@@ -14,7 +14,7 @@ from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from retrain.scheduler import LEASE_NAME
 
-from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, free_port, wait_until_served
+from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, caption_with_app_py, free_port, wait_until_served
 
 
 def test_importing_app_does_no_work(tmp_path):
@@ -94,22 +94,9 @@ def test_python_app_py_profile_blip_serves_the_generated_caption_first(predictor
         (home / shared).symlink_to(app_home / shared, target_is_directory=True)
     picture = tmp_path / "scene.png"
     render_scene(SCENE).save(picture)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMAPP")}
     env.update(MMAPP_HOME=str(home), PYTHONUNBUFFERED="1", MMAPP__MODEL__CAPTIONER_PATH=str(blip),
                MMAPP__MODEL__DEVICE="cpu")
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--profile", "blip", "--port", str(port)], cwd=REPO,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_served(server, url, log)
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-        details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
-        assert details["caption"] == SCENE.caption and details["source"] == "generated", details
-        assert details["alternatives"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert server.returncode == 0, log.read_text()[-3000:]
+    details, _ = caption_with_app_py("blip", env, picture, tmp_path)
+    assert details["caption"] == SCENE.caption and details["source"] == "generated", details
+    assert details["alternatives"]

@@ -4,7 +4,6 @@ the towers' native zero-shot score, and the previous projections-only design fal
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -89,10 +88,9 @@ def shapes_world_summary(r: dict) -> dict:
 def test_python_app_py_profile_clip_captions_a_shape(shapes_run, tmp_path):
     """`python app.py --profile clip` against the tiny local checkpoint: it serves the bootstrap
     version and captions a rendered scene from the bank."""
-    from gradio_client import Client, handle_file
 
     import shapes_world
-    from tests.app.conftest import free_port, wait_until_served
+    from tests.app.conftest import caption_with_app_py
 
     home = Path(shapes_run["home"])
     env = {k: v for k, v in shapes_world.clip_env(home, Path(shapes_run["checkpoint"])).items()
@@ -101,20 +99,7 @@ def test_python_app_py_profile_clip_captions_a_shape(shapes_run, tmp_path):
     scene = split_scenes(shapes_world.FRACTIONS, seed=0)["test"][0]
     picture = tmp_path / "scene.png"
     render_scene(scene, size=64).save(picture)
-    port = free_port()
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--profile", "clip", "--port", str(port)], cwd=REPO,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_served(server, url, log, timeout_s=240)
-        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
-        details = client.predict(handle_file(str(picture)), "", api_name="/caption")[4]
-        assert details["model_version"] == shapes_run["version"]
-        assert details["caption"], details
-        assert "openclip-" in log.read_text() or f"serving model {shapes_run['version']!r}" in log.read_text()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert server.returncode == 0, log.read_text()[-3000:]
+    details, log_text = caption_with_app_py('clip', env, picture, tmp_path, timeout_s=240)
+    assert details["model_version"] == shapes_run["version"]
+    assert details["caption"], details
+    assert "openclip-" in log_text or f"serving model {shapes_run['version']!r}" in log_text

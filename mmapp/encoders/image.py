@@ -134,13 +134,7 @@ class EfficientNetLiteEncoder:
 
     def encode_jpegs(self, datas: Sequence[bytes]) -> ImageFeatures:
         """:meth:`encode` for JPEG files' bytes, decoded on the device (see :meth:`preprocess_jpegs`)."""
-        feats, probs = [], []
-        with torch.inference_mode():
-            for start in range(0, len(datas), self.batch_size):
-                out = self.forward_pixels(self.preprocess_jpegs(datas[start:start + self.batch_size]))
-                feats.append(out.features.cpu())
-                probs.append(out.class_probs.cpu())
-        return ImageFeatures(features=torch.cat(feats), class_probs=torch.cat(probs))
+        return self._encode_batches(datas, self.preprocess_jpegs)
 
     def forward_pixels(self, pixels: torch.Tensor) -> ImageFeatures:
         """Tower forward on preprocessed pixels; differentiable where blocks were unfrozen."""
@@ -150,12 +144,16 @@ class EfficientNetLiteEncoder:
         return ImageFeatures(features=pooled.float(), class_probs=logits.float().softmax(-1))
 
     def encode(self, images: Sequence[Image.Image]) -> ImageFeatures:
-        if len(images) == 0:
+        return self._encode_batches(images, self.preprocess)
+
+    def _encode_batches(self, items: Sequence, preprocess) -> ImageFeatures:
+        """The tower on ``items`` in batches of ``batch_size``, each made pixels by ``preprocess``."""
+        if len(items) == 0:
             return ImageFeatures(torch.empty(0, self.dim), torch.empty(0, 1000))
         feats, probs = [], []
         with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                out = self.forward_pixels(self.preprocess(images[start:start + self.batch_size]))
+            for start in range(0, len(items), self.batch_size):
+                out = self.forward_pixels(preprocess(items[start:start + self.batch_size]))
                 feats.append(out.features.cpu())
                 probs.append(out.class_probs.cpu())
         return ImageFeatures(features=torch.cat(feats), class_probs=torch.cat(probs))

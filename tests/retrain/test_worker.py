@@ -22,10 +22,9 @@ from .world import feed_new_concepts
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_one_request_is_taken_by_exactly_one_worker(engine, home):
-    assert request_run(engine)["started"] and pending_request(engine) is not None
-    engines = [make_engine(f"sqlite:///{home / 'mmapp.db'}") for _ in range(4)]
-    barrier, taken = threading.Barrier(4), []
+def race_take_request(engines) -> list[bool]:
+    """Every engine tries to take the pending request at the same moment; who got it."""
+    barrier, taken = threading.Barrier(len(engines)), []
 
     def worker(e):
         barrier.wait()
@@ -35,6 +34,13 @@ def test_one_request_is_taken_by_exactly_one_worker(engine, home):
         t.start()
     for t in threads:
         t.join()
+    return taken
+
+
+def test_one_request_is_taken_by_exactly_one_worker(engine, home):
+    assert request_run(engine)["started"] and pending_request(engine) is not None
+    engines = [make_engine(f"sqlite:///{home / 'mmapp.db'}") for _ in range(4)]
+    taken = race_take_request(engines)
     assert sorted(taken) == [False, False, False, True] and pending_request(engine) is None
     assert not take_request(engine)  # the same request is never taken twice
     for e in engines:
@@ -149,16 +155,7 @@ def test_one_request_is_taken_by_exactly_one_worker_on_postgres():
         init_db(engines[0])
         for _ in range(3):  # three requests in a row: each taken once
             assert request_run(engines[0])["started"]
-            barrier, taken = threading.Barrier(len(engines)), []
-
-            def worker(e):
-                barrier.wait()
-                taken.append(take_request(e))
-            threads = [threading.Thread(target=worker, args=(e,)) for e in engines]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            taken = race_take_request(engines)
             assert taken.count(True) == 1 and pending_request(engines[0]) is None
             time.sleep(0.01)  # the next request has a later timestamp
     finally:

@@ -270,6 +270,7 @@ class SpaceData:
     # (images (M, D_img), texts (M, D_txt)): taught pictures and their captions, one row per caption, for
     # a caption memory (:func:`choose_memory`); None: no memory
     memory: tuple[torch.Tensor, torch.Tensor] | None = None
+    memory_k: int = 5  # taught pictures whose captions the memory averages (nearest first)
     calibration: PairFeatures | None = None  # caption softmax temperature is fitted on these
 
 
@@ -301,7 +302,8 @@ def fit_space(data: SpaceData, *, config: TrainConfig, joint_dim: int, parent: J
                              else {"skipped": "no local mix beat the global one on the held-out objective",
                                    "table": local_table})
     if data.memory is not None:
-        space.memory, memory_table = choose_memory(space, *data.memory, data.heldout, guard=data.guard)
+        space.memory, memory_table = choose_memory(space, *data.memory, data.heldout, guard=data.guard,
+                                                   k=data.memory_k)
         info["caption_memory"] = ({**space.memory.meta(), "rows": int(space.memory.images.shape[0]),
                                    "table": memory_table} if space.memory is not None
                                   else {"skipped": "no memory weight beat none on the held-out objective",

@@ -107,7 +107,8 @@ def _fine_tune_space(current: ModelVersion, data: TrainingSet, config: Config) -
     memory = _memory_rows(current.space, data.user_pairs, ft.memory_max) if ft.caption_memory else None
     train_config = _scaled(config.train, epochs=ft.epochs, lr_scale=ft.lr_scale)
     fitted = fit_space(SpaceData(fit=fit, centers=centers, heldout=heldout, guard=("photos", data.guard),
-                                 taught=taught, calibration=data.val, memory=memory),
+                                 taught=taught, calibration=data.val, memory=memory,
+                                 memory_k=ft.memory_k),
                        config=train_config, joint_dim=_joint_dim(current.space, config), parent=current.space)
     if fitted.space.memory is not None and data.tune_pairs is not None:
         # chosen without them (they judged it); served with them: every accepted picture is remembered

@@ -197,12 +197,13 @@ class CaptionMemory:
 
     def image_view(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """The image side: "caption" (N, D_txt) m_i, "image" (N, D_img) the centred image itself,
-        "nearness" (N,) in [0, 1]."""
+        "support" (N,) the mean cosine to the k nearest taught pictures, "nearness" (N,) it ramped to [0, 1]."""
         unit = F.normalize(features.float(), dim=-1)
         values, idx, w = self._neighbours(unit @ self.images.T)  # (N, k) each
         m = (w.unsqueeze(-1) * (self.texts[idx] - self.center)).sum(1)  # (N, D_txt)
+        support = values.mean(1)
         return {"caption": F.normalize(m, dim=-1), "image": F.normalize(unit - self.image_center, dim=-1),
-                "nearness": ramp(values.mean(1), self.lo, self.hi)}
+                "support": support, "nearness": ramp(support, self.lo, self.hi)}
 
     def text_view(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """The text side: "caption" (N, D_txt) the centred text itself, "image" (N, D_img) u_t."""

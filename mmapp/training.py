@@ -410,7 +410,7 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
 
     baseline = objective(space.mix, 0.0, 1.0)
     guard_floor = mean_mrr(parts[guard[0]][0], parts[guard[0]][2]) if guard else None  # the pure bridge
-    rows, best = [], None
+    rows = []
     nears = [max(0.0, round(space.mix - step * i, 4)) for i in range(int(space.mix / step + 1e-9) + 1)]  # no -0.0
     for near in nears:
         for lo in thresholds:
@@ -423,15 +423,18 @@ def choose_local_mix(space: JointSpace, reference: torch.Tensor, heldout: Sequen
                 else:
                     row["allowed"] = True
                 rows.append(row)
-                if row["allowed"] and row["objective"] > baseline + 1e-9:
-                    key = (round(row["objective"], 6), near, lo)
-                    if best is None or key > best[0]:
-                        best = (key, row)
     table = [{"baseline_objective": baseline, "guard_floor": guard_floor}, *rows]
-    if best is None:
+    r = _best_row(rows, above=baseline + 1e-9, key=lambda row: (row["near_mix"], row["lo"]))
+    if r is None:
         return None, table
-    r = best[1]
     return LocalMix(probe.reference, near_mix=r["near_mix"], lo=r["lo"], hi=r["hi"], k=k), table
+
+
+def _best_row(rows: Sequence[dict], *, above: float, key) -> dict | None:
+    """The allowed grid row with the highest objective over ``above``; ties (to 6 decimals) go to the
+    highest ``key(row)``. None when no allowed row clears ``above``."""
+    eligible = [row for row in rows if row["allowed"] and row["objective"] > above]
+    return max(eligible, key=lambda row: (round(row["objective"], 6), *key(row)), default=None)
 
 
 MEMORY_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -446,8 +449,7 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
     weight beats none.
 
     Each (weight, nearness threshold) must raise the mean reciprocal rank over ``heldout`` by ``min_gain``
-    (which
-    must not contain the memory's own pictures: users' tune pairs, the bootstrap validation split)
+    (``heldout`` must not contain the memory's own pictures: users' tune pairs, the bootstrap validation split)
     and must leave every guard image untouched (nearness 0: the memory acts only near what users
     taught, never on real photos; a guard MRR that merely does not fall let a neighbourhood reach
     the photos and move other photos in the simulation). Ties go to the smaller weight, then the
@@ -460,10 +462,9 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
     parts = {}
     for name, feats in sets:
         vi, vt = space.image_views(feats.image_features, feats.class_probs), space.text_views(feats.text)
-        sims = F.normalize(feats.image_features.float(), dim=-1) @ probe.images.T
-        support = sims.topk(min(k, sims.shape[1]), dim=1).values.mean(1)  # (N,)
-        raw = CaptionMemory.raw_bonus(probe.image_view(feats.image_features), probe.text_view(feats.text))
-        parts[name] = (space.similarity(vi, vt), raw, support, feats.text_to_image)
+        memory_view = probe.image_view(feats.image_features)
+        raw = CaptionMemory.raw_bonus(memory_view, probe.text_view(feats.text))
+        parts[name] = (space.similarity(vi, vt), raw, memory_view["support"], feats.text_to_image)
 
     def score(name: str, weight: float, lo: float) -> float:
         base, mem, support, t2i = parts[name]
@@ -474,7 +475,7 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
 
     baseline = float(np.mean([score(name, 0.0, 0.0) for name, _ in heldout]))
     guard_floor = score(guard[0], 0.0, 0.0) if guard else None
-    rows, best = [], None
+    rows = []
     for weight in weights:
         for lo in thresholds:
             row = {"weight": weight, "lo": lo, "hi": round(lo + width, 4),
@@ -487,14 +488,10 @@ def choose_memory(space: JointSpace, images: torch.Tensor, texts: torch.Tensor,
             else:
                 row["allowed"] = True
             rows.append(row)
-            if row["allowed"] and row["objective"] > baseline + min_gain:
-                key = (round(row["objective"], 6), -weight, lo)
-                if best is None or key > best[0]:
-                    best = (key, row)
     table = [{"baseline_objective": baseline, "guard_floor": guard_floor}, *rows]
-    if best is None:
+    r = _best_row(rows, above=baseline + min_gain, key=lambda row: (-row["weight"], row["lo"]))
+    if r is None:
         return None, table
-    r = best[1]
     return CaptionMemory(images, texts, weight=r["weight"], lo=r["lo"], hi=r["hi"], k=k), table
 
 

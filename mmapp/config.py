@@ -52,6 +52,9 @@ class ModelConfig:
     batch_images: str = "auto"  # concurrent requests' image-tower calls as one batch (mmapp.batching): auto (on with CUDA towers) | on | off
     batch_max_size: int = 16  # at most this many pictures per batched image-tower call
     batch_max_wait_ms: float = 5.0  # the first request of a batch waits at most this long for others to join
+    image_runtime: str = "auto"  # frozen image tower at inference: auto (onnxruntime for a float32 CPU tower, else torch) | torch | onnx
+    image_runtime_threads: int = 0  # onnxruntime intra-op threads for bulk batches; 0 = torch's thread count
+    image_runtime_serving_threads: int = 1  # ... for a request's few pictures (parallel requests fill the cores); 0 = as bulk
     decode_on_device: str = "auto"  # bulk embedding (build, import, retrain) decodes JPEGs on the tower's device: auto (on with CUDA) | on | off
 
 

@@ -280,6 +280,7 @@ def _load_tower_state(encoder, tensors: dict[str, torch.Tensor]) -> None:
     target = encoder.model.state_dict()  # shares storage with the live tower
     for key, value in tensors.items():
         target[key].copy_(value)
+    encoder.weights_changed()
 
 
 def _preprocess_all(encoder, images: Sequence[ImageSource]) -> torch.Tensor:

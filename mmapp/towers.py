@@ -9,7 +9,7 @@ prompts are built on first use. No model versions, no database, no UI.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -18,10 +18,18 @@ from mmapp.cache import EmbeddingCache
 from mmapp.config import Config
 from mmapp.device import cuda_auto_setting, resolve_placement
 from mmapp.embedder import Embedder
-from mmapp.encoders import EncoderOptions, create_encoder
+from mmapp.encoders import EncoderOptions, ImageRuntimeConfig, create_encoder
 from mmapp.encoders.image import imagenet_class_names
 from mmapp.imageio import DecodedImage
 from mmapp.joint import JointSpace, class_prompt_embeddings
+
+
+class ReadUntil(Protocol):
+    """When a partial OCR read may stop (``__call__(text_so_far)``), and a cache key naming the rule."""
+
+    key: str
+
+    def __call__(self, text: str) -> bool: ...
 
 
 class Towers:
@@ -38,7 +46,9 @@ class Towers:
         placement = resolve_placement(config.model.device)
         paths = config.paths
         opts = EncoderOptions(placement=placement, cache_dir=paths.weights, clip_model=config.model.clip_model,
-                              clip_pretrained=config.model.clip_pretrained, ocr_det_side=config.model.ocr_det_side)
+                              clip_pretrained=config.model.clip_pretrained, ocr_det_side=config.model.ocr_det_side,
+                              image_runtime=ImageRuntimeConfig(config.model.image_runtime, config.model.image_runtime_threads,
+                                                               config.model.image_runtime_serving_threads))
         embedder = Embedder(image_encoder=create_encoder(config.model.image_encoder, opts, kind="image"),
                             text_encoder=create_encoder(config.model.text_encoder, opts, kind="text"),
                             cache=EmbeddingCache(paths.embeddings),
@@ -99,15 +109,20 @@ class Towers:
 
     baseline_space = bridge_space
 
-    def read_text(self, image: DecodedImage) -> str:
-        """OCR text, cached by image content so a re-analysis never runs OCR twice."""
+    def read_text(self, image: DecodedImage, until: "ReadUntil | None" = None) -> str:
+        """OCR text, cached by image content so a re-analysis never runs OCR twice.
+
+        With ``until`` (e.g. :class:`mmapp.captioning.QuotedWords`) OCR stops once ``until(text)`` holds:
+        a whole read in the cache is used as it is; a partial one is cached under ``until.key`` apart."""
         cache = self.embedder.cache
         identity = getattr(self.ocr, "identity", "ocr")
+        keys = [identity] if until is None else [identity, f"{identity}/{until.key}"]
         if cache is not None:
-            hit = cache.get(identity, image.sha256)
-            if hit is not None:
-                return str(hit["text"])
-        text = self.ocr.read(image.image).text
+            for key in keys:
+                hit = cache.get(key, image.sha256)
+                if hit is not None:
+                    return str(hit["text"])
+        text = self.ocr.read(image.image, until=until).text if until is not None else self.ocr.read(image.image).text
         if cache is not None:
-            cache.put(identity, image.sha256, {"text": np.array(text)})
+            cache.put(keys[-1], image.sha256, {"text": np.array(text)})
         return text

@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 from mmapp.device import Placement
 from mmapp.encoders.base import ImageFeatures
+from mmapp.encoders.onnx_runtime import ImageRuntimeConfig
 
-__all__ = ["ImageFeatures", "EncoderOptions", "list_encoders", "create_encoder", "encoder_kind"]
+__all__ = ["ImageFeatures", "EncoderOptions", "ImageRuntimeConfig", "list_encoders", "create_encoder", "encoder_kind"]
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,15 @@ class EncoderOptions:
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = ""
     ocr_det_side: int | None = None  # None: the OCR reader's own default (OCRConfig.det_side)
+    image_runtime: ImageRuntimeConfig = ImageRuntimeConfig()  # what runs a frozen EfficientNet tower (ONNX export under cache_dir)
 
 
 def _efficientnet(name: str) -> Callable[[EncoderOptions], Any]:
     def build(opts: EncoderOptions):
         from mmapp.encoders.image import EfficientNetLiteEncoder
 
-        return EfficientNetLiteEncoder(name, placement=opts.placement)
+        return EfficientNetLiteEncoder(name, placement=opts.placement, runtime=opts.image_runtime,
+                                       cache_dir=opts.cache_dir)
     return build
 
 

@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mmapp.device import Placement
 from mmapp.encoders.base import ImageFeatures, file_sha256
+from mmapp.encoders.onnx_runtime import ImageRuntimeConfig, OnnxImageTower, onnx_available
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +65,8 @@ class EfficientNetLiteEncoder:
     dim = 1280
     has_imagenet_head = True  # class_probs over ImageNet-1k: the ConSE bridge works on it
 
-    def __init__(self, name: str, *, placement: Placement, batch_size: int = 32):
+    def __init__(self, name: str, *, placement: Placement, batch_size: int = 32,
+                 runtime: ImageRuntimeConfig = ImageRuntimeConfig(runtime="torch"), cache_dir: Path | None = None):
         if name not in EFFICIENTNET_LITE:
             raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; valid: {sorted(EFFICIENTNET_LITE)}")
         self.name = name
@@ -90,10 +92,35 @@ class EfficientNetLiteEncoder:
             transforms.ToTensor(),
             transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
         ])
+        self.onnx = self._onnx_tower(runtime, cache_dir)  # None: eager torch runs the frozen tower
+
+    def _onnx_tower(self, runtime: ImageRuntimeConfig, cache_dir: Path | None) -> OnnxImageTower | None:
+        cpu_float32 = self.placement.device.type == "cpu" and self.placement.dtype == torch.float32
+        if runtime.runtime == "torch" or (runtime.runtime == "auto" and not (cpu_float32 and cache_dir and onnx_available())):
+            return None
+        if not cpu_float32:
+            raise ValueError(f"model.image_runtime 'onnx' runs float32 CPU towers only; this one is on {self.placement}")
+        if not onnx_available():
+            raise ImportError("model.image_runtime 'onnx' needs the onnx and onnxruntime packages: pip install onnx onnxruntime")
+        if cache_dir is None:
+            raise ValueError("model.image_runtime 'onnx' needs a cache folder for the exported graph")
+        return OnnxImageTower(self.model, image_size=self.spec.image_size, cache_dir=cache_dir,
+                              key=self.identity.replace("@", "-"), threads=runtime.threads,
+                              serving_threads=runtime.serving_threads)
 
     @cached_property
     def identity(self) -> str:
         return f"{self.name}@{file_sha256(self.weights_path)[:16]}"
+
+    @property
+    def runtime(self) -> str:
+        """What runs the frozen tower at inference: "onnx" or "torch" (training always runs torch)."""
+        return "torch" if self.onnx is None else "onnx"
+
+    def weights_changed(self) -> None:
+        """The tower's weights were changed in place (a fine-tuned delta): the ONNX export no longer
+        matches them, so eager torch runs the tower from now on."""
+        self.onnx = None
 
     def freeze(self) -> None:
         for p in self.model.parameters():
@@ -106,6 +133,7 @@ class EfficientNetLiteEncoder:
             return []
         modules = list(self.model._blocks[-n_blocks:]) + [self.model._conv_head, self.model._bn1]
         params = [p for m in modules for p in m.parameters()]
+        self.weights_changed()  # trained from here on: the export would go stale
         for p in params:
             p.requires_grad_(True)
         return params
@@ -146,6 +174,13 @@ class EfficientNetLiteEncoder:
     def encode(self, images: Sequence[Image.Image]) -> ImageFeatures:
         return self._encode_batches(images, self.preprocess)
 
+    def _forward_frozen(self, pixels: torch.Tensor) -> ImageFeatures:
+        """Inference on the frozen tower: onnxruntime when exported (same numbers to ~1e-5), else torch."""
+        if self.onnx is None:
+            return self.forward_pixels(pixels)
+        pooled, logits = self.onnx.run(pixels)  # (B, D), (B, 1000)
+        return ImageFeatures(features=pooled, class_probs=logits.softmax(-1))
+
     def _encode_batches(self, items: Sequence, preprocess) -> ImageFeatures:
         """The tower on ``items`` in batches of ``batch_size``, each made pixels by ``preprocess``."""
         if len(items) == 0:
@@ -153,7 +188,7 @@ class EfficientNetLiteEncoder:
         feats, probs = [], []
         with torch.inference_mode():
             for start in range(0, len(items), self.batch_size):
-                out = self.forward_pixels(preprocess(items[start:start + self.batch_size]))
+                out = self._forward_frozen(preprocess(items[start:start + self.batch_size]))
                 feats.append(out.features.cpu())
                 probs.append(out.class_probs.cpu())
         return ImageFeatures(features=torch.cat(feats), class_probs=torch.cat(probs))

@@ -441,15 +441,31 @@ TEXT_CLASSES: dict[int, str] = {
 _WORD = re.compile(r"[A-Za-z][A-Za-z'’-]+|\d+")
 
 
-def text_caption(class_probs, read_text: Callable[[], str], policy: CaptionPolicy) -> ComposedCaption | None:
+@dataclass(frozen=True)
+class QuotedWords:
+    """OCR may stop once the text holds more than ``n`` words: a caption quotes ``n`` and marks the rest
+    with "…", so the lines after that never change it (``Towers.read_text(image, until=...)``)."""
+
+    n: int
+
+    @property
+    def key(self) -> str:
+        return f"first{self.n}words"
+
+    def __call__(self, text: str) -> bool:
+        return len(_WORD.findall(text)) > self.n
+
+
+def text_caption(class_probs, read_text: Callable[[QuotedWords], str], policy: CaptionPolicy) -> ComposedCaption | None:
     """'a sign that says "no parking"' when the classifier puts ``policy.ocr_min`` on text-bearing
-    classes and OCR reads at least two words; OCR runs only then (it costs seconds)."""
+    classes and OCR reads at least two words; OCR runs only then (it costs seconds), and only as far
+    as the quote needs (``read_text(QuotedWords(n))``)."""
     p = np.asarray(class_probs, dtype=np.float64).ravel()
     idx = np.array(list(TEXT_CLASSES))
     mass = float(p[idx].sum())
     if mass < policy.ocr_min:
         return None
-    words = _WORD.findall(read_text() or "")
+    words = _WORD.findall(read_text(QuotedWords(policy.ocr_max_words)) or "")
     if sum(len(w) >= 3 for w in words) < 2:
         return None
     quoted = " ".join(words[:policy.ocr_max_words]) + ("…" if len(words) > policy.ocr_max_words else "")
@@ -460,7 +476,7 @@ def text_caption(class_probs, read_text: Callable[[], str], policy: CaptionPolic
 def compose_caption(class_probs, image, *, bank_best: tuple[str, str, float] | None,
                     imagenet_best_score: float | None, policy: CaptionPolicy = CaptionPolicy(),
                     bank_confidence: float = 0.0, served_confidence_low: bool = False,
-                    read_text: Callable[[], str] | None = None,
+                    read_text: Callable[[QuotedWords], str] | None = None,
                     part_probs: Callable[[], np.ndarray] | None = None,
                     phrase_space: PhraseSpace | None = None,
                     mbr_extra: Sequence[tuple[str, np.ndarray]] = ()) -> ComposedCaption:

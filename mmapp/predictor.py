@@ -15,7 +15,8 @@ import torch
 
 from mmapp.batching import MicroBatcher
 from mmapp.cache import text_key
-from mmapp.captioning import CaptionPolicy, PhraseSpace, compose_caption, picture_halves, template_caption
+from mmapp.captioning import (CaptionPolicy, PhraseSpace, QuotedWords, compose_caption, picture_halves,
+                              template_caption)
 from mmapp.config import Config
 from mmapp.device import cuda_auto_setting, resolve_placement
 from mmapp.embedder import Embedder
@@ -303,7 +304,7 @@ class Predictor:
         return compose_caption(class_probs.numpy(), image.image, bank_best=bank_best,
                                imagenet_best_score=imagenet_best, policy=policy,
                                bank_confidence=bank_confidence, served_confidence_low=bank_confidence < self.confidence_floor,
-                               read_text=lambda: self.read_text(image),
+                               read_text=lambda until: self.read_text(image, until),
                                phrase_space=self.phrase_space() if policy.mbr_temperature > 0 else None, mbr_extra=extra,
                                part_probs=lambda: self.encode_images(picture_halves(image.image)).class_probs.numpy())
 
@@ -318,9 +319,9 @@ class Predictor:
                     embed=lambda texts: self.embedder.text_encoder.encode(list(texts)).float().numpy())
             return self._phrase_space
 
-    def read_text(self, image: DecodedImage) -> str:
-        """OCR text (cached by image content; see :meth:`Towers.read_text`)."""
-        return self.towers.read_text(image)
+    def read_text(self, image: DecodedImage, until: QuotedWords | None = None) -> str:
+        """OCR text (cached by image content; ``until``: stop early; see :meth:`Towers.read_text`)."""
+        return self.towers.read_text(image, until)
 
     def analyze_meme(self, image: DecodedImage, text: str | None = None, *,
                      ablate: str | None = None) -> MemeResult:

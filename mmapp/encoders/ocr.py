@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -104,8 +104,12 @@ class RapidOCRReader:
             use_cls=self.config.use_angle_cls,
         )
 
-    def read(self, image: Image.Image) -> OCRResult:
-        """Text of ``image``; ``seconds`` excludes the one-off model load of the first call."""
+    def read(self, image: Image.Image, *, until: Callable[[str], bool] | None = None) -> OCRResult:
+        """Text of ``image``; ``seconds`` excludes the one-off model load of the first call.
+
+        ``until(text_so_far)``: recognise lines one by one in reading order and stop as soon as it is
+        true (a caption quoting the first words of a page need not read the whole page). The text is
+        then the start of what a full read gives."""
         engine = self.engine  # loaded outside the timed region
         start = time.perf_counter()
         rgb = np.asarray(flatten_on_white(image))
@@ -117,10 +121,16 @@ class RapidOCRReader:
             crops = engine.get_crop_img_list(bgr, quads)
             if self.config.use_angle_cls:
                 crops, _, _ = engine.text_cls(crops)
-            for box, (text, score) in zip(boxes, self._recognise(crops)):
+            if until is None:
+                read = zip(boxes, self._recognise(crops))
+            else:  # line by line, in reading order, until the caller has enough
+                read = ((box, self._recognise([crop])[0]) for box, crop in zip(boxes, crops))
+            for box, (text, score) in read:
                 text = _caps(text.strip(), self.config.caps_share)
                 if text and score >= self.config.min_score:
                     lines.append(OCRLine(text=text, box=box, score=score))
+                    if until is not None and until(_join(lines, self.config.block_gap)):
+                        break
         return OCRResult(text=_join(lines, self.config.block_gap), lines=lines,
                          seconds=time.perf_counter() - start)
 

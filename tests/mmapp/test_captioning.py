@@ -13,7 +13,8 @@ from PIL import Image
 from mmapp.captioning import (CATALOGUE_MARKERS, GUARD_EXTRA_PHOTOS_TSV, GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV,
                               BASIC_LEVEL, CaptionPolicy, PhraseSpace, article, bank_caption, bank_captions,
                               compose_caption, concepts, dominant_colour, imagenet_caption, mbr_concept,
-                              picture_halves, posterior, taxonomy, template_caption, text_caption, with_article)
+                              picture_halves, posterior, QuotedWords, taxonomy, template_caption, text_caption,
+                              with_article)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,13 +186,16 @@ def test_mbr_posterior_is_a_tempered_top_k():
 def test_ocr_runs_only_for_pictures_of_text():
     calls = []
 
-    def read():
-        calls.append(1)
+    def read(until):
+        calls.append(until)
         return "NO PARKING any time"
 
     assert text_caption(_probs({"rooster": 1.0}), read, CaptionPolicy()) is None and not calls
-    said = text_caption(_probs({"street sign": 0.9, "pole": 0.1}), read, CaptionPolicy())
-    assert said.caption == 'a sign that says "NO PARKING any time".' and calls
+    said = text_caption(_probs({"street sign": 0.9, "pole": 0.1}), read, CaptionPolicy(ocr_max_words=3))
+    assert said.caption == 'a sign that says "NO PARKING any…".'
+    assert calls == [QuotedWords(3)]  # OCR may stop once it has more words than the caption quotes
+    assert not QuotedWords(3)("NO PARKING any") and QuotedWords(3)("NO PARKING any time")
+    assert QuotedWords(3)("- NO PARKING -- any") is False  # marks are not words
 
 
 def test_dominant_colour_names_a_plain_picture():

@@ -118,6 +118,27 @@ def test_reads_a_rendered_meme_with_word_spaces(reader):
 
 
 @pytest.mark.weights
+def test_a_read_that_may_stop_early_gives_the_start_of_the_whole_text(reader):
+    from skimage import data
+
+    page = Image.fromarray(data.page())  # six printed lines
+    whole = reader.read(page)
+    seen = []
+
+    def three_words(text: str) -> bool:
+        seen.append(text)
+        return len(text.split()) > 3
+
+    start = reader.read(page, until=three_words)
+    assert len(whole.lines) >= 5 and 1 <= len(start.lines) < len(whole.lines)  # stopped early
+    assert whole.text.startswith(start.text) and len(start.text.split()) > 3
+    assert seen[-1] == start.text and not any(three_words(t) for t in seen[:-1])  # stopped at the first "enough"
+    # never enough: the whole page, read line by line (a line recognised alone can differ from the batched
+    # read in a character of padding noise, e.g. "_like" / "like")
+    assert edit_distance(reader.read(page, until=lambda text: False).text, whole.text) <= 3
+
+
+@pytest.mark.weights
 @pytest.mark.parametrize("image", [Image.new("RGB", (512, 512), "white"), Image.new("RGBA", (300, 200), (0, 0, 0, 0)),
                                    Image.new("L", (64, 64), 0)])
 def test_image_without_text_reads_empty(reader, image):

@@ -85,7 +85,8 @@ def wait_served(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 
     sys.exit(f"replica did not start in {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def run_locust(hosts: list[str], users: int, duration_s: int, pairs_file: Path, logs: Path) -> float:
+def run_locust(hosts: list[str], users: int, duration_s: int, pairs_file: Path, logs: Path, *,
+               user_class: str = "StressRater") -> float:
     """One Locust process per host, started together, ``users`` split evenly; waits for all and
     returns when they were started (``time.time()``)."""
     started = time.time()
@@ -96,7 +97,7 @@ def run_locust(hosts: list[str], users: int, duration_s: int, pairs_file: Path, 
         with open(logs / f"locust-{pairs_file.stem}-{i}.log", "w") as out:
             procs.append(subprocess.Popen(
                 ["locust", "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless", "-u", str(n),
-                 "-r", str(max(1, n)), "-t", f"{duration_s}s", "--host", host, "--only-summary", "StressRater"],
+                 "-r", str(max(1, n)), "-t", f"{duration_s}s", "--host", host, "--only-summary", user_class],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     for proc in procs:
         proc.wait(timeout=duration_s + 120)

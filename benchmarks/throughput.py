@@ -1,0 +1,106 @@
+"""Caption+rating throughput of one process, the code path before issue 13 against today's, in one run.
+
+Each phase starts a fresh ``python app.py`` on SQLite in a fresh home (models and embedding cache
+linked from ``var/``, per-client limits lifted) and drives it with 50 Locust users without think time
+(benchmarks/locustfile.py), one phase after the other:
+
+* ``before``: the page's path: a ``gradio_client`` session per user (``StressRater``) and the image
+  tower in eager torch (``MMAPP__MODEL__IMAGE_RUNTIME=torch``);
+* ``gradio``: the same clients against today's defaults (onnxruntime tower);
+* ``rest``: today's defaults through the REST API (``RestStressRater``).
+
+Pairs that completed in the first ``--warmup`` seconds are left out. Prints one JSON object with
+pairs/s, p50/p95 per phase, the server's CPU seconds per pair and the ratios against ``before``; the
+load generator shares the machine (its CPU is in the JSON too).
+
+    HF_HUB_OFFLINE=1 python benchmarks/throughput.py --duration 60 --out /tmp/throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replicas import REPO, make_home, run_locust, start_replica, summarise, wait_served  # noqa: E402
+
+PHASES = {  # name: (Locust user class, server environment)
+    "before": ("StressRater", {"MMAPP__MODEL__IMAGE_RUNTIME": "torch"}),
+    "gradio": ("StressRater", {}),
+    "rest": ("RestStressRater", {}),
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (not its children: the retrain worker idles apart)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float) -> dict:
+    user_class, env = PHASES[name]
+    home = make_home(work / name, built_home)
+    log = work / f"{name}-server.log"
+    proc, url = start_replica(home, f"sqlite:///{home / 'mmapp.db'}", log, env)
+    try:
+        start_s = wait_served(proc, url, log)
+        time.sleep(2)
+        cpu0, load0, locust0 = cpu_seconds(proc.pid), os.getloadavg()[0], children_cpu_seconds()
+        pairs = work / f"{name}.tsv"
+        started = run_locust([url], users, duration_s, pairs, work, user_class=user_class)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        out = summarise(pairs, started=started, duration_s=duration_s, warmup_s=warmup_s)
+        out.update(client=user_class, server_env=env, start_s=round(start_s, 1), load_before=round(load0, 2),
+                   load_after=round(os.getloadavg()[0], 2), server_cpu_s=round(cpu, 1),
+                   server_cpu_ms_per_pair=round(1e3 * cpu / max(out.get("all_pairs_ok", 0), 1), 1),
+                   locust_cpu_s=round(children_cpu_seconds() - locust0, 1))
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--duration", type=int, default=60, help="seconds of load per phase")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of each phase left out of the figures")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
+    parser.add_argument("--built-home", type=Path, default=REPO / "var", help="where the built model and cache are")
+    parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; valid: {list(PHASES)}")
+
+    work = Path(tempfile.mkdtemp(prefix="mmapp-throughput-"))
+    result: dict = {"users": args.users, "duration_s": args.duration, "warmup_s": args.warmup, "cpus": os.cpu_count()}
+    for name in phases:
+        result[name] = run_phase(name, work, args.built_home, args.users, args.duration, args.warmup)
+        print(f"[throughput] {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
+    base = result.get("before", {}).get("pairs_per_s")
+    for name in phases:
+        if base and name != "before" and result[name].get("pairs_per_s"):
+            result[f"ratio_{name}_vs_before"] = round(result[name]["pairs_per_s"] / base, 2)
+    result["logs"] = str(work)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

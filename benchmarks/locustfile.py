@@ -175,7 +175,8 @@ def multipart(fields: dict[str, str], file_field: str, path: Path, content_type:
 
 
 class RestStressRater(FastHttpUser):
-    """No think time, through the REST API: caption + rating back to back (stateless, no Gradio session)."""
+    """No think time, through the REST API: caption + rating back to back (stateless, no Gradio session),
+    and in 30 % of pairs a corrected caption as well, as ``StressRater`` sends with its rating."""
 
     wait_time = constant(0)
 
@@ -198,6 +199,14 @@ class RestStressRater(FastHttpUser):
                 ok = rated.status_code == 200
                 if not ok:
                     rated.failure(f"{rated.status_code}: {rated.text[:200]}")
+            if ok and random.random() < 0.3:
+                correction = {"item_id": item["item_id"], "item_key": item["item_key"], "field": "caption",
+                              "value": random.choice(CORRECTIONS)}
+                with self.client.post("/api/v1/corrections", json=correction, name="/api/v1/corrections",
+                                      catch_response=True) as corrected:
+                    ok = corrected.status_code == 200
+                    if not ok:
+                        corrected.failure(f"{corrected.status_code}: {corrected.text[:200]}")
         self.environment.events.request.fire(request_type="pair", name=PAIR_CAPTION,
                                              response_time=(time.perf_counter() - started) * 1e3, response_length=0,
                                              exception=None if ok else RuntimeError("pair failed"), context={})

@@ -86,18 +86,18 @@ def wait_served(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 
 
 
 def run_locust(hosts: list[str], users: int, duration_s: int, pairs_file: Path, logs: Path, *,
-               user_class: str = "StressRater") -> float:
+               user_class: str = "StressRater", locust_env: dict[str, str] | None = None) -> float:
     """One Locust process per host, started together, ``users`` split evenly; waits for all and
-    returns when they were started (``time.time()``)."""
+    returns when they were started (``time.time()``). ``user_class``: Locust user classes, space-separated."""
     started = time.time()
     procs = []
     for i, host in enumerate(hosts):
         n = users // len(hosts) + (1 if i < users % len(hosts) else 0)
-        env = {**os.environ, "MMAPP_LOCUST_PAIRS": str(pairs_file)}
+        env = {**os.environ, "MMAPP_LOCUST_PAIRS": str(pairs_file), **(locust_env or {})}
         with open(logs / f"locust-{pairs_file.stem}-{i}.log", "w") as out:
             procs.append(subprocess.Popen(
                 ["locust", "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless", "-u", str(n),
-                 "-r", str(max(1, n)), "-t", f"{duration_s}s", "--host", host, "--only-summary", user_class],
+                 "-r", str(max(1, n)), "-t", f"{duration_s}s", "--host", host, "--only-summary", *user_class.split()],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     for proc in procs:
         proc.wait(timeout=duration_s + 120)

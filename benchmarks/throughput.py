@@ -7,7 +7,9 @@ linked from ``var/``, per-client limits lifted) and drives it with 50 Locust use
 * ``before``: the page's path: a ``gradio_client`` session per user (``StressRater``) and the image
   tower in eager torch (``MMAPP__MODEL__IMAGE_RUNTIME=torch``);
 * ``gradio``: the same clients against today's defaults (onnxruntime tower);
-* ``rest``: today's defaults through the REST API (``RestStressRater``).
+* ``rest``: today's defaults through the REST API (``RestStressRater``);
+* ``rest_retrain``: as ``rest``, with the operator pressing "Retrain now" when the warm-up ends (the
+  retrain worker is a separate process on the same cores); the runs' times are in the JSON.
 
 Pairs that completed in the first ``--warmup`` seconds are left out. Prints one JSON object with
 pairs/s, p50/p95 per phase, the server's CPU seconds per pair and the ratios against ``before``; the
@@ -28,10 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicas import REPO, make_home, run_locust, start_replica, summarise, wait_served  # noqa: E402
 
-PHASES = {  # name: (Locust user class, server environment)
+OPERATOR = {"MMAPP_OPERATOR_USER": "operator", "MMAPP_OPERATOR_PASSWORD": "throughput-bench-operator-pw"}
+PHASES = {  # name: (Locust user classes, server environment)
     "before": ("StressRater", {"MMAPP__MODEL__IMAGE_RUNTIME": "torch"}),
     "gradio": ("StressRater", {}),
     "rest": ("RestStressRater", {}),
+    # the operator presses "Retrain now" after the warm-up; the load's own anonymous corrections are let
+    # into cleaning (rule open) so the worker goes through features, cleaning, training and evaluation
+    "rest_retrain": ("RestStressRater RetrainTrigger", {**OPERATOR, "MMAPP__RETRAIN__ANONYMOUS_RULE": "open"}),
 }
 
 
@@ -46,9 +52,28 @@ def children_cpu_seconds() -> float:
     return usage.children_user + usage.children_system
 
 
+def retrain_runs(home: Path, started: float) -> list[dict]:
+    """The phase's retrain runs: status and start / end in seconds after the load started."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    def since(stamp: str | None) -> float | None:
+        if not stamp:
+            return None
+        at = datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
+        return round(at - started, 1)
+
+    with sqlite3.connect(home / "mmapp.db") as db:
+        rows = db.execute("SELECT id, status, started_at, finished_at FROM retrain_runs ORDER BY id").fetchall()
+    return [{"id": i, "status": status, "started_s": since(a), "finished_s": since(b)} for i, status, a, b in rows]
+
+
 def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float) -> dict:
     user_class, env = PHASES[name]
     home = make_home(work / name, built_home)
+    for shared in ("datasets", "corpus", "weights"):  # what a retrain reads besides the model (replay pairs, towers)
+        if (built_home / shared).is_dir():
+            (home / shared).symlink_to((built_home / shared).resolve(), target_is_directory=True)
     log = work / f"{name}-server.log"
     proc, url = start_replica(home, f"sqlite:///{home / 'mmapp.db'}", log, env)
     try:
@@ -56,13 +81,17 @@ def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: i
         time.sleep(2)
         cpu0, load0, locust0 = cpu_seconds(proc.pid), os.getloadavg()[0], children_cpu_seconds()
         pairs = work / f"{name}.tsv"
-        started = run_locust([url], users, duration_s, pairs, work, user_class=user_class)
+        retraining = "RetrainTrigger" in user_class
+        started = run_locust([url], users + retraining, duration_s, pairs, work, user_class=user_class,
+                             locust_env={**OPERATOR, "LOCUST_RETRAIN_AFTER_S": str(warmup_s)} if retraining else None)
         cpu = cpu_seconds(proc.pid) - cpu0
         out = summarise(pairs, started=started, duration_s=duration_s, warmup_s=warmup_s)
         out.update(client=user_class, server_env=env, start_s=round(start_s, 1), load_before=round(load0, 2),
                    load_after=round(os.getloadavg()[0], 2), server_cpu_s=round(cpu, 1),
                    server_cpu_ms_per_pair=round(1e3 * cpu / max(out.get("all_pairs_ok", 0), 1), 1),
                    locust_cpu_s=round(children_cpu_seconds() - locust0, 1))
+        if retraining:
+            out["retrain_runs"] = retrain_runs(home, started)
         return out
     finally:
         proc.terminate()
@@ -91,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in phases:
         result[name] = run_phase(name, work, args.built_home, args.users, args.duration, args.warmup)
         print(f"[throughput] {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
+    if result.get("rest", {}).get("p95_ms") and result.get("rest_retrain", {}).get("p95_ms"):
+        result["p95_rest_retrain_vs_rest"] = round(result["rest_retrain"]["p95_ms"] / result["rest"]["p95_ms"], 2)
     base = result.get("before", {}).get("pairs_per_s")
     for name in phases:
         if base and name != "before" and result[name].get("pairs_per_s"):

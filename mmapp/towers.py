@@ -109,7 +109,7 @@ class Towers:
 
     baseline_space = bridge_space
 
-    def read_text(self, image: DecodedImage, until: "ReadUntil | None" = None) -> str:
+    def read_text(self, image: DecodedImage, until: ReadUntil | None = None) -> str:
         """OCR text, cached by image content so a re-analysis never runs OCR twice.
 
         With ``until`` (e.g. :class:`mmapp.captioning.QuotedWords`) OCR stops once ``until(text)`` holds:

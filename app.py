@@ -511,8 +511,8 @@ class AppServices:
         """Decode an upload, caption it and store the prediction (``session`` carries ``user``)."""
         self.watcher.maybe_reload()
         request_id = request_id_or_new(request_id)
-        started = time.perf_counter()
         with self.model_slots:
+            started = time.perf_counter()  # server time from here: the wait for a slot is not the model's
             decoded = self.decode_upload(upload, name=name)
             decode_ms = (time.perf_counter() - started) * 1e3
             result = self.predictor.caption(decoded)
@@ -532,8 +532,8 @@ class AppServices:
         self.watcher.maybe_reload()
         model_ready_for_memes(self.predictor)
         request_id = request_id_or_new(request_id)
-        started = time.perf_counter()
         with self.model_slots:
+            started = time.perf_counter()  # server time from here: the wait for a slot is not the model's
             decoded = self.decode_upload(upload, name=name)
             decode_ms = (time.perf_counter() - started) * 1e3
             no_text = text is None and ablate == "image" and not self.predictor.read_text(decoded).strip()  # OCR is cached

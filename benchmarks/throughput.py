@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +72,8 @@ def retrain_runs(home: Path, started: float) -> list[dict]:
 def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float) -> dict:
     user_class, env = PHASES[name]
     home = make_home(work / name, built_home)
+    (home / "models").unlink()  # a copy, not the link make_home made: a retrain here may promote a version
+    shutil.copytree(built_home / "models", home / "models", symlinks=True)
     for shared in ("datasets", "corpus", "weights"):  # what a retrain reads besides the model (replay pairs, towers)
         if (built_home / shared).is_dir():
             (home / shared).symlink_to((built_home / shared).resolve(), target_is_directory=True)

@@ -55,18 +55,25 @@ def children_cpu_seconds() -> float:
 
 def retrain_runs(home: Path, started: float) -> list[dict]:
     """The phase's retrain runs: status and start / end in seconds after the load started."""
-    import sqlite3
-    from datetime import datetime, timezone
+    from datetime import timezone
 
-    def since(stamp: str | None) -> float | None:
-        if not stamp:
-            return None
-        at = datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
-        return round(at - started, 1)
+    from sqlalchemy.orm import Session
 
-    with sqlite3.connect(home / "mmapp.db") as db:
-        rows = db.execute("SELECT id, status, started_at, finished_at FROM retrain_runs ORDER BY id").fetchall()
-    return [{"id": i, "status": status, "started_s": since(a), "finished_s": since(b)} for i, status, a, b in rows]
+    sys.path.insert(0, str(REPO))
+    from feedback_db import repository as repo
+    from feedback_db.engine import make_engine
+
+    def since(stamp) -> float | None:
+        return None if stamp is None else round(stamp.replace(tzinfo=timezone.utc).timestamp() - started, 1)
+
+    engine = make_engine(f"sqlite:///{home / 'mmapp.db'}")
+    try:
+        with Session(engine) as s:
+            runs = sorted(repo.recent_retrain_runs(s, limit=20), key=lambda r: r.id)
+            return [{"id": r.id, "status": r.status, "started_s": since(r.started_at),
+                     "finished_s": since(r.finished_at)} for r in runs]
+    finally:
+        engine.dispose()
 
 
 def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 from mmapp.device import Placement
 from mmapp.encoders.base import ImageFeatures, file_sha256
 from mmapp.encoders.onnx_runtime import ImageRuntimeConfig, OnnxImageTower, onnx_available
+
+log = logging.getLogger(__name__)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +96,7 @@ class EfficientNetLiteEncoder:
             transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
         ])
         self.onnx = self._onnx_tower(runtime, cache_dir)  # None: eager torch runs the frozen tower
+        self._onnx_chosen = runtime.runtime == "onnx"  # asked for by name: a failed export is an error, not a fallback
 
     def _onnx_tower(self, runtime: ImageRuntimeConfig, cache_dir: Path | None) -> OnnxImageTower | None:
         cpu_float32 = self.placement.device.type == "cpu" and self.placement.dtype == torch.float32
@@ -176,9 +180,18 @@ class EfficientNetLiteEncoder:
 
     def _forward_frozen(self, pixels: torch.Tensor) -> ImageFeatures:
         """Inference on the frozen tower: onnxruntime when exported (same numbers to ~1e-5), else torch."""
-        if self.onnx is None:
-            return self.forward_pixels(pixels)
-        pooled, logits = self.onnx.run(pixels)  # (B, D), (B, 1000)
+        if self.onnx is not None:
+            try:
+                pooled, logits = self.onnx.run(pixels)  # (B, D), (B, 1000)
+            except (OSError, ImportError, RuntimeError) as exc:  # read-only weights folder, exporter trouble
+                if self._onnx_chosen:
+                    raise
+                log.warning("image tower: ONNX export/run failed (%s: %s); eager torch runs it from now on",
+                            type(exc).__name__, exc)
+                self.onnx = None
+            else:
+                return ImageFeatures(features=pooled, class_probs=logits.softmax(-1))
+        return self.forward_pixels(pixels)
         return ImageFeatures(features=pooled, class_probs=logits.softmax(-1))
 
     def _encode_batches(self, items: Sequence, preprocess) -> ImageFeatures:

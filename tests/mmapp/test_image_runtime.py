@@ -146,3 +146,14 @@ def test_config_knob_reaches_the_served_towers(tmp_path, monkeypatch):
     assert encoder.runtime == "onnx" and isinstance(encoder.onnx, OnnxImageTower) and encoder.onnx.threads == 1
     assert encoder.onnx.threads_for(1) == encoder.onnx.threads_for(3) == 1  # serving: one thread per request
     assert encoder.onnx.path.parent == config.paths.weights / "onnx"
+
+
+def test_a_weights_folder_that_cannot_be_written_falls_back_to_torch_under_auto(tmp_path, photos):
+    blocked = tmp_path / "weights"
+    blocked.write_text("a file where the weights folder should be")  # no export can be written under it (as root too)
+    auto = tower(blocked, "auto")
+    reference = tower(tmp_path / "rw", "torch").encode(photos[:1]).features
+    assert torch.allclose(auto.encode(photos[:1]).features, reference, atol=1e-5)
+    assert auto.runtime == "torch"  # fell back once, and stays there
+    with pytest.raises(OSError):
+        tower(blocked, "onnx").encode(photos[:1])  # asked for by name: an error, not a silent fallback

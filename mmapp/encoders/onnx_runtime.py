@@ -1,5 +1,5 @@
 """A frozen image tower exported once to ONNX and run by onnxruntime on CPU (about 4x less CPU per
-picture than eager torch for EfficientNet-Lite0 here: benchmarks/image_runtime.py).
+picture than eager torch for EfficientNet-Lite0 here: benchmarks/caption_cost.py).
 
 The export is cached under the weights folder, keyed by the tower's weights hash and the torch,
 onnx and onnxruntime versions; it is written to a temporary file and renamed, so replicas sharing

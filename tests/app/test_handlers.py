@@ -95,6 +95,36 @@ def test_caption_stores_the_prediction_and_resets_the_form(services, session):
     assert services.blobstore.path(result["relpath"]).read_bytes() == CAT.read_bytes()
 
 
+def test_a_prediction_being_stored_holds_no_model_slot(services, session, monkeypatch):
+    """Decoding and the towers run in ``AppServices.model_slots``; the blob write and the database commit
+    after them do not, so a slow disk never idles a slot another request could compute in."""
+    import threading
+
+    slots = services.model_slots
+    monkeypatch.setattr(services, "model_slots", threading.BoundedSemaphore(1))
+    storing, release = threading.Event(), threading.Event()
+    real_put = services.blobstore.put
+
+    def slow_put(data, ext):
+        storing.set()
+        assert release.wait(30)
+        return real_put(data, ext)
+
+    monkeypatch.setattr(services.blobstore, "put", slow_put)
+    done = {}
+    first = threading.Thread(target=lambda: done.update(out=services.caption(CAT.read_bytes(), request_id=None,
+                                                                             session=session)))
+    first.start()
+    try:
+        assert storing.wait(60)
+        assert services.model_slots.acquire(timeout=5), "the stored prediction still held the only model slot"
+        services.model_slots.release()
+    finally:
+        release.set()
+        first.join(60)
+    assert done["out"].stored.prediction_id and slots is not services.model_slots
+
+
 def test_caption_rating_and_correction_are_stored_once(services, session):
     result = app.caption_image(services, str(CAT), "", session)["result"]
     form = (4, 5, 2, "  a tabby   cat on a rug ", "nice try", "")

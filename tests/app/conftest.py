@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,14 @@ def caption_with_app_py(profile: str, env: dict, picture: Path, tmp_path: Path, 
         server.wait(timeout=30)
     assert server.returncode == 0, log.read_text()[-3000:]
     return details, log.read_text()
+
+
+WORKER_STARTED = re.compile(r"started the retrain worker \(pid (\d+)\)")  # app.py's log line
+
+
+def worker_pids(log: Path) -> list[int]:
+    """Pids of the retrain workers a ``python app.py`` has started so far, in order, from its log."""
+    return [int(pid) for pid in WORKER_STARTED.findall(log.read_text())]
 
 
 def free_port() -> int:

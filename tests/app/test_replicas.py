@@ -10,7 +10,6 @@ over, and every rating acknowledged before, during and after the kills is in the
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,11 +31,11 @@ from feedback_db.models import Rating
 from mmapp.model_store import ModelStore
 from retrain.scheduler import LEASE_NAME
 
-from tests.app.conftest import PHOTOS, REPO, TEST_VERSION, build_tiny_model, free_port, make_config, wait_until_served
+from tests.app.conftest import (PHOTOS, REPO, TEST_VERSION, build_tiny_model, free_port, make_config,
+                                wait_until_served, worker_pids)
 from tests.feedback_db.backends import POSTGRES_URL_ENV, PostgresDatabases
 
 NEW_VERSION = "test-replica-v2"
-WORKER_STARTED = re.compile(r"started the retrain worker \(pid (\d+)\)")
 
 
 def test_replicas_starting_together_on_a_fresh_home_build_the_bootstrap_once(predictor, tmp_path):
@@ -159,10 +158,6 @@ def _start(home: Path, url: str, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}/"
 
 
-def _worker_pids(log: Path) -> list[int]:
-    return [int(pid) for pid in WORKER_STARTED.findall(log.read_text())]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -232,8 +227,8 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
             wait_until_served(proc, served, log, timeout_s=240)
         print(f"\n  {time.monotonic() - started:5.1f} s  both replicas serve")
         engine = make_engine(url)
-        _wait(lambda: all(_worker_pids(log) for log in logs), "both replicas started a retrain worker", 30, logs)
-        worker_a, worker_b = _worker_pids(logs[0])[0], _worker_pids(logs[1])[0]
+        _wait(lambda: all(worker_pids(log) for log in logs), "both replicas started a retrain worker", 30, logs)
+        worker_a, worker_b = worker_pids(logs[0])[0], worker_pids(logs[1])[0]
         _wait(lambda: _leader_pid(engine) in (worker_a, worker_b), "one worker leads the scheduler", 30, logs)
 
         # A promotion through the registry reaches both replicas (each polls it every few seconds).
@@ -263,8 +258,8 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
         _wait(lambda: not _alive(worker_a), "A's orphaned worker stops by itself", 45, logs)  # it waits for its DB writes (lease release)
         _wait(lambda: sum(t > killed_at + 0.5 for r in on_b for t in r.ack_times) >= 10,
               "B acknowledges 10 ratings after A died", 60, logs)
-        _wait(lambda: len(_worker_pids(logs[1])) == 2, "B's supervisor restarts its worker", 30, logs)
-        new_worker_b = _worker_pids(logs[1])[1]
+        _wait(lambda: len(worker_pids(logs[1])) == 2, "B's supervisor restarts its worker", 30, logs)
+        new_worker_b = worker_pids(logs[1])[1]
         _wait(lambda: _leader_pid(engine) == new_worker_b, "the survivor's worker takes the scheduler lease", 30, logs)
         stop.set()
         for rater in raters:
@@ -297,7 +292,7 @@ def test_two_replicas_serve_together_and_a_sigkilled_one_loses_nothing(predictor
         drop_database()
     assert b.returncode == 0, logs[1].read_text()[-3000:]
     for log in logs:
-        for pid in _worker_pids(log):
+        for pid in worker_pids(log):
             assert not _alive(pid), f"retrain worker {pid} outlived its app"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -28,11 +27,10 @@ from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from retrain.job import running_run_id
 from retrain.worker import request_run
-from tests.app.conftest import PHOTOS, REPO, free_port, wait_until_served
+from tests.app.conftest import PHOTOS, REPO, free_port, wait_until_served, worker_pids
 
 pytestmark = pytest.mark.server
 BUILT = Path(os.environ.get("MMAPP_HOME") or REPO / "var")
-WORKER_STARTED = re.compile(r"started the retrain worker \(pid (\d+)\)")
 
 
 def scratch_home(tmp_path: Path) -> Path:
@@ -62,10 +60,6 @@ def caption(client: httpx.Client, rng: random.Random) -> dict:
     response = client.post("/api/v1/caption", files={"image": ("photo.jpg", fresh_jpeg(rng), "image/jpeg")})
     response.raise_for_status()
     return response.json()
-
-
-def worker_pids(log: Path) -> list[int]:
-    return [int(pid) for pid in WORKER_STARTED.findall(log.read_text())]
 
 
 def wait_for(condition, what: str, timeout_s: float, log: Path):

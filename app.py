@@ -420,14 +420,12 @@ class AppServices:
     limits: ImageLimits = field(init=False)
     accounts: Accounts = field(init=False)
     model_slots: threading.BoundedSemaphore = field(init=False)
-    model_slots_total: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = image_limits(self.config)
         # decoding + the towers (CPU and memory bound) run this many at once, for page events and API calls
         # together; storing the result (disk and database waits) happens outside, so a slot never idles on fsync
-        self.model_slots_total = model_concurrency(self)
-        self.model_slots = threading.BoundedSemaphore(self.model_slots_total)
+        self.model_slots = threading.BoundedSemaphore(model_concurrency(self))
         if self.guard is None:
             self.guard = ClientGuard.from_config(self.config)
         self.read_engine = read_only_engine(self.engine)
@@ -1867,7 +1865,7 @@ def rest_api(services: AppServices) -> "FastAPI":
     # Model calls wait here in arrival order (anyio's limiter is first come, first served), not as up to 40
     # threadpool threads racing for AppServices.model_slots: the wait is fair and the p95 close to the p50.
     # Two more than the model slots may be inside, storing a result while the next one computes.
-    model_queue = anyio.CapacityLimiter(services.model_slots_total + 2)
+    model_queue = anyio.CapacityLimiter(model_concurrency(services) + 2)
 
     @api.middleware("http")
     async def body_limit(request: FastRequest, call_next):  # before the multipart body is parsed and spooled

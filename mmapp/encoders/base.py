@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,3 +43,11 @@ def tree_sha256(root: str | os.PathLike, patterns: tuple[str, ...] = ("*.safeten
         digest.update(str(path.relative_to(root)).encode())
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
+
+
+def package_version(dist: str) -> str:
+    """The installed version of ``dist`` ("unknown" if it is not installed): part of cache keys."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -69,7 +69,7 @@ class EfficientNetLiteEncoder:
     has_imagenet_head = True  # class_probs over ImageNet-1k: the ConSE bridge works on it
 
     def __init__(self, name: str, *, placement: Placement, batch_size: int = 32,
-                 runtime: ImageRuntimeConfig = ImageRuntimeConfig(runtime="torch"), cache_dir: Path | None = None):
+                 runtime: ImageRuntimeConfig = ImageRuntimeConfig(), cache_dir: Path | None = None):
         if name not in EFFICIENTNET_LITE:
             raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; valid: {sorted(EFFICIENTNET_LITE)}")
         self.name = name

@@ -12,7 +12,6 @@ between letters of one word on rendered memes; the ``OCRConfig`` space threshold
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mmapp.encoders.base import package_version
 from mmapp.imageio import flatten_on_white
 
 
@@ -57,13 +57,6 @@ class OCRResult:
     seconds: float = 0.0
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("rapidocr-onnxruntime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class RapidOCRReader:
     """OCR for memes; ``read`` returns lines in reading order with word spaces restored."""
 
@@ -79,7 +72,7 @@ class RapidOCRReader:
         """Changes whenever the package or a setting that can change the text changes (cache key)."""
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("threads", "rec_batch_num")}
         digest = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:8]
-        return f"rapidocr-{_package_version()}-ppocrv4-det{self.config.det_side}-{digest}"
+        return f"rapidocr-{package_version('rapidocr-onnxruntime')}-ppocrv4-det{self.config.det_side}-{digest}"
 
     @property
     def engine(self):

@@ -7,7 +7,6 @@ one home never read a half-written file. No network, no database.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmapp.encoders.base import package_version
 from mmapp.filelock import exclusive_file_lock
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,6 @@ class ImageRuntimeConfig:
     def __post_init__(self):
         if self.runtime not in IMAGE_RUNTIMES:
             raise ValueError(f"model.image_runtime must be one of {IMAGE_RUNTIMES}, got {self.runtime!r}")
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
 
 
 def onnx_available() -> bool:
@@ -87,7 +80,7 @@ class OnnxImageTower:
 
     @property
     def path(self) -> Path:
-        versions = f"torch{torch.__version__.split('+')[0]}-onnx{_version('onnx')}-ort{_version('onnxruntime')}"
+        versions = f"torch{torch.__version__.split('+')[0]}-onnx{package_version('onnx')}-ort{package_version('onnxruntime')}"
         return self.cache_dir / "onnx" / f"{self.key}-{versions}.onnx"
 
     def export(self) -> Path:

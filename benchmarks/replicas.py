@@ -137,14 +137,19 @@ def count_ratings(database_url: str) -> int:
         engine.dispose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_test_arguments(parser: argparse.ArgumentParser, *, warmup_s: float) -> None:
+    """The options every load-test script here takes (also benchmarks/throughput.py)."""
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--duration", type=int, default=60, help="seconds of load per phase")
-    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of each phase left out of the figures")
-    parser.add_argument("--database-url", default="", help="default: a throwaway Postgres from .ci/postgres.sh")
+    parser.add_argument("--warmup", type=float, default=warmup_s, help="seconds of each phase left out of the figures")
     parser.add_argument("--built-home", type=Path, default=REPO / "var", help="where the built model and cache are")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    load_test_arguments(parser, warmup_s=20.0)
+    parser.add_argument("--database-url", default="", help="default: a throwaway Postgres from .ci/postgres.sh")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="mmapp-replicas-"))

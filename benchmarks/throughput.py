@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicas import REPO, make_home, run_locust, start_replica, summarise, wait_served  # noqa: E402
+from replicas import (REPO, load_test_arguments, make_home, run_locust, start_replica, summarise,  # noqa: E402
+                      wait_served)
 
 OPERATOR = {"MMAPP_OPERATOR_USER": "operator", "MMAPP_OPERATOR_PASSWORD": "throughput-bench-operator-pw"}
 PHASES = {  # name: (Locust user classes, server environment)
@@ -113,12 +114,8 @@ def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=50)
-    parser.add_argument("--duration", type=int, default=60, help="seconds of load per phase")
-    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of each phase left out of the figures")
+    load_test_arguments(parser, warmup_s=15.0)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
-    parser.add_argument("--built-home", type=Path, default=REPO / "var", help="where the built model and cache are")
-    parser.add_argument("--out", type=Path, help="also write the JSON result here")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     unknown = sorted(set(phases) - set(PHASES))

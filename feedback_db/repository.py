@@ -12,6 +12,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
@@ -102,6 +105,8 @@ def _require_prediction(s: Session, prediction_id: Any) -> Prediction:
 
 # --- idempotent insert ------------------------------------------------------------------------
 
+_UPSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}  # dialects with ON CONFLICT DO NOTHING
+
 
 def _find(s: Session, model: type[M], key_col: InstrumentedAttribute[Any], key: Any) -> Optional[M]:
     return s.scalars(select(model).where(key_col == key)).one_or_none()
@@ -110,8 +115,26 @@ def _find(s: Session, model: type[M], key_col: InstrumentedAttribute[Any], key: 
 def _get_or_insert(
     s: Session, model: type[M], key_col: InstrumentedAttribute[Any], key: Any, build: Callable[[], M]
 ) -> tuple[M, bool]:
-    """Return ``(row, created)``. A concurrent insert of the same key (unique violation inside our
-    savepoint) is resolved by fetching the winner's row, so neither caller sees an error."""
+    """Return ``(row, created)``. A concurrent insert of the same key is resolved by fetching the
+    winner's row, so neither caller sees an error.
+
+    On SQLite and Postgres this is one ``INSERT ... ON CONFLICT (key) DO NOTHING RETURNING`` (then a
+    lookup only when the key was taken): the app writes a few rows per request, and the ORM's unit of
+    work plus a savepoint per row cost more Python time than everything else in storing a prediction.
+    Other databases get a lookup, then the insert inside a savepoint."""
+    upsert = _UPSERTS.get(s.get_bind().dialect.name)
+    if upsert is not None:
+        row = build()
+        state = sa_inspect(row)
+        values = {a.key: getattr(row, a.key) for a in state.mapper.column_attrs if a.key in state.dict}
+        stmt = upsert(model).values(values).on_conflict_do_nothing(index_elements=[key_col]).returning(model)
+        inserted = s.scalars(stmt).one_or_none()
+        if inserted is not None:
+            return inserted, True
+        existing = _find(s, model, key_col, key)
+        if existing is None:  # cannot happen: the conflict was on this key
+            raise RuntimeError(f"{model.__name__} {key!r} conflicted on insert but cannot be found")
+        return existing, False
     existing = _find(s, model, key_col, key)
     if existing is not None:
         return existing, False

@@ -49,8 +49,38 @@ def test_request_id_reused_for_another_prediction_is_refused(engine, meme_id, ca
             repo.record_rating(s, request_id="req-1", prediction_id=caption_id, session_id="s", detail=2)
 
 
-def test_concurrent_insert_of_same_request_id_returns_the_winner(engine, meme_id, monkeypatch):
-    """The other writer commits between our lookup and our INSERT: our savepoint absorbs the clash."""
+def test_concurrent_insert_of_same_request_id_returns_the_winner(engine, meme_id):
+    """Two writers insert the same request id at once: the second waits on the first's uncommitted row
+    (INSERT ... ON CONFLICT DO NOTHING; on SQLite, BEGIN IMMEDIATE already queues it), then gets the
+    winner's row back, and its own transaction stays usable."""
+    first_inserted, let_first_commit = threading.Event(), threading.Event()
+
+    def first() -> int:
+        with Session(engine) as s, s.begin():
+            row = repo.record_rating(s, request_id="race", prediction_id=meme_id, session_id="s", relevance=5)
+            first_inserted.set()
+            let_first_commit.wait(10)
+            return row.id
+
+    def second() -> tuple[int, int | None]:
+        first_inserted.wait(10)
+        with Session(engine) as s, s.begin():
+            loser = repo.record_rating(s, request_id="race", prediction_id=meme_id, session_id="s", relevance=1)
+            repo.record_rating(s, request_id="after", prediction_id=meme_id, session_id="s", relevance=3)
+            return loser.id, loser.relevance
+
+    with ThreadPoolExecutor(2) as pool:
+        winner, loser = pool.submit(first), pool.submit(second)
+        first_inserted.wait(10)
+        let_first_commit.set()
+        assert loser.result(timeout=30) == (winner.result(timeout=30), 5)
+    assert _count(engine, Rating) == 2
+
+
+def test_savepoint_path_absorbs_an_insert_that_lost_the_race(engine, meme_id, monkeypatch):
+    """Databases without ON CONFLICT: the other writer commits between our lookup and our INSERT, and
+    our savepoint absorbs the clash."""
+    monkeypatch.setattr(repo, "_UPSERTS", {})
     with Session(engine) as s, s.begin():
         winner = repo.record_rating(s, request_id="race", prediction_id=meme_id, session_id="s", relevance=5).id
 

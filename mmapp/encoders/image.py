@@ -192,7 +192,6 @@ class EfficientNetLiteEncoder:
             else:
                 return ImageFeatures(features=pooled, class_probs=logits.softmax(-1))
         return self.forward_pixels(pixels)
-        return ImageFeatures(features=pooled, class_probs=logits.softmax(-1))
 
     def _encode_batches(self, items: Sequence, preprocess) -> ImageFeatures:
         """The tower on ``items`` in batches of ``batch_size``, each made pixels by ``preprocess``."""

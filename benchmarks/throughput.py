@@ -77,8 +77,10 @@ def retrain_runs(home: Path, started: float) -> list[dict]:
         engine.dispose()
 
 
-def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float) -> dict:
+def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: int, warmup_s: float,
+              server_env: dict[str, str] | None = None) -> dict:
     user_class, env = PHASES[name]
+    env = {**(server_env or {}), **env}  # a phase's own settings win: "before" must stay the old path
     home = make_home(work / name, built_home)
     (home / "models").unlink()  # a copy, not the link make_home made: a retrain here may promote a version
     shutil.copytree(built_home / "models", home / "models", symlinks=True)
@@ -116,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     load_test_arguments(parser, warmup_s=15.0)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every phase's server (e.g. MMAPP__APP__TORCH_THREADS=1); repeatable")
     args = parser.parse_args(argv)
+    bad = [kv for kv in args.server_env if "=" not in kv]
+    if bad:
+        parser.error(f"--server-env takes KEY=VALUE, got {bad}")
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
     phases = [p for p in args.phases.split(",") if p]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mmapp-throughput-"))
     result: dict = {"users": args.users, "duration_s": args.duration, "warmup_s": args.warmup, "cpus": os.cpu_count()}
     for name in phases:
-        result[name] = run_phase(name, work, args.built_home, args.users, args.duration, args.warmup)
+        result[name] = run_phase(name, work, args.built_home, args.users, args.duration, args.warmup, server_env)
         print(f"[throughput] {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
     if result.get("rest", {}).get("p95_ms") and result.get("rest_retrain", {}).get("p95_ms"):
         result["p95_rest_retrain_vs_rest"] = round(result["rest_retrain"]["p95_ms"] / result["rest"]["p95_ms"], 2)

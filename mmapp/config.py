@@ -138,6 +138,9 @@ class RetrainConfig:
     stale_after_s: float = 300.0  # a 'running' row without a heartbeat this long is marked failed
     runner: str = "worker"  # worker: `python -m retrain worker` (python app.py starts it) trains; in-process: a web thread
     worker_poll_s: float = 2.0  # how often the worker looks for an operator's "retrain now"
+    # The worker lowers its own CPU priority by this much (os.nice) so a run on shared cores takes what the web
+    # process leaves idle instead of slowing its requests; 0 keeps the priority (docs/results.md, issue 13).
+    worker_nice: int = 10
     # Replicas (docs/deploy.md): every replica may run its own worker (one scheduler fires by lease, one worker
     # takes each request by an atomic claim, a surviving worker takes over); false runs none in this app process.
     worker_in_app: bool = True  # python app.py starts and supervises a worker child; false: run `python -m retrain worker` yourself

@@ -68,9 +68,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from retrain.worker import RetrainWorker, serve_until_signalled
+    from retrain.worker import RetrainWorker, lower_priority, serve_until_signalled
 
     config, engine = _setup(args)
+    lower_priority(config.retrain.worker_nice)
     serve_until_signalled(RetrainWorker(config, engine, parent_pid=args.exit_with_parent))
     return 0
 

@@ -222,6 +222,17 @@ def worker_argv(profile: Optional[str], *, parent_pid: Optional[int] = None) -> 
             *(["--exit-with-parent", str(parent_pid)] if parent_pid is not None else [])]
 
 
+def lower_priority(nice: int) -> int:
+    """Lower this process' CPU priority by ``nice`` (``retrain.worker_nice``; 0 = unchanged); the new niceness.
+    Training then uses the cores the web process leaves idle instead of competing with its requests."""
+    if nice < 0:
+        raise ValueError(f"retrain.worker_nice must be >= 0 (raising priority needs privileges), got {nice}")
+    niceness = os.nice(nice)
+    if nice:
+        log.info("retrain worker %d runs at niceness %d", os.getpid(), niceness)
+    return niceness
+
+
 def serve_until_signalled(worker: RetrainWorker) -> None:
     """Run ``worker`` in this (main) thread until SIGTERM or Ctrl-C."""
     signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())

@@ -33,6 +33,10 @@ pytestmark = pytest.mark.server
 BUILT = Path(os.environ.get("MMAPP_HOME") or REPO / "var")
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def scratch_home(tmp_path: Path) -> Path:
     if not (BUILT / "models" / "current.json").is_file() or not (BUILT / "datasets").is_dir():
         pytest.skip(f"no bootstrap model under {BUILT}: run `python -m mmapp build-bootstrap`")
@@ -96,6 +100,8 @@ def test_a_real_worker_killed_mid_run_fails_its_run_and_the_web_serves_on(tmp_pa
                                                           "field": "caption", "value": f"a test correction {i % 3}"}
                             ).raise_for_status()
         first_worker = wait_for(lambda: worker_pids(log), "the app started its retrain worker", 60, log)[0]
+        # training takes what the web process leaves idle (retrain.worker_nice, default 10)
+        assert niceness(first_worker) - niceness(server.pid) == 10
 
         def keep_captioning():  # a user of the page's API the whole time
             with httpx.Client(base_url=url, timeout=60) as client:

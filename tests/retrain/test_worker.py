@@ -162,3 +162,22 @@ def test_one_request_is_taken_by_exactly_one_worker_on_postgres():
         for e in engines:
             e.dispose()
         databases.close()
+
+
+def test_the_worker_lowers_its_own_priority_and_refuses_to_raise_it():
+    """retrain.worker_nice: the worker process lowers its niceness (in a child: it cannot be undone here)."""
+    import subprocess
+
+    code = textwrap.dedent("""
+        import os
+        from retrain.worker import lower_priority
+        before = os.nice(0)
+        print(lower_priority(10) - before, lower_priority(0) - before)
+        try:
+            lower_priority(-1)
+        except ValueError as exc:
+            print("refused:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == "10 10" and out[1].startswith("refused: retrain.worker_nice must be >= 0")

@@ -519,6 +519,8 @@ class AppServices:
             prediction_id = retry_on_busy(transaction)
         except ValueError as exc:  # a request id reused for another image, and similar client mistakes
             raise UserInputError(str(exc)) from exc
+        if not self.blobstore.exists(relpath):  # the retention job deleted an old copy between put and commit
+            self.blobstore.put(decoded.data, ext)
         return StoredPrediction(prediction_id, request_id, relpath, (time.perf_counter() - started) * 1e3,
                                 session["session_id"])
 

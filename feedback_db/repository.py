@@ -356,14 +356,25 @@ def prediction_for_feedback(s: Session, prediction_id: int) -> Optional[dict[str
 # --- retention -----------------------------------------------------------------------------------
 
 
-def unrated_uploads(s: Session, *, before: datetime) -> list[tuple[str, str]]:
-    """``(sha256, relpath)`` of uploads stored before ``before`` that no prediction of theirs got a rating
-    or a correction for: what the retention job may delete the image file of (the rows stay)."""
+def unrated_uploads(s: Session, *, before: datetime, sha256: Optional[str] = None) -> list[tuple[str, str]]:
+    """``(sha256, relpath)`` of uploads that no prediction newer than ``before`` shows and no prediction of
+    which got a rating or a correction: what the retention job may delete the image file of (the rows stay).
+    An old picture uploaded again is kept from its new prediction on. ``sha256``: that upload only."""
     _check_aware("before", before)
     rated = select(Prediction.image_sha256).where(
         or_(Prediction.id.in_(select(Rating.prediction_id)), Prediction.id.in_(select(Correction.prediction_id))))
-    query = select(Upload.sha256, Upload.relpath).where(Upload.created_at < before, Upload.sha256.not_in(rated))
+    recent = select(Prediction.image_sha256).where(Prediction.created_at >= before)
+    query = select(Upload.sha256, Upload.relpath).where(
+        Upload.created_at < before, Upload.sha256.not_in(rated), Upload.sha256.not_in(recent))
+    if sha256 is not None:
+        query = query.where(Upload.sha256 == sha256)
     return [(sha, relpath) for sha, relpath in s.execute(query.order_by(Upload.created_at))]
+
+
+def lock_upload(s: Session, sha256: str) -> Optional[str]:
+    """Lock the upload row for the rest of the transaction (a prediction of it being stored at the same
+    time waits on its foreign key, on Postgres; SQLite's write transaction already excludes it); its relpath."""
+    return s.scalar(select(Upload.relpath).where(Upload.sha256 == _check_sha256("sha256", sha256)).with_for_update())
 
 
 # --- queries for the operator tables ----------------------------------------------------------

@@ -47,8 +47,14 @@ def expire_exports(exports_dir: Path, ttl_s: float, *, now: Optional[float] = No
 
 def purge_unrated_uploads(engine: Engine, blobstore: BlobStore, retention_days: float, *,
                           now: Optional[datetime] = None) -> list[str]:
-    """Delete the image files of uploads older than ``retention_days`` that got no rating or correction.
-    The rows stay (hash, size, the prediction log); an export lists such a prediction without an image."""
+    """Delete the image files of uploads that nobody rated or corrected and that no prediction of the last
+    ``retention_days`` shows. The rows stay (hash, size, the prediction log); an export lists such a
+    prediction without an image.
+
+    Each file is deleted inside a write transaction that locks its upload row and checks again, so a
+    picture uploaded again while the job runs keeps its file: its new prediction either commits first
+    (and the check sees it) or waits for the deletion (and ``AppServices.store_prediction`` writes the
+    bytes back after its commit)."""
     now = now or datetime.now(timezone.utc)
     cutoff = now - timedelta(days=retention_days)
 
@@ -56,11 +62,18 @@ def purge_unrated_uploads(engine: Engine, blobstore: BlobStore, retention_days: 
         with Session(read_only_engine(engine)) as s, s.begin():
             return repo.unrated_uploads(s, before=cutoff)
 
+    def delete_one(sha256: str, relpath: str) -> bool:
+        with Session(engine) as s, s.begin():
+            if repo.lock_upload(s, sha256) is None or not repo.unrated_uploads(s, before=cutoff, sha256=sha256):
+                return False  # a new prediction or a rating since the list was read
+            blobstore.path(relpath).unlink()
+            return True
+
     deleted = []
     for sha256, relpath in retry_on_busy(read):
         try:
-            blobstore.path(relpath).unlink()
-            deleted.append(sha256)
+            if retry_on_busy(lambda: delete_one(sha256, relpath)):
+                deleted.append(sha256)
         except FileNotFoundError:
             continue
         except ValueError:  # a relpath the blob store would not produce: leave it alone

@@ -6,6 +6,7 @@ temporary home); every check on stored feedback reads the rows back with SQLAlch
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import typing
 import zipfile
@@ -123,6 +124,43 @@ def test_a_prediction_being_stored_holds_no_model_slot(services, session, monkey
         release.set()
         first.join(60)
     assert done["out"].stored.prediction_id and slots is not services.model_slots
+
+
+def test_an_old_picture_uploaded_again_while_retention_runs_keeps_its_file(services, session, monkeypatch):
+    """The retention job deletes an old unrated picture's file between a new upload's blob write (a no-op:
+    the file is there) and its database commit: the prediction's commit writes the bytes back."""
+    import io
+    from datetime import datetime, timedelta, timezone
+
+    import numpy as np
+    from PIL import Image
+
+    from retrain.housekeeping import purge_unrated_uploads
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(11).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    first = services.caption(data, request_id=None, session=session).stored
+    long_ago = datetime.now(timezone.utc) - timedelta(days=40)
+    with Session(services.engine) as s, s.begin():  # uploaded and captioned 40 days ago, never rated
+        prediction = s.get(Prediction, first.prediction_id)
+        prediction.created_at = s.get(Upload, prediction.image_sha256).created_at = long_ago
+    purged = []
+    real_put = services.blobstore.put
+
+    def put_then_retention_runs(blob, ext):
+        out = real_put(blob, ext)
+        purged.extend(purge_unrated_uploads(services.engine, services.blobstore, 30))
+        return out
+
+    monkeypatch.setattr(services.blobstore, "put", put_then_retention_runs)
+    again = services.caption(data, request_id=None, session=session).stored
+    assert purged == [hashlib.sha256(data).hexdigest()]  # the job did delete the file in that window
+    assert again.relpath == first.relpath and services.blobstore.path(again.relpath).read_bytes() == data
+    monkeypatch.setattr(services.blobstore, "put", real_put)
+    assert purge_unrated_uploads(services.engine, services.blobstore, 30) == []  # its new prediction keeps it now
+    with Session(services.engine) as s, s.begin():  # the module's other tests count today's predictions
+        s.get(Prediction, first.prediction_id).created_at = datetime.now(timezone.utc)
 
 
 def test_caption_rating_and_correction_are_stored_once(services, session):

@@ -7,11 +7,13 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine
+from feedback_db.models import Upload
 from mmapp.config import load_config
 from retrain.housekeeping import expire_exports, purge_unrated_uploads, run_housekeeping
 from retrain.scheduler import RetrainScheduler
@@ -23,7 +25,7 @@ def stored(s, store, tag: str, *, days_old: float, rate: str = ""):
     upload = repo.record_upload(s, sha256=sha, relpath=relpath, format="png", width=1, height=1, n_bytes=len(data))
     upload.created_at = datetime.now(timezone.utc) - timedelta(days=days_old)
     p = repo.record_prediction(s, request_id=f"p-{tag}", kind="caption", image_sha256=sha, model_version="v",
-                               outputs={"caption": "x"}, latency_ms=1.0, session_id="s")
+                               outputs={"caption": "x"}, latency_ms=1.0, session_id="s", created_at=upload.created_at)
     if rate == "rating":
         repo.record_rating(s, request_id=f"r-{tag}", prediction_id=p.id, session_id="s", coherence=3)
     elif rate == "correction":
@@ -47,6 +49,21 @@ def test_only_old_unrated_uploads_lose_their_file(tmp_path):
     assert purge_unrated_uploads(engine, store, 30) == []  # idempotent
     with Session(engine) as s:  # the rows stay: the prediction log and the hash
         assert len(repo.recent_predictions(s, 10)) == 4
+    engine.dispose()
+
+
+def test_an_old_picture_uploaded_again_keeps_its_file_from_its_new_prediction_on(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    init_db(engine)
+    store = BlobStore(tmp_path / "uploads")
+    with Session(engine) as s, s.begin():
+        path = stored(s, store, "again", days_old=40)
+        sha = s.scalar(select(Upload.sha256))
+        repo.record_prediction(s, request_id="p-again-today", kind="caption", image_sha256=sha, model_version="v",
+                               outputs={"caption": "x"}, latency_ms=1.0, session_id="s2")
+    assert purge_unrated_uploads(engine, store, 30) == [] and path.exists()
+    assert purge_unrated_uploads(engine, store, 30, now=datetime.now(timezone.utc) + timedelta(days=31)) == [sha]
+    assert not path.exists()
     engine.dispose()
 
 

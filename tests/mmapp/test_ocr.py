@@ -1,6 +1,8 @@
 """OCR: pure post-processing on synthetic CTC outputs (fast), then the packaged RapidOCR models on a rendered meme."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -144,3 +146,15 @@ def test_a_read_that_may_stop_early_gives_the_start_of_the_whole_text(reader):
 def test_image_without_text_reads_empty(reader, image):
     result = reader.read(image)
     assert result.text == "" and result.lines == []
+
+
+@pytest.mark.weights
+def test_the_engines_onnx_sessions_do_not_busy_wait(reader):
+    """RapidOCR builds its sessions with onnxruntime's spinning on; ours are rebuilt without it, on the
+    configured thread count (the read tests above check the text is unchanged)."""
+    engine = reader.engine
+    sessions = [engine.text_det.infer.session, engine.text_rec.session.session, engine.text_cls.infer.session]
+    for session in sessions:
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.intra_op_num_threads == min(os.cpu_count() or 1, 4)

@@ -114,10 +114,20 @@ def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: i
             proc.kill()
 
 
+def cool_down(max_s: float) -> None:
+    """Let the previous phase's processes exit and the machine settle (1-minute load average below 1, at most
+    ``max_s``), so every phase starts from the same quiet machine whatever its place in the order."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline and os.getloadavg()[0] >= 1.0:
+        time.sleep(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     load_test_arguments(parser, warmup_s=15.0)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {list(PHASES)}")
+    parser.add_argument("--cooldown", type=float, default=60.0,
+                        help="seconds at most to wait between phases for the 1-minute load average to fall below 1")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every phase's server (e.g. MMAPP__APP__TORCH_THREADS=1); repeatable")
     args = parser.parse_args(argv)
@@ -132,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mmapp-throughput-"))
     result: dict = {"users": args.users, "duration_s": args.duration, "warmup_s": args.warmup, "cpus": os.cpu_count()}
-    for name in phases:
+    for i, name in enumerate(phases):
+        if i:
+            cool_down(args.cooldown)
         result[name] = run_phase(name, work, args.built_home, args.users, args.duration, args.warmup, server_env)
         print(f"[throughput] {name}: {json.dumps(result[name])}", file=sys.stderr, flush=True)
     if result.get("rest", {}).get("p95_ms") and result.get("rest_retrain", {}).get("p95_ms"):

@@ -44,6 +44,7 @@ from urllib.parse import quote
 import gradio as gr
 import pandas as pd
 from fastapi import FastAPI, File, Form, Request as FastRequest, UploadFile
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field as PydanticField
 from PIL import Image
 from sqlalchemy import Engine
@@ -1879,10 +1880,11 @@ def rest_api(services: AppServices) -> "FastAPI":
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    api = FastAPI(title="mmapp REST API", version="1",
-                  description="Caption photos, analyse memes, rate and correct the results. Same models, "
-                              "limits and database as the web page. Errors: JSON {\"error\": message}.",
-                  docs_url="/docs", openapi_url="/openapi.json", redoc_url=None)
+    # Swagger UI's scripts and styles are served from the fastapi-offline package, not a CDN: the app runs offline
+    api = FastAPIOffline(title="mmapp REST API", version="1",
+                         description="Caption photos, analyse memes, rate and correct the results. Same models, "
+                                     "limits and database as the web page. Errors: JSON {\"error\": message}.",
+                         docs_url="/docs", openapi_url="/openapi.json", redoc_url=None, static_url="/docs-assets")
     # Model calls wait here in arrival order (anyio's limiter is first come, first served), not as up to 40
     # threadpool threads racing for AppServices.model_slots: the wait is fair and the p95 close to the p50.
     # Two more than the model slots may be inside, storing a result while the next one computes.

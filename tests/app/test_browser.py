@@ -165,3 +165,29 @@ def test_login_cookie_is_httponly_and_logout_ends_it(page, running_app):
     page.locator("#operator-login").wait_for(state="visible")
     page.wait_for_function("fetch('auth/whoami').then(r => r.status === 401)")
     assert not page.locator("#operator-version").is_visible()
+
+
+def test_the_rest_api_docs_page_renders_offline(browser, running_app):
+    """Swagger UI at /api/v1/docs draws the API from the app's own files: no request leaves the host."""
+    from urllib.parse import urlparse
+
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    host = urlparse(running_app.url).hostname
+    elsewhere = []
+
+    def only_local(route):
+        if urlparse(route.request.url).hostname == host:
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(running_app.url.rstrip("/") + "/api/v1/docs")
+    page.locator(".swagger-ui .info .title").filter(has_text="mmapp REST API").wait_for()
+    page.locator(".opblock-summary-path").filter(has_text="/caption").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "api_docs.png"), full_page=True)
+    context.close()
+    assert not elsewhere, elsewhere

@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,10 +35,20 @@ def stored(s, store, tag: str, *, days_old: float, rate: str = ""):
     return store.path(relpath)
 
 
-def test_only_old_unrated_uploads_lose_their_file(tmp_path):
+@pytest.fixture
+def engine(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     init_db(engine)
-    store = BlobStore(tmp_path / "uploads")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(tmp_path) -> BlobStore:
+    return BlobStore(tmp_path / "uploads")
+
+
+def test_only_old_unrated_uploads_lose_their_file(engine, store):
     with Session(engine) as s, s.begin():
         old_unrated = stored(s, store, "old", days_old=40)
         old_rated = stored(s, store, "rated", days_old=40, rate="rating")
@@ -49,13 +60,9 @@ def test_only_old_unrated_uploads_lose_their_file(tmp_path):
     assert purge_unrated_uploads(engine, store, 30) == []  # idempotent
     with Session(engine) as s:  # the rows stay: the prediction log and the hash
         assert len(repo.recent_predictions(s, 10)) == 4
-    engine.dispose()
 
 
-def test_an_old_picture_uploaded_again_keeps_its_file_from_its_new_prediction_on(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    init_db(engine)
-    store = BlobStore(tmp_path / "uploads")
+def test_an_old_picture_uploaded_again_keeps_its_file_from_its_new_prediction_on(engine, store):
     with Session(engine) as s, s.begin():
         path = stored(s, store, "again", days_old=40)
         sha = s.scalar(select(Upload.sha256))
@@ -64,7 +71,6 @@ def test_an_old_picture_uploaded_again_keeps_its_file_from_its_new_prediction_on
     assert purge_unrated_uploads(engine, store, 30) == [] and path.exists()
     assert purge_unrated_uploads(engine, store, 30, now=datetime.now(timezone.utc) + timedelta(days=31)) == [sha]
     assert not path.exists()
-    engine.dispose()
 
 
 def test_expired_exports_are_deleted_fresh_ones_kept(tmp_path):

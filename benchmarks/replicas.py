@@ -137,6 +137,35 @@ def count_ratings(database_url: str) -> int:
         engine.dispose()
 
 
+def forget_load_test_images(home: Path, database_url: str) -> int:
+    """Take back what a load test left in the built home: the embedding and OCR cache entries of its photos
+    (``make_home`` links the cache to ``var/``, so each run would add thousands of entries for pictures
+    nobody will send again) and its uploads. Returns the cache entries removed."""
+    sys.path.insert(0, str(REPO))
+    from sqlalchemy import select
+
+    from feedback_db.engine import make_engine
+    from feedback_db.models import Upload
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as c:
+            digests = list(c.scalars(select(Upload.sha256)))
+    finally:
+        engine.dispose()
+    cache = home / "cache" / "embeddings"
+    identities = [d for d in cache.iterdir() if d.is_dir()] if cache.is_dir() else []
+    removed = 0
+    for sha in digests:  # the cache's layout: <identity>/<sha[:2]>/<sha>.npz (mmapp/cache.py)
+        for identity in identities:
+            entry = identity / sha[:2] / f"{sha}.npz"
+            if entry.is_file():
+                entry.unlink()
+                removed += 1
+    shutil.rmtree(home / "uploads", ignore_errors=True)
+    return removed
+
+
 def load_test_arguments(parser: argparse.ArgumentParser, *, warmup_s: float) -> None:
     """The options every load-test script here takes (also benchmarks/throughput.py)."""
     parser.add_argument("--users", type=int, default=50)
@@ -194,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if not args.database_url:
-            subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), "stop"], env={**os.environ, "MMAPP_PG_DIR": str(pg_dir)},
-                           capture_output=True)
+        try:
+            result["cache_entries_removed"] = forget_load_test_images(home, database_url)
+        finally:
+            if not args.database_url:
+                subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), "stop"],
+                               env={**os.environ, "MMAPP_PG_DIR": str(pg_dir)}, capture_output=True)
     result["logs"] = str(work)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(home / "uploads", ignore_errors=True)
     return 0
 
 

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicas import (REPO, load_test_arguments, make_home, run_locust, start_replica, summarise,  # noqa: E402
-                      wait_served)
+from replicas import (REPO, forget_load_test_images, load_test_arguments, make_home, run_locust,  # noqa: E402
+                      start_replica, summarise, wait_served)
 
 OPERATOR = {"MMAPP_OPERATOR_USER": "operator", "MMAPP_OPERATOR_PASSWORD": "throughput-bench-operator-pw"}
 PHASES = {  # name: (Locust user classes, server environment)
@@ -112,6 +112,8 @@ def run_phase(name: str, work: Path, built_home: Path, users: int, duration_s: i
             proc.wait(timeout=30)
         except Exception:
             proc.kill()
+        removed = forget_load_test_images(home, f"sqlite:///{home / 'mmapp.db'}")
+        print(f"[throughput] {name}: removed its photos' {removed} cache entries and its uploads", file=sys.stderr)
 
 
 def cool_down(max_s: float) -> None:

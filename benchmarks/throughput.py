@@ -2,7 +2,8 @@
 
 Each phase starts a fresh ``python app.py`` on SQLite in a fresh home (models and embedding cache
 linked from ``var/``, per-client limits lifted) and drives it with 50 Locust users without think time
-(benchmarks/locustfile.py), one phase after the other:
+(benchmarks/locustfile.py), one phase after the other, each after a cool-down (``--cooldown``: load
+average below 1), and takes back its photos' cache entries when it ends:
 
 * ``before``: the page's path: a ``gradio_client`` session per user (``StressRater``) and the image
   tower in eager torch (``MMAPP__MODEL__IMAGE_RUNTIME=torch``);

@@ -142,15 +142,15 @@ def forget_load_test_images(home: Path, database_url: str) -> int:
     (``make_home`` links the cache to ``var/``, so each run would add thousands of entries for pictures
     nobody will send again) and its uploads. Returns the cache entries removed."""
     sys.path.insert(0, str(REPO))
-    from sqlalchemy import select
+    from sqlalchemy.orm import Session
 
+    from feedback_db import repository as repo
     from feedback_db.engine import make_engine
-    from feedback_db.models import Upload
 
     engine = make_engine(database_url)
     try:
-        with engine.connect() as c:
-            digests = list(c.scalars(select(Upload.sha256)))
+        with Session(engine) as s:
+            digests = repo.upload_digests(s)
     finally:
         engine.dispose()
     cache = home / "cache" / "embeddings"

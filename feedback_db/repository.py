@@ -371,6 +371,11 @@ def unrated_uploads(s: Session, *, before: datetime, sha256: Optional[str] = Non
     return [(sha, relpath) for sha, relpath in s.execute(query.order_by(Upload.created_at))]
 
 
+def upload_digests(s: Session) -> list[str]:
+    """The sha256 of every stored upload (a load test takes back its pictures' cache entries with them)."""
+    return list(s.scalars(select(Upload.sha256).order_by(Upload.created_at)))
+
+
 def lock_upload(s: Session, sha256: str) -> Optional[str]:
     """Lock the upload row for the rest of the transaction (a prediction of it being stored at the same
     time waits on its foreign key, on Postgres; SQLite's write transaction already excludes it); its relpath."""

@@ -51,3 +51,16 @@ def package_version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def quiet_session_options(threads: int):
+    """onnxruntime session options for serving beside other requests: ``threads`` intra-op threads, one
+    inter-op thread, and no busy-waiting between calls (spinning idle threads burn the cores that
+    concurrent requests need). Used by the image tower's sessions and by OCR's."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options

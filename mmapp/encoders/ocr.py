@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from mmapp.encoders.base import package_version
+from mmapp.encoders.base import package_version, quiet_session_options
 from mmapp.imageio import flatten_on_white
 
 
@@ -44,17 +44,14 @@ class OCRConfig:
 
 
 def _quiet_session(session, threads: int):
-    """``session`` (one of RapidOCR's) rebuilt without busy-waiting threads: RapidOCR leaves onnxruntime's
-    spinning on, and between calls its idle threads then burn the cores that concurrent requests need
-    (10-20 % of OCR's CPU on two threads; same text). Same model, providers and optimisation level."""
+    """``session`` (one of RapidOCR's) rebuilt with :func:`quiet_session_options`: RapidOCR leaves
+    onnxruntime's spinning on, and its idle threads burned the cores between reads (7-17 % of the REST
+    path's CPU per pair, docs/results.md; same text). Same model, providers and optimisation level."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = quiet_session_options(threads)
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(session._model_path, options, providers=session.get_providers())
 
 

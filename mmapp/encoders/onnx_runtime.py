@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmapp.encoders.base import package_version
+from mmapp.encoders.base import package_version, quiet_session_options
 from mmapp.filelock import exclusive_file_lock
 
 log = logging.getLogger(__name__)
@@ -118,12 +118,7 @@ class OnnxImageTower:
             if threads not in self._sessions:
                 import onnxruntime as ort
 
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = threads
-                options.inter_op_num_threads = 1
-                # no busy-waiting between calls: under concurrent requests spinning threads burn the cores
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                self._sessions[threads] = ort.InferenceSession(str(self.export()), options,
+                self._sessions[threads] = ort.InferenceSession(str(self.export()), quiet_session_options(threads),
                                                                providers=["CPUExecutionProvider"])
             return self._sessions[threads]
 

@@ -146,6 +146,8 @@ def forget_load_test_images(home: Path, database_url: str) -> int:
 
     from feedback_db import repository as repo
     from feedback_db.engine import make_engine
+    from mmapp.cache import EmbeddingCache
+    from mmapp.paths import Paths
 
     engine = make_engine(database_url)
     try:
@@ -153,16 +155,9 @@ def forget_load_test_images(home: Path, database_url: str) -> int:
             digests = repo.upload_digests(s)
     finally:
         engine.dispose()
-    cache = home / "cache" / "embeddings"
-    identities = [d for d in cache.iterdir() if d.is_dir()] if cache.is_dir() else []
-    removed = 0
-    for sha in digests:  # the cache's layout: <identity>/<sha[:2]>/<sha>.npz (mmapp/cache.py)
-        for identity in identities:
-            entry = identity / sha[:2] / f"{sha}.npz"
-            if entry.is_file():
-                entry.unlink()
-                removed += 1
-    shutil.rmtree(home / "uploads", ignore_errors=True)
+    paths = Paths(home)
+    removed = sum(EmbeddingCache(paths.embeddings).forget(sha) for sha in digests)
+    shutil.rmtree(paths.uploads, ignore_errors=True)
     return removed
 
 

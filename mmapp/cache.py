@@ -51,6 +51,18 @@ class EmbeddingCache:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # unreadable entry: recompute and overwrite
             return None
 
+    def forget(self, key: str) -> int:
+        """Remove ``key``'s entries under every encoder identity (its embeddings, its OCR reads); the count."""
+        removed = 0
+        for folder in (self.root.iterdir() if self.root.is_dir() else ()):
+            if folder.is_dir():
+                try:
+                    self._path(folder.name, key).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
     def put(self, identity: str, key: str, arrays: Arrays) -> None:
         path = self._path(identity, key)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -255,21 +255,22 @@ class ClientLimitMiddleware:
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware refusing (413) a request whose declared Content-Length is over ``max_bytes``, before
-    its multipart body is parsed and spooled. Plain ASGI: Starlette's ``@app.middleware("http")`` wraps
-    every request in extra streams and tasks, which cost the REST API measurable throughput under load."""
+    """ASGI middleware refusing (413) a request whose declared Content-Length is over the upload limit plus
+    ``slack_bytes`` (the multipart framing and form fields), before its body is parsed and spooled. Plain
+    ASGI: Starlette's ``@app.middleware("http")`` wraps every request in extra streams and tasks, which
+    cost the REST API measurable throughput under load."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, limit_bytes: int, slack_bytes: int = 64 * 1024):
         self.app = app
-        self.max_bytes = max_bytes
+        self.limit_bytes = limit_bytes
+        self.slack_bytes = slack_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                limit_mb = (self.max_bytes - 64 * 1024) / 2**20
+            if declared.isdigit() and int(declared) > self.limit_bytes + self.slack_bytes:
                 return await _plain(send, 413, f"the request is {int(declared) / 2**20:.1f} MB; the upload limit "
-                                               f"is {limit_mb:g} MB")
+                                               f"is {self.limit_bytes / 2**20:g} MB")
         return await self.app(scope, receive, send)
 
 
@@ -1890,7 +1891,7 @@ def rest_api(services: AppServices) -> "FastAPI":
     # Two more than the model slots may be inside, storing a result while the next one computes.
     model_queue = anyio.CapacityLimiter(model_concurrency(services) + 2)
 
-    api.add_middleware(BodyLimitMiddleware, max_bytes=services.limits.max_bytes + 64 * 1024)
+    api.add_middleware(BodyLimitMiddleware, limit_bytes=services.limits.max_bytes)
 
     @api.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):

@@ -62,9 +62,10 @@ def purge_unrated_uploads(engine: Engine, blobstore: BlobStore, retention_days: 
         with Session(read_only_engine(engine)) as s, s.begin():
             return repo.unrated_uploads(s, before=cutoff)
 
-    def delete_one(sha256: str, relpath: str) -> bool:
+    def delete_one(sha256: str) -> bool:
         with Session(engine) as s, s.begin():
-            if repo.lock_upload(s, sha256) is None or not repo.unrated_uploads(s, before=cutoff, sha256=sha256):
+            relpath = repo.lock_upload(s, sha256)
+            if relpath is None or not repo.unrated_uploads(s, before=cutoff, sha256=sha256):
                 return False  # a new prediction or a rating since the list was read
             blobstore.path(relpath).unlink()
             return True
@@ -72,7 +73,7 @@ def purge_unrated_uploads(engine: Engine, blobstore: BlobStore, retention_days: 
     deleted = []
     for sha256, relpath in retry_on_busy(read):
         try:
-            if retry_on_busy(lambda: delete_one(sha256, relpath)):
+            if retry_on_busy(lambda: delete_one(sha256)):
                 deleted.append(sha256)
         except FileNotFoundError:
             continue

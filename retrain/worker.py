@@ -36,9 +36,18 @@ RUNNERS = ("worker", "in-process")
 
 
 def check_runner(config: Config) -> str:
+    """``retrain.runner``, checked with the worker's settings, so ``python app.py`` refuses a bad one at start
+    instead of a worker child failing (and being restarted) over and over."""
     if config.retrain.runner not in RUNNERS:
         raise ValueError(f"retrain.runner must be one of {list(RUNNERS)}, got {config.retrain.runner!r}")
+    _check_nice(config.retrain.worker_nice)
     return config.retrain.runner
+
+
+def _check_nice(nice: int) -> int:
+    if nice < 0:
+        raise ValueError(f"retrain.worker_nice must be >= 0 (raising priority needs privileges), got {nice}")
+    return nice
 
 
 def request_run(engine: Engine) -> dict:
@@ -225,9 +234,7 @@ def worker_argv(profile: Optional[str], *, parent_pid: Optional[int] = None) -> 
 def lower_priority(nice: int) -> int:
     """Lower this process' CPU priority by ``nice`` (``retrain.worker_nice``; 0 = unchanged); the new niceness.
     Training then uses the cores the web process leaves idle instead of competing with its requests."""
-    if nice < 0:
-        raise ValueError(f"retrain.worker_nice must be >= 0 (raising priority needs privileges), got {nice}")
-    niceness = os.nice(nice)
+    niceness = os.nice(_check_nice(nice))
     if nice:
         log.info("retrain worker %d runs at niceness %d", os.getpid(), niceness)
     return niceness

@@ -2,20 +2,24 @@
 dies mid-run is noticed at once (its run failed, its lease freed) and restarted."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy.orm import Session
 
 from feedback_db import repository as repo
 from feedback_db.engine import make_engine
 from retrain.job import begin_run, running_run_id
-from retrain.worker import RetrainWorker, WorkerSupervisor, pending_request, request_run, take_request
+from retrain.worker import (RetrainWorker, WorkerSupervisor, check_runner, pending_request, request_run,
+                            take_request)
 
 from .world import feed_new_concepts
 
@@ -119,9 +123,6 @@ def test_a_killed_worker_is_noticed_restarted_and_its_run_failed_at_once(engine,
 def test_a_worker_whose_app_died_stops_by_itself_and_hands_the_lease_on(config, engine):
     """`python app.py` SIGKILLed: its worker child is re-parented; it notices at its next poll and stops
     (scheduler lease released) instead of living on unsupervised beside the next app's worker."""
-    import dataclasses
-    import subprocess
-
     from retrain.scheduler import LEASE_NAME
 
     dead = subprocess.Popen(["true"])
@@ -145,7 +146,6 @@ def test_one_request_is_taken_by_exactly_one_worker_on_postgres():
     from tests.feedback_db.backends import POSTGRES_URL_ENV, PostgresDatabases
 
     if not os.environ.get(POSTGRES_URL_ENV):
-        import pytest
         pytest.skip(f"{POSTGRES_URL_ENV} is not set")
     databases = PostgresDatabases(os.environ[POSTGRES_URL_ENV])
     engines = []
@@ -166,8 +166,6 @@ def test_one_request_is_taken_by_exactly_one_worker_on_postgres():
 
 def test_the_worker_lowers_its_own_priority_and_refuses_to_raise_it():
     """retrain.worker_nice: the worker process lowers its niceness (in a child: it cannot be undone here)."""
-    import subprocess
-
     code = textwrap.dedent("""
         import os
         from retrain.worker import lower_priority
@@ -181,3 +179,11 @@ def test_the_worker_lowers_its_own_priority_and_refuses_to_raise_it():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out[0] == "10 10" and out[1].startswith("refused: retrain.worker_nice must be >= 0")
+
+
+def test_the_app_refuses_a_negative_worker_nice_at_start(config):
+    """check_runner (python app.py, the operator's "retrain now") refuses it before any worker child starts."""
+    bad = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, worker_nice=-5))
+    with pytest.raises(ValueError, match="retrain.worker_nice must be >= 0"):
+        check_runner(bad)
+    assert check_runner(config) == config.retrain.runner

@@ -153,6 +153,14 @@ class RetrainConfig:
     anonymous_cap_holds: int = 1  # runs an item held back by that cap is reconsidered in, earliest first; then rejected
     trusted_chance_check: bool = False  # False: trusted raters' pairs skip the outlier / chance-agreement tests
     clean_folds: int = 2  # folds of the cross-fitted agreement scoring (each scorer learns from the other folds)
+    # The chance test per rater (retrain/cleaning.py flag_chance_agreement, docs/flywheel.md): a rater with at least
+    # rater_min_items tested pairs in a run is judged on all of them (0 = off): no better than random captions at
+    # rater_chance_alpha -> all rejected; at most rater_rescue_max_fail_share under the bar -> those at or above
+    # rater_rescue_floor are kept.
+    rater_min_items: int = 10
+    rater_chance_alpha: float = 0.05
+    rater_rescue_max_fail_share: float = 0.4
+    rater_rescue_floor: float = 0.0
     # Blind before/after comparison (docs/flywheel.md "Blind comparison"): raters pick current vs candidate.
     blind_pairs: int = 30  # held-out items per run shown side by side in the Compare tab (0 = off)
     blind_required: bool = False  # True: a candidate that passes the metric gate is held until raters decide

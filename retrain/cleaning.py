@@ -22,6 +22,7 @@ EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 SIMILARITY_OUTLIER = "similarity_outlier"
 CHANCE_AGREEMENT = "chance_agreement"
+CHANCE_RATER = "chance_rater"  # the rater's pairs in this run, taken together, fit no better than random captions
 USER_SHARE = "user_share"
 ANONYMOUS_UNCONFIRMED = "anonymous_unconfirmed"  # no trusted rater (or, by rule, no quorum) agrees yet
 ANONYMOUS_CAP = "anonymous_cap"  # over this run's cap on anonymous pictures: reconsidered next run
@@ -37,6 +38,7 @@ REASONS: dict[str, bool] = {
     NEAR_DUPLICATE: True,
     SIMILARITY_OUTLIER: True,
     CHANCE_AGREEMENT: True,
+    CHANCE_RATER: True,
     USER_SHARE: False,
 }
 KINDS = ("pair", "label")  # pair: image + caption for the joint space; label: meme image + text -> label
@@ -58,8 +60,19 @@ class CleaningConfig:
     max_anonymous_per_run: int = 50  # "quorum": cap on pictures whose untrusted items a quorum accepts in one run
     anonymous_cap_holds: int = 1  # runs an item held back by that cap is reconsidered in; then rejected (final)
     trusted_chance_check: bool = False  # also apply the outlier and chance-agreement tests to trusted raters' pairs
+    # The chance test per rater (see flag_chance_agreement): raters with at least this many tested pairs in the run
+    # are judged on all of them together (0 = off, every pair alone).
+    rater_min_items: int = 10
+    rater_chance_alpha: float = 0.05  # a rater whose pairs do not beat random captions at this level loses them all
+    rater_rescue_max_fail_share: float = 0.4  # a rater with at most this share of pairs under min_agreement ...
+    rater_rescue_floor: float = 0.0  # ... keeps those whose agreement is at least this (0: above a random caption's mean)
 
     def __post_init__(self) -> None:
+        if self.rater_min_items < 0 or not 0.0 < self.rater_chance_alpha < 1.0 \
+                or not 0.0 <= self.rater_rescue_max_fail_share <= 1.0:
+            raise ValueError("rater_min_items must be >= 0, rater_chance_alpha in (0, 1) and rater_rescue_max_fail_share "
+                             f"in [0, 1], got {self.rater_min_items}, {self.rater_chance_alpha}, "
+                             f"{self.rater_rescue_max_fail_share}")
         if self.anonymous_rule not in ANONYMOUS_RULES:
             raise ValueError(f"anonymous_rule must be one of {ANONYMOUS_RULES}, got {self.anonymous_rule!r}")
         if self.anonymous_cap_holds < 0:
@@ -85,7 +98,11 @@ class CleaningConfig:
                    anonymous_agree_cos=retrain_config.anonymous_agree_cos,
                    max_anonymous_per_run=retrain_config.max_anonymous_per_run,
                    anonymous_cap_holds=retrain_config.anonymous_cap_holds,
-                   trusted_chance_check=retrain_config.trusted_chance_check)
+                   trusted_chance_check=retrain_config.trusted_chance_check,
+                   rater_min_items=retrain_config.rater_min_items,
+                   rater_chance_alpha=retrain_config.rater_chance_alpha,
+                   rater_rescue_max_fail_share=retrain_config.rater_rescue_max_fail_share,
+                   rater_rescue_floor=retrain_config.rater_rescue_floor)
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,9 @@ class CleaningResult:
     # Agreeing copies collapsed into one accepted example: copy item_id -> the item_id kept for it. A copy
     # is neither trained on separately nor rejected; it shares the kept item's fate (used / rejected).
     merged: dict[str, str] = field(default_factory=dict)
+    # Pairs under min_agreement kept because their rater, judged on all their pairs, is reliable: item_id -> detail.
+    rescued: dict[str, dict[str, Any]] = field(default_factory=dict)
+    raters: dict[str, dict[str, Any]] = field(default_factory=dict)  # the per-rater chance test, by user
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r.reason for r in self.rejected))
@@ -347,15 +367,71 @@ def flag_similarity_outliers(candidates: Sequence[Candidate], z_threshold: float
     return _apply(candidates, verdict)
 
 
-def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float, *, skip_trusted: bool = False) -> Split:
+def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float, *, skip_trusted: bool = False,
+                          rater_min_items: int = 0, rater_alpha: float = 0.05, rescue_max_fail_share: float = 0.4,
+                          rescue_floor: float = 0.0, rescued: dict[str, dict[str, Any]] | None = None,
+                          raters: dict[str, dict[str, Any]] | None = None) -> Split:
     """Reject pairs whose caption fits its image no better than random captions do (agreement below
     ``min_agreement``). Unlike :func:`flag_similarity_outliers` this needs no clean majority: a batch
     made entirely of random captions is caught too. ``skip_trusted``: a trusted rater's pairs are not
-    tested (a new domain's honest captions often look like chance to a model that never saw it)."""
-    verdict = {c.item_id: (CHANCE_AGREEMENT, {"agreement": round(c.agreement, 4), "min_agreement": min_agreement})
-               for c in candidates if c.kind == "pair" and math.isfinite(c.agreement) and c.agreement < min_agreement
-               and not (skip_trusted and c.trusted)}
+    tested (a new domain's honest captions often look like chance to a model that never saw it).
+
+    Per rater (``rater_min_items`` > 0), for each rater with at least that many tested pairs in the
+    run. The agreement is a z-score against random captions of the same image, so a random caption
+    falls under ``min_agreement`` with probability p0 = Phi(min_agreement) (0.84 at 1 SD):
+
+    * a rater whose number of pairs under the bar is not significantly below p0 (one-sided binomial
+      test at ``rater_alpha``) answers like random captions taken together: all their pairs are
+      rejected (CHANCE_RATER), also the few that cleared the bar by luck;
+    * a rater with at most ``rescue_max_fail_share`` of their pairs under the bar is reliable in this
+      run: their pairs under it are kept when the agreement is at least ``rescue_floor`` (better than
+      an average random caption), recorded in ``rescued``. On a new domain honest captions often miss
+      the bar singly (about a fifth in the simulation) while the rater's batch as a whole is clearly
+      not random.
+
+    Raters with fewer pairs (a script's throwaway sessions, say) are judged pair by pair, as before.
+    What it cannot tell apart: a rater who mixes some wrong captions into mostly right ones keeps the
+    wrong ones that land between ``rescue_floor`` and ``min_agreement`` (docs/flywheel.md).
+    ``raters`` receives each judged rater's counts and verdict."""
+    tested = [c for c in candidates if c.kind == "pair" and math.isfinite(c.agreement)
+              and not (skip_trusted and c.trusted)]
+    by_user: dict[str, list[Candidate]] = defaultdict(list)
+    for c in tested:
+        by_user[c.user].append(c)
+    p0 = 0.5 * (1.0 + math.erf(min_agreement / math.sqrt(2.0)))
+    verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
+    for user, items in by_user.items():
+        fails = [c for c in items if c.agreement < min_agreement]
+        judged = rater_min_items > 0 and len(items) >= rater_min_items
+        summary = {"pairs": len(items), "under_bar": len(fails), "fail_share": round(len(fails) / len(items), 4),
+                   "chance_fail_share": round(p0, 4)}
+        if judged:
+            summary["p_value"] = round(_binom_cdf(len(fails), len(items), p0), 6)
+            if summary["p_value"] >= rater_alpha:
+                summary["verdict"] = "chance"
+                for c in items:
+                    verdict[c.item_id] = (CHANCE_RATER, {"agreement": round(c.agreement, 4), **summary,
+                                                         "alpha": rater_alpha})
+            elif summary["fail_share"] <= rescue_max_fail_share:
+                summary["verdict"] = "reliable"
+            else:
+                summary["verdict"] = "pair by pair"
+            if raters is not None:
+                raters[user] = summary
+        if summary.get("verdict") == "chance":
+            continue
+        for c in fails:
+            if summary.get("verdict") == "reliable" and c.agreement >= rescue_floor:
+                if rescued is not None:
+                    rescued[c.item_id] = {"agreement": round(c.agreement, 4), "rater": user, **summary}
+                continue
+            verdict[c.item_id] = (CHANCE_AGREEMENT, {"agreement": round(c.agreement, 4), "min_agreement": min_agreement})
     return _apply(candidates, verdict)
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return float(sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k + 1)))
 
 
 def user_quota(counts: Iterable[int], max_share: float) -> int | None:
@@ -398,7 +474,8 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
     """All rules in order: label quorum, confirmation of untrusted items (anonymous rules), exact
     duplicates (other raters' agreeing copies collapsed into one example, ``merged``), near duplicates,
     agreement outliers (against the other candidates, or ``reference_agreement`` of trusted pairs when
-    given) and agreement no better than chance (both skipped for trusted raters' pairs unless
+    given) and agreement no better than chance, per rater where a rater has ``rater_min_items`` pairs
+    (``rescued``, ``raters``; both tests skipped for trusted raters' pairs unless
     ``trusted_chance_check``), user share. The share cap runs last, so shares are measured over clean items."""
     ids = [c.item_id for c in candidates]
     if len(set(ids)) != len(ids):
@@ -406,6 +483,8 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
         raise ValueError(f"candidate item_ids must be unique, got repeats {dupes[:5]}")
     kept, rejected = list(candidates), []
     merged: dict[str, str] = {}
+    rescued: dict[str, dict[str, Any]] = {}
+    raters: dict[str, dict[str, Any]] = {}
     skip = not config.trusted_chance_check
 
     def collapse(cs: Sequence[Candidate]) -> Split:
@@ -417,11 +496,16 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
                  collapse,
                  lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
                  lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement, skip_trusted=skip),
-                 lambda cs: flag_chance_agreement(cs, config.min_agreement, skip_trusted=skip),
+                 lambda cs: flag_chance_agreement(cs, config.min_agreement, skip_trusted=skip,
+                                                  rater_min_items=config.rater_min_items,
+                                                  rater_alpha=config.rater_chance_alpha,
+                                                  rescue_max_fail_share=config.rater_rescue_max_fail_share,
+                                                  rescue_floor=config.rater_rescue_floor, rescued=rescued,
+                                                  raters=raters),
                  lambda cs: cap_user_share(cs, config.max_user_share)):
         kept, out = rule(kept)
         rejected.extend(out)
-    return CleaningResult(kept, rejected, merged)
+    return CleaningResult(kept, rejected, merged, rescued, raters)
 
 
 # --- helpers ----------------------------------------------------------------------------------

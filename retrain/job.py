@@ -501,7 +501,9 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
                              "selection": _selection_stats(selected.selection),
                              "cleaning": {"candidates": len(candidates), "accepted": len(cleaning.accepted),
                                           "rejected": cleaning.counts(), "merged_copies": len(cleaning.merged),
+                                          "rescued_by_rater": len(cleaning.rescued),
                                           "unknown_label": len(unknown_labels)},
+                             "chance_test_by_rater": cleaning.raters,
                              "replay_images": int(len(feats.replay_idx)), "agreement_scored_by": agreement_how,
                              "towers": _towers_note(ctx.config),
                              "encoded_on_cache_miss": getattr(ctx.features, "encoded_on_miss", None)}

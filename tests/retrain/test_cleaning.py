@@ -6,6 +6,7 @@ import pytest
 
 from retrain.cleaning import (
     CHANCE_AGREEMENT,
+    CHANCE_RATER,
     EXACT_DUPLICATE,
     LABEL_DISAGREEMENT,
     NEAR_DUPLICATE,
@@ -134,6 +135,57 @@ def test_chance_agreement_catches_a_batch_that_is_all_noise():
     assert ids(kept) == ["c3"] and {r.reason for r in rejected} == {CHANCE_AGREEMENT}
     result = clean(items, CleaningConfig(min_agreement=1.0, anonymous_rule="open"))
     assert [c.item_id for c in result.accepted] == ["c3"]
+
+
+def _rater_batch(user, agreements, start):
+    return [pair(start + i, user=user, image=f"{start + i:064x}", text=f"{user} caption {i}", agreement=a)
+            for i, a in enumerate(agreements)]
+
+
+def test_a_reliable_raters_near_misses_are_kept_and_a_random_raters_lucky_hits_are_not():
+    # honest: 20 pairs, 4 under the 1-SD bar (three of them above a random caption's mean, one far below)
+    honest = _rater_batch("honest", [2.0] * 16 + [0.6, 0.3, 0.05, -1.5], 0)
+    # random captions: 20 pairs, 17 under the bar and 3 over it by luck (what p0 = 0.84 predicts)
+    noise = _rater_batch("noise", [-1.0, -0.5, 0.0, 0.5, 0.9] * 3 + [-0.2, 0.4, 1.3, 1.6, 2.1], 100)
+    # a throwaway session with 3 pairs: too few to judge the rater, each pair is judged alone
+    few = _rater_batch("few", [0.5, 0.8, 1.4], 200)
+    rescued, raters = {}, {}
+    kept, rejected = flag_chance_agreement(honest + noise + few, 1.0, rater_min_items=10, rescued=rescued, raters=raters)
+    reasons = {r.candidate.item_id: r.reason for r in rejected}
+    assert sorted(rescued) == ["c16", "c17", "c18"]  # 0.6, 0.3 and 0.05 kept: the rater beats chance by far
+    assert reasons["c19"] == CHANCE_AGREEMENT  # -1.5: worse than an average random caption, still rejected
+    assert {reasons[c.item_id] for c in noise} == {CHANCE_RATER}  # all 20, the 3 lucky ones included
+    assert reasons["c200"] == reasons["c201"] == CHANCE_AGREEMENT and "c202" in ids(kept)
+    assert raters["honest"]["verdict"] == "reliable" and raters["noise"]["verdict"] == "chance"
+    assert raters["noise"]["p_value"] > 0.05 > raters["honest"]["p_value"] and "few" not in raters
+    assert rescued["c16"]["rater"] == "honest" and rescued["c16"]["fail_share"] == 0.2
+
+
+def test_a_rater_between_reliable_and_random_is_judged_pair_by_pair():
+    # 10 of 20 under the bar: clearly better than random captions (p0 = 0.84), but too many misses to vouch for them
+    items = _rater_batch("mixed", [2.0] * 10 + [0.5] * 10, 0)
+    raters = {}
+    kept, rejected = flag_chance_agreement(items, 1.0, rater_min_items=10, raters=raters)
+    assert raters["mixed"]["verdict"] == "pair by pair"
+    assert len(kept) == 10 and {r.reason for r in rejected} == {CHANCE_AGREEMENT}
+    # off (rater_min_items 0): the same as the pair-by-pair rule
+    assert ids(flag_chance_agreement(items, 1.0)[0]) == ids(kept)
+
+
+def test_the_rater_rule_runs_in_clean_with_its_knobs_and_skips_trusted_raters():
+    honest = _rater_batch("honest", [2.0] * 16 + [0.6, 0.3, 0.05, -1.5], 0)
+    result = clean(honest, CleaningConfig(anonymous_rule="open", outlier_z=-10, max_user_share=1.0))
+    assert sorted(result.rescued) == ["c16", "c17", "c18"] and result.raters["honest"]["verdict"] == "reliable"
+    assert len(result.accepted) == 19
+    result = clean(honest, CleaningConfig(anonymous_rule="open", outlier_z=-10, max_user_share=1.0, rater_min_items=0))
+    assert result.rescued == {} and len(result.accepted) == 16
+    result = clean(honest, CleaningConfig(anonymous_rule="open", outlier_z=-10, max_user_share=1.0, rater_rescue_floor=0.5))
+    assert sorted(result.rescued) == ["c16"]
+    trusted = [Candidate(c.item_id, c.user, "pair", c.image_key, c.text, agreement=c.agreement, trusted=True)
+               for c in _rater_batch("t", [-1.0] * 20, 0)]
+    assert len(clean(trusted, CleaningConfig(anonymous_rule="open", max_user_share=1.0)).accepted) == 20  # trusted: not tested
+    with pytest.raises(ValueError, match="rater_chance_alpha"):
+        CleaningConfig(rater_chance_alpha=0.0)
 
 
 def test_clean_refuses_repeated_ids():

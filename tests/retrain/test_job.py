@@ -73,7 +73,12 @@ def test_a_requested_unfreeze_is_reported_not_silently_dropped(config, engine, s
     assert "unfreeze_last_n=2 is not applied" in caplog.text
 
 
-def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engine, source):
+@pytest.mark.parametrize("rater_min_items", [10, 0])
+def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engine, source, rater_min_items):
+    # 12 trolls, 10 random captions each. Per rater (the default) each troll's batch as a whole fits no better
+    # than random captions: all of it goes (chance_rater) and nothing is left to train. Pair by pair (0) the
+    # lucky ~16 % pass the chance test and the gate must refuse the candidate.
+    config = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, rater_min_items=rater_min_items))
     feed_new_concepts(engine, source, 120)
     first = run_retrain(config, engine, features=source)
     assert first.status == "promoted"
@@ -81,9 +86,14 @@ def test_poisoned_corrections_are_mostly_rejected_and_not_promoted(config, engin
     out = run_retrain(config, engine, features=source)
     with Session(engine) as s:
         poison = s.scalars(select(Correction).where(Correction.value.like("totally unrelated%"))).all()
+        reasons = {r.reason for r in s.scalars(select(RejectedItem).where(RejectedItem.run_id == out.run_id))}
     rejected = sum(c.status == "rejected" for c in poison)
-    assert rejected >= 0.7 * len(poison), f"only {rejected} of {len(poison)} poisoned corrections rejected"
-    assert out.status == "refused", out.message
+    if rater_min_items:
+        assert rejected == len(poison) and reasons == {"chance_rater"}
+        assert out.status == "skipped" and "nothing to learn" in out.message
+    else:
+        assert rejected >= 0.7 * len(poison), f"only {rejected} of {len(poison)} poisoned corrections rejected"
+        assert out.status == "refused", out.message
     assert out.current_version == first.version
 
 

@@ -17,7 +17,15 @@ only, the sim's held-out pictures and the report photos::
     python benchmarks/flywheel_variants.py run ... --memory-k 10 k10:
     python benchmarks/flywheel_variants.py run ... --choose-on-tune both pertune:
 
-Results are appended to ``<data dir>/variants.jsonl``. Numbers: docs/results.md, issue 10, "Second pass".
+Step 3 (measured only, no choice is made from it) asks whether *any* simple learner on the same taught
+pairs gets further than the retrain: ridge regression, k nearest taught pictures and kernel ridge from
+the image tower's features to the caption embeddings, fitted on the users' fit + tune pairs alone, and
+each mixed with the served candidate's score, over a small grid; it prints the best of each family::
+
+    python benchmarks/flywheel_variants.py ceiling --home /tmp/fsim-t2 --data /tmp/t2/trainingset.pt
+
+Results are appended to ``<data dir>/variants.jsonl``. Numbers: docs/results.md, issue 10, "Second pass"
+and "A ceiling on the frozen towers".
 """
 from __future__ import annotations
 
@@ -139,6 +147,79 @@ def run(args) -> int:
     return 0
 
 
+def ceiling(args) -> int:
+    """Other learners on the taught pairs, measured on the sim's held-out pictures only (a diagnostic)."""
+    import torch
+    import torch.nn.functional as F
+
+    import flywheel_sim as fs
+    from mmapp.config import load_config
+    from mmapp.model_store import ModelStore
+    from mmapp.pipeline import retrieval_metrics
+    from retrain.train import fine_tune
+
+    home = Path(args.home)
+    captured = torch.load(args.data, weights_only=False)
+    data = captured["data"]
+    current = ModelStore(load_config(storage={"home": str(home)}).paths.models).load(captured["current"])
+    eval_feats, _ = torch.load(Path(args.data).with_name("evalfeats.pt"), weights_only=False)  # written by `run`
+
+    def r1(sim: torch.Tensor) -> dict:
+        m = retrieval_metrics(sim.numpy(), eval_feats.text_to_image, n_bootstrap=1000, seed=0).to_dict()
+        return {short: {"R@1": m[d]["R@1"], "ci": m[d]["R@1_ci"]}
+                for short, d in (("t2i", "text_to_image"), ("i2t", "image_to_text"))}
+
+    def taught(p):  # one row per caption: its image's features, its text embedding
+        idx = torch.as_tensor(p.text_to_image)
+        return F.normalize(p.image_features[idx].float(), dim=-1), F.normalize(p.text.float(), dim=-1)
+    xs, ys = zip(*(taught(p) for p in (data.user_pairs, data.tune_pairs)))
+    x, y = torch.cat(xs), torch.cat(ys)
+    ex, et = F.normalize(eval_feats.image_features.float(), dim=-1), F.normalize(eval_feats.text.float(), dim=-1)
+    ones = lambda a: torch.cat([a, torch.ones(len(a), 1)], 1)  # noqa: E731
+    preds: dict[tuple[str, str], torch.Tensor] = {}  # (family, its knobs) -> predicted caption embeddings
+    for lam in (0.03, 0.1, 0.3):
+        w = torch.linalg.solve(ones(x).T @ ones(x) + lam * torch.eye(x.shape[1] + 1), ones(x).T @ y)
+        preds["ridge", f"lambda={lam}"] = ones(ex) @ w
+    for k in (5, 10, 30):
+        for tau in (0.02, 0.05, 0.1):
+            v, i = (ex @ x.T).topk(k, dim=1)
+            preds["knn", f"k={k} tau={tau}"] = (torch.softmax(v / tau, dim=1).unsqueeze(-1) * y[i]).sum(1)
+    for g in (5.0, 10.0, 20.0):
+        for lam in (0.01, 0.1):
+            a = torch.linalg.solve(torch.exp(g * (x @ x.T - 1)) + lam * torch.eye(len(x)), y)
+            preds["kernel ridge", f"gamma={g} lambda={lam}"] = torch.exp(g * (ex @ x.T - 1)) @ a
+    torch.manual_seed(0)
+    served_space = fine_tune(current, data, load_config(storage={"home": str(home)})).space
+    served = served_space.similarity(served_space.image_views(eval_feats.image_features, eval_feats.class_probs),
+                                     served_space.text_views(eval_feats.text))
+    bridge = current.space.similarity(current.space.image_views(eval_feats.image_features, eval_feats.class_probs),
+                                      current.space.text_views(eval_feats.text), mix=1.0)
+    z = lambda s: (s - s.mean()) / s.std()  # noqa: E731
+    rows = {("bridge", ""): r1(bridge), ("served candidate (the retrain)", ""): r1(served)}
+    for (family, knobs), p in preds.items():
+        sim = F.normalize(p, dim=-1) @ et.T
+        rows[family, knobs] = r1(sim)
+        for a in (0.3, 0.5, 0.7):
+            rows[f"{family} + served", f"{knobs} weight={a}"] = r1(a * z(sim) + (1 - a) * z(served))
+    weaker = lambda r: min(r["t2i"]["R@1"], r["i2t"]["R@1"])  # noqa: E731
+    best: dict[str, tuple[str, dict]] = {}
+    for (family, knobs), r in rows.items():
+        if family not in best or weaker(r) > weaker(best[family][1]):
+            best[family] = (knobs, r)
+    print(f"taught pairs {len(x)}; held-out pictures {len(ex)}; 3x the bridge = "
+          f"{3 * rows['bridge', '']['t2i']['R@1']:.3f} / {3 * rows['bridge', '']['i2t']['R@1']:.3f}")
+    for family, (knobs, r) in best.items():
+        print(f"{family:32s} best of its grid by the weaker direction: {knobs:30s} "
+              f"t2i {r['t2i']['R@1']:.3f} [{r['t2i']['ci'][0]:.3f}, {r['t2i']['ci'][1]:.3f}]  "
+              f"i2t {r['i2t']['R@1']:.3f} [{r['i2t']['ci'][0]:.3f}, {r['i2t']['ci'][1]:.3f}]")
+    top = max(rows.items(), key=lambda kv: max(kv[1]["t2i"]["R@1"], kv[1]["i2t"]["R@1"]))
+    print(f"highest single direction anywhere in the grid: {' '.join(top[0])}: t2i {top[1]['t2i']['R@1']:.3f} "
+          f"i2t {top[1]['i2t']['R@1']:.3f}")
+    with open(Path(args.data).with_name("variants.jsonl"), "a") as f:
+        f.write(json.dumps({"name": "ceiling", "rows": {" ".join(k): r for k, r in rows.items()}}, default=str) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -154,8 +235,11 @@ def main(argv=None) -> int:
     r.add_argument("--choose-on-tune", choices=("none", "memory", "local", "both"), default="none",
                    help="choose the memory / local mix on users' tune pairs only (default: with the bootstrap val)")
     r.add_argument("variants", nargs="+", metavar="NAME:KEY=VALUE,...", help="config.finetune overrides per variant")
+    e = sub.add_parser("ceiling", help="other learners on the same taught pairs, held-out only (after `run` once)")
+    e.add_argument("--home", required=True)
+    e.add_argument("--data", required=True)
     args = parser.parse_args(argv)
-    return capture(args) if args.cmd == "capture" else run(args)
+    return {"capture": capture, "run": run, "ceiling": ceiling}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py [--version V] [--out docs/caption_quality.json]
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep   # guard set only: how the defaults were chosen
     HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --sweep --set mbr_temperature=1 --knobs mbr_top_k,hedge_below
+    HF_HUB_OFFLINE=1 python benchmarks/caption_quality.py --classifiers  # guard set: would a bigger classifier help?
 
 A judge sentence encoder that is *not* the served text tower (all-mpnet-base-v2, from the packaged
 PyPI parts) compares each generated caption with the hand-written reference captions of every photo
@@ -186,6 +187,35 @@ def sweep(systems: Systems, judge: Judge, images, refs, *, n_boot: int, knobs: s
     return results
 
 
+def classifier_check(judge: Judge, images, refs, opts, *, n_boot: int) -> None:
+    """Guard set only: the template ("a photo of a {top-1 class}.") from each packaged ImageNet classifier
+    (EfficientNet-Lite0/1/2, each also averaged with its left-right flip) and from their ensembles, as
+    paired differences to Lite0 (the served tower). Asks whether a better posterior, not better wording,
+    is what the captions lack."""
+    import torch
+
+    from mmapp.encoders import ImageRuntimeConfig, create_encoder
+    from mmapp.encoders.image import imagenet_class_names
+
+    names, probs = imagenet_class_names(), {}
+    eager = dataclasses.replace(opts, image_runtime=ImageRuntimeConfig(runtime="torch"))  # no ONNX export
+    for variant in ("lite0", "lite1", "lite2"):
+        encoder = create_encoder(f"efficientnet-{variant}", eager, kind="image")
+        with torch.inference_mode():
+            x = torch.stack([encoder.transform(im.image.convert("RGB")) for im in images])
+            probs[variant] = encoder.model(x).softmax(-1)
+            probs[f"{variant} + flip"] = (probs[variant] + encoder.model(torch.flip(x, dims=[3])).softmax(-1)) / 2
+    probs["ensemble lite0/1/2"] = (probs["lite0"] + probs["lite1"] + probs["lite2"]) / 3
+    probs["ensemble lite0/1/2 + flips"] = sum(probs[f"{v} + flip"] for v in ("lite0", "lite1", "lite2")) / 3
+    base = None
+    print(f"guard set ({len(images)} photos): template from each classifier, paired difference to lite0")
+    for name, p in probs.items():
+        m = judge.per_photo([f"a photo of a {names[int(row.argmax())]}." for row in p], refs)
+        base = m if base is None else base
+        print(f"  {name:28s} margin {m['margin'].mean():.3f}  R@1 {m['hit1'].mean():.3f}  "
+              f"minus lite0 {fmt(bootstrap(m['margin'] - base['margin'], n=n_boot))}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--version", default=None, help="model version (default: current)")
@@ -193,6 +223,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--examples", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="guard set only: the table the policy defaults came from")
+    ap.add_argument("--classifiers", action="store_true",
+                    help="guard set only: the template from each packaged ImageNet classifier and their ensembles")
     ap.add_argument("--sets", default="guard,report", help="comma-separated: guard, report")
     ap.add_argument("--knobs", default="", help="with --sweep: only these comma-separated CaptionPolicy fields")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -218,13 +250,16 @@ def main() -> None:
     systems = Systems(predictor, old, memoise=args.sweep)
 
     known = {"guard": (GUARD_PHOTOS_TSV, GUARD_EXTRA_PHOTOS_TSV), "report": (REPORT_PHOTOS_TSV,)}
-    sets = {"guard": known["guard"]} if args.sweep else {k: known[k] for k in args.sets.split(",")}
+    sets = {"guard": known["guard"]} if args.sweep or args.classifiers else {k: known[k] for k in args.sets.split(",")}
     report: dict = {"version": predictor.version, "judge": judge_encoder.identity,
                     "policy": dataclasses.asdict(CaptionPolicy()), "sets": {}}
     for set_name, tsvs in sets.items():
         refs_by_image = read_references(*tsvs)
         paths, refs = list(refs_by_image), list(refs_by_image.values())
         images = [load_image(p) for p in paths]
+        if args.classifiers:
+            classifier_check(judge, images, refs, opts, n_boot=args.bootstrap)
+            return
         if args.sweep:
             base = parse_policy(args.set)
             print(f"guard set ({len(paths)} photos): one knob at a time from {base}")

@@ -94,6 +94,8 @@ def collect(engine: Engine, version: Optional[str] = None) -> dict[str, Any]:
             "ratings": ratings_summary(ratings),
             "agreement": agreement_summary(ratings),
             "raters": rater_summary(ratings, _label_votes(s), repo.feedback_counts_per_rater(s)),
+            "rater_chance_test": [{"rater": rater, **verdict}
+                                  for rater, verdict in (stats.get("chance_test_by_rater") or {}).items()],
             "corrections": _correction_rates(s),
             "retrieval": _retrieval_over_versions(s, version, run),
             "captioner": _captioner_over_versions(s, version, run),
@@ -544,7 +546,13 @@ def render_html(data: dict[str, Any]) -> str:
         "with the other raters' consensus on the same items.</p>"
         + _table(data.get("raters") or [], ["user", "role", "disabled", "ratings", "corrections", "used", "rejected",
                                             "score_agreement", "scores_compared", "label_agreement",
-                                            "labels_compared"]) + "</section>",
+                                            "labels_compared"])
+        + ("<h3>Chance test per rater in this run</h3><p>Raters with at least <code>retrain.rater_min_items</code> "
+           "pairs, judged on all of them: <em>chance</em> (no better than random captions: all rejected), "
+           "<em>reliable</em> (near misses kept), <em>pair by pair</em>.</p>"
+           + _table(data["rater_chance_test"], ["rater", "pairs", "under_bar", "fail_share", "chance_fail_share",
+                                                "p_value", "verdict"]) if data.get("rater_chance_test") else "")
+        + "</section>",
         '<section id="corrections"><h2>Correction rates</h2><p>Share of predictions that received a correction '
         "(95% Wilson interval).</p>" + _table(rates, ["version", "predictions", "corrected_predictions", "rate", "ci",
                                                        "by_field"])

@@ -47,6 +47,17 @@ def test_report_of_a_promoted_version(config, engine, source):
     json.dumps(status)  # what the operator page gets is JSON-able
 
 
+def test_the_report_lists_the_chance_test_of_each_rater_with_enough_pairs(config, engine, source):
+    feed_new_concepts(engine, source, 100, users=4)  # 25 honest pairs each: every rater is judged on all of them
+    out = run_retrain(config, engine, features=source)
+    data = json.loads(open(out.report["json"]).read())
+    rows = {r["rater"]: r for r in data["rater_chance_test"]}
+    assert set(rows) == {f"user{i}" for i in range(4)}
+    # (a few pairs per rater go to duplicates before the test); honest captions of a learnable world: reliable
+    assert all(r["pairs"] >= 20 and r["verdict"] == "reliable" and r["p_value"] < 0.05 for r in rows.values())
+    assert "Chance test per rater in this run" in open(out.report["html"]).read()
+
+
 def test_report_of_the_bootstrap_version_without_runs(config, engine, home):
     from mmapp.model_store import ModelStore
     from retrain.promotion import adopt_store_current

@@ -53,7 +53,7 @@ def test_the_report_lists_the_chance_test_of_each_rater_with_enough_pairs(config
     data = json.loads(open(out.report["json"]).read())
     rows = {r["rater"]: r for r in data["rater_chance_test"]}
     assert set(rows) == {f"user{i}" for i in range(4)}
-    # (a few pairs per rater go to duplicates before the test); honest captions of a learnable world: reliable
+    # (the outlier test, which runs first, takes a pair or two); honest captions of a learnable world: reliable
     assert all(r["pairs"] >= 20 and r["verdict"] == "reliable" and r["p_value"] < 0.05 for r in rows.values())
     assert "Chance test per rater in this run" in open(out.report["html"]).read()
 

@@ -1238,6 +1238,17 @@ def login_attempts(s: Session, *, name: Optional[str] = None, limit: int = 100) 
     return list(s.scalars(query))
 
 
+def delete_login_attempts(s: Session, *, before: datetime, limit: int = 10_000) -> int:
+    """Delete at most ``limit`` login-log rows older than ``before`` (oldest first); returns how many.
+    Batches keep each write transaction short on a log a guessing script has filled."""
+    before = _check_aware("before", before)
+    ids = list(s.scalars(select(LoginAttempt.id).where(LoginAttempt.created_at < before)
+                         .order_by(LoginAttempt.id).limit(_check_limit(limit))))
+    if ids:
+        s.execute(delete(LoginAttempt).where(LoginAttempt.id.in_(ids)))
+    return len(ids)
+
+
 def create_auth_session(s: Session, *, token_sha256: str, rater: Rater, expires_at: datetime,
                         now: Optional[datetime] = None) -> AuthSession:
     _check_sha256("token_sha256", token_sha256)

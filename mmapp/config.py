@@ -195,6 +195,7 @@ class AuthConfig:
     lockout_max_s: float = 900.0  # longest lock
     cookie_secure: bool = False  # set the cookie's Secure flag (turn on behind HTTPS)
     scrypt_log2_n: int = 14  # scrypt cost of new password hashes (2**14: ~16 MiB, ~50 ms per check)
+    login_attempts_keep_days: float = 90.0  # the login log's rows older than this are deleted by housekeeping; 0 = keep all
 
 
 @dataclass(frozen=True)

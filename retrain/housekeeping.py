@@ -1,6 +1,6 @@
 """Retention jobs every process runs on its scheduler (``scheduler.housekeeping_s``): export zips and
 report copies expire, image files of uploads nobody rated or corrected are deleted after
-``app.unrated_upload_retention_days``. Idempotent; safe from several processes at once. Gradio's own
+``app.unrated_upload_retention_days``, the login log's rows after ``auth.login_attempts_keep_days``. Idempotent; safe from several processes at once. Gradio's own
 upload temp folder is bounded by ``delete_cache`` in ``app.build_app`` (and the upload limits in ``guard``).
 """
 from __future__ import annotations
@@ -84,9 +84,33 @@ def purge_unrated_uploads(engine: Engine, blobstore: BlobStore, retention_days: 
     return deleted
 
 
+def purge_login_attempts(engine: Engine, keep_days: float, *, now: Optional[datetime] = None,
+                         batch: int = 10_000) -> int:
+    """Delete login-log rows older than ``keep_days`` (0: keep all), in short batches; returns how many.
+    A guessing script adds a row per guess: without this the table only grows."""
+    if keep_days <= 0:
+        return 0
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=keep_days)
+
+    def delete_batch() -> int:
+        with Session(engine) as s, s.begin():
+            return repo.delete_login_attempts(s, before=cutoff, limit=batch)
+
+    deleted = 0
+    while True:
+        n = retry_on_busy(delete_batch)
+        deleted += n
+        if n < batch:
+            break
+    if deleted:
+        log.info("deleted %d login attempt(s) older than %g days", deleted, keep_days)
+    return deleted
+
+
 def run_housekeeping(config, engine: Engine, blobstore: Optional[BlobStore] = None) -> dict[str, int]:
     """All retention jobs once; what the scheduler runs every ``scheduler.housekeeping_s``."""
     blobstore = blobstore or BlobStore(config.paths.uploads)
     exports = expire_exports(config.paths.exports, config.app.export_ttl_s)
     uploads = purge_unrated_uploads(engine, blobstore, config.app.unrated_upload_retention_days)
-    return {"exports_expired": len(exports), "uploads_deleted": len(uploads)}
+    logins = purge_login_attempts(engine, config.auth.login_attempts_keep_days)
+    return {"exports_expired": len(exports), "uploads_deleted": len(uploads), "login_attempts_deleted": logins}

@@ -1,5 +1,6 @@
 """Retention (issue 11, items 2 and 8): unrated uploads lose their image file after the retention time,
-rated/corrected ones keep it; expired export folders are deleted; the scheduler runs the job."""
+rated/corrected ones keep it; expired export folders are deleted; old login-log rows are deleted; the
+scheduler runs the job."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from feedback_db.blobstore import BlobStore
 from feedback_db.engine import init_db, make_engine
 from feedback_db.models import Upload
 from mmapp.config import load_config
-from retrain.housekeeping import expire_exports, purge_unrated_uploads, run_housekeeping
+from retrain.housekeeping import expire_exports, purge_login_attempts, purge_unrated_uploads, run_housekeeping
 from retrain.scheduler import RetrainScheduler
 
 
@@ -106,3 +107,19 @@ def test_the_scheduler_runs_housekeeping_in_every_process(tmp_path):
         scheduler.shutdown()
         engine.dispose()
     assert not (config.paths.exports / "stale").exists()
+
+
+def test_old_login_attempts_are_deleted_in_batches_and_recent_ones_kept(engine):
+    now = datetime.now(timezone.utc)
+    with Session(engine) as s, s.begin():
+        rater = repo.create_rater(s, name="ann", password_hash="x", role="trusted")
+        for i in range(25):  # a guessing burst 100 days ago, then a login today and one 10 days ago
+            repo.record_login_attempt(s, name="ann", outcome="wrong_password", rater=rater, now=now - timedelta(days=100))
+        repo.record_login_attempt(s, name="ann", outcome="ok", rater=rater, now=now - timedelta(days=10))
+        repo.record_login_attempt(s, name="nobody", outcome="unknown_user", now=now)
+    assert purge_login_attempts(engine, 0) == 0  # 0 keeps everything
+    assert purge_login_attempts(engine, 90, now=now, batch=10) == 25  # three batches: 10, 10, 5
+    with Session(engine) as s:
+        left = repo.login_attempts(s)
+    assert sorted(a.outcome for a in left) == ["ok", "unknown_user"]
+    assert purge_login_attempts(engine, 90, now=now) == 0

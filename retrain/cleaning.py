@@ -220,10 +220,12 @@ def _agreement_matrix(rows: Sequence[Candidate], cols: Sequence[Candidate], min_
     return same
 
 
-def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -> Split:
+def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig,
+                      references: Sequence[Candidate] = ()) -> Split:
     """Anti-sybil rule: an item from an anonymous session or an untrusted account is kept only when
 
-    * a trusted rater gave an agreeing answer for the same image in this run (either rule), or
+    * a trusted rater gave an agreeing answer for the same image in this run or in an earlier one
+      (``references``: trusted items earlier runs used; they only confirm, they are not candidates), or
     * rule "quorum": at least ``anonymous_quorum`` distinct untrusted raters agree on it, and the run
       has not yet let in ``max_anonymous_per_run`` *pictures* this way (earliest first; all agreeing
       items of a picture that is let in pass, and :func:`drop_exact_duplicates` collapses them).
@@ -242,6 +244,8 @@ def confirm_untrusted(candidates: Sequence[Candidate], config: CleaningConfig) -
     untrusted_by_image: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for c in candidates:
         (trusted_by_image if c.trusted else untrusted_by_image)[(c.kind, c.image_key)].append(c)
+    for c in references:
+        trusted_by_image[(c.kind, c.image_key)].append(c)
     confirmed: set[str] = set()  # untrusted items a trusted rater agrees with
     agreeing: dict[str, int] = {}  # untrusted item -> distinct untrusted raters giving the same answer
     for key, items in untrusted_by_image.items():
@@ -470,8 +474,9 @@ def cap_user_share(candidates: Sequence[Candidate], max_share: float) -> Split:
 
 
 def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
-          reference_agreement: np.ndarray | None = None) -> CleaningResult:
-    """All rules in order: label quorum, confirmation of untrusted items (anonymous rules), exact
+          reference_agreement: np.ndarray | None = None, references: Sequence[Candidate] = ()) -> CleaningResult:
+    """All rules in order: label quorum, confirmation of untrusted items (anonymous rules; ``references``:
+    trusted answers earlier runs used, which can confirm but are not candidates), exact
     duplicates (other raters' agreeing copies collapsed into one example, ``merged``), near duplicates,
     agreement outliers (against the other candidates, or ``reference_agreement`` of trusted pairs when
     given) and agreement no better than chance, per rater where a rater has ``rater_min_items`` pairs
@@ -492,7 +497,7 @@ def clean(candidates: Sequence[Candidate], config: CleaningConfig, *,
         merged.update(m)
         return k, r
     for rule in (lambda cs: check_label_quorum(cs, config.label_quorum, config.trusted_label_votes),
-                 lambda cs: confirm_untrusted(cs, config),
+                 lambda cs: confirm_untrusted(cs, config, references),
                  collapse,
                  lambda cs: drop_near_duplicates(cs, config.near_duplicate_cos),
                  lambda cs: flag_similarity_outliers(cs, config.outlier_z, reference_agreement, skip_trusted=skip),

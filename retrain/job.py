@@ -449,6 +449,7 @@ class GatheredFeatures:
     items: list[FeedbackItem]  # selection.train + selection.heldout, in that order
     item_feats: "_ItemFeatures"  # one row per item
     row_of: dict[str, int]  # item_id -> row
+    reference_text: Optional[torch.Tensor] = None  # text embeddings of selection.references, one row each
 
 
 def gather_features(ctx: RunContext, selected: Selected) -> GatheredFeatures:
@@ -458,8 +459,10 @@ def gather_features(ctx: RunContext, selected: Selected) -> GatheredFeatures:
                                ctx.config.train.seed)
     items = selected.selection.train + selected.selection.heldout
     item_feats = _item_features(items, ctx.features, ctx.config.paths.uploads)
+    references = selected.selection.references
+    reference_text = ctx.features.texts([r.text for r in references]) if references else None
     return GatheredFeatures(replay_idx, corpus_train.subset_images(replay_idx), items, item_feats,
-                            {item.item_id: i for i, item in enumerate(items)})
+                            {item.item_id: i for i, item in enumerate(items)}, reference_text)
 
 
 # --- stage: clean -----------------------------------------------------------------------------
@@ -487,7 +490,10 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
                             agreement=float(agreement[i]) if item.kind == "pair" else float("nan"),
                             trusted=item.trusted, cap_holds=holds.get(item.correction_id, 0))
                   for i, item in enumerate(items)]
-    cleaning = clean(candidates, CleaningConfig.from_retrain(ctx.config.retrain))
+    references = [Candidate(r.item_id, r.user, r.kind, r.image_sha256, r.text, r.label,
+                            text_embedding=feats.reference_text[k].numpy(), trusted=True)
+                  for k, r in enumerate(selected.selection.references)]
+    cleaning = clean(candidates, CleaningConfig.from_retrain(ctx.config.retrain), references=references)
     by_id = {item.item_id: item for item in items}
     _record_rejections(ctx.engine, ctx.run_id, cleaning, by_id)
     accepted_ids = {c.item_id for c in cleaning.accepted}
@@ -502,6 +508,7 @@ def clean_feedback(ctx: RunContext, selected: Selected, feats: GatheredFeatures)
                              "cleaning": {"candidates": len(candidates), "accepted": len(cleaning.accepted),
                                           "rejected": cleaning.counts(), "merged_copies": len(cleaning.merged),
                                           "rescued_by_rater": len(cleaning.rescued),
+                                          "earlier_trusted_references": len(references),
                                           "unknown_label": len(unknown_labels)},
                              "chance_test_by_rater": cleaning.raters,
                              "replay_images": int(len(feats.replay_idx)), "agreement_scored_by": agreement_how,

@@ -11,7 +11,7 @@ Reads the database; trains nothing.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Optional, Sequence
 
@@ -66,6 +66,9 @@ class Selection:
     train: list[FeedbackItem]  # not held out (includes the tune share)
     heldout: list[FeedbackItem]
     ignored: dict[str, int]  # why some feedback is no training item, e.g. {"ocr_text": 3}
+    # Trusted raters' corrections used by earlier runs, of the images the new untrusted items show: they can
+    # confirm those items (retrain.cleaning.confirm_untrusted) and are never trained on again.
+    references: list[FeedbackItem] = field(default_factory=list)
 
     @property
     def new_training_items(self) -> int:
@@ -122,7 +125,27 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
 
     train = [i for i in items if not i.heldout]
     heldout = [i for i in items if i.heldout]
-    return Selection(train, heldout, ignored)
+    return Selection(train, heldout, ignored, _trusted_references(s, items, trusted))
+
+
+def _trusted_references(s: Session, items: list[FeedbackItem], trusted) -> list[FeedbackItem]:
+    """Caption and label corrections that earlier runs used, by raters trusted *now*, of the images that
+    the new untrusted items show: a trusted answer from last week confirms an anonymous one today."""
+    images = {i.image_sha256 for i in items if not i.trusted}
+    if not images:
+        return []
+    refs = []
+    for r in repo.corrections_since(s, None, statuses=("used",)):
+        if r["field"] not in ("caption", "label") or r["image_sha256"] not in images or not trusted(r["user"]):
+            continue
+        kind, label = ("label", r["value"]) if r["field"] == "label" else ("pair", None)
+        text = (r["input_text"] or "").strip() if kind == "label" else r["value"]
+        refs.append(FeedbackItem(
+            item_id=f"reference:{r['correction_id']}", kind=kind, prediction_id=r["prediction_id"],
+            correction_id=r["correction_id"], image_sha256=r["image_sha256"], image_relpath=r["image_relpath"],
+            text=text, label=label, user=_who(r["user"], r["session_id"]), created_at=r["created_at"],
+            predicted="", model_version=r["model_version"], trusted=True))
+    return refs
 
 
 def _rated_pairs(s: Session, min_rating: float, roles: dict[str, str]) -> list[tuple[FeedbackItem, datetime]]:

@@ -188,3 +188,19 @@ def test_trusted_pairs_skip_the_chance_agreement_test_unless_configured():
                                                                         ("a1", CHANCE_AGREEMENT)}
     result = clean(mine + theirs, CleaningConfig(**open_rules, trusted_chance_check=True))
     assert {r.candidate.item_id for r in result.rejected} == {"t0", "t1", "a0", "a1"}
+
+
+def test_earlier_trusted_answers_confirm_by_wording_and_label_but_are_no_candidates():
+    refs = [caption(900, "ann", KIND_IMAGES[0], RIGHT, 3, trusted=True), label(901, "ann", "sarcastic", trusted=True)]
+    items = [caption(1, "s1", KIND_IMAGES[0], RIGHT, 5),  # another wording of ann's caption: confirmed
+             caption(2, "s2", KIND_IMAGES[0], WRONG, 0),  # disagrees with ann
+             caption(3, "s3", KIND_IMAGES[1], RIGHT, 5),  # a picture ann never answered
+             label(4, "s4", "sarcastic"), label(5, "s5", "positive")]
+    kept, rejected = confirm_untrusted(items, CleaningConfig(), refs)
+    assert [c.item_id for c in kept] == ["c1", "l4"]
+    assert {r.candidate.item_id: r.reason for r in rejected} == {"c2": ANONYMOUS_UNCONFIRMED, "c3": ANONYMOUS_UNCONFIRMED,
+                                                                 "l5": ANONYMOUS_UNCONFIRMED}
+    assert [c.item_id for c in confirm_untrusted(items, CleaningConfig())[0]] == []  # without them: nothing
+    # (without l5: two sessions' split vote on one meme is held by the label quorum before this rule)
+    result = clean(items[:4], CleaningConfig(max_user_share=1.0), references=refs)
+    assert {c.item_id for c in result.accepted} == {"c1", "l4"}  # the references themselves are not trained on

@@ -10,7 +10,7 @@ from feedback_db.accounts import Accounts, AuthPolicy
 from feedback_db.models import Correction, RejectedItem
 from retrain.job import run_retrain
 
-from .world import N_CORPUS, add_feedback, feed_new_concepts, make_config
+from .world import N_CONCEPTS, N_CORPUS, add_feedback, feed_new_concepts, make_config
 
 WRONG = ["a garbage fire", "garbage on fire", "a burning garbage heap", "a fire in the garbage", "trash fire",
          "a burning trash can", "a dumpster fire", "burning rubbish", "a rubbish fire", "fire and garbage"]
@@ -78,3 +78,39 @@ def test_quorum_copies_are_used_together_and_cap_held_items_do_not_queue_up_acro
     expired = [j for j in capped if reasons.get(ids_of[j][0]) == "anonymous_cap_expired"]
     assert len(expired) == 10  # reconsidered once: 10 more let in, the other 10 rejected for good
     assert all(status[c] == "rejected" for j in expired for c in ids_of[j])
+
+
+def test_a_trusted_answer_from_an_earlier_run_confirms_anonymous_ones_today(engine, source, home):
+    config = make_config(home, anonymous_rule="trusted_agreement")
+    accounts = Accounts(engine, AuthPolicy(scrypt_log2_n=10))
+    accounts.create("user0", "trusted", "a long enough password")
+    feed_new_concepts(engine, source, 120, users=1)  # Monday: the trusted annotator teaches 120 pictures
+    first = run_retrain(config, engine, features=source)
+    assert first.status == "promoted", first.message
+    new = N_CONCEPTS - N_CORPUS
+    agreeing = [add_feedback(engine, source, concept=N_CORPUS + j % new, i=5000 + j, user=f"anon{j % 7}")
+                for j in range(20)]  # Tuesday: anonymous sessions give the same captions for 20 of those pictures
+    wrong = [add_feedback(engine, source, concept=N_CORPUS + j % new, i=5000 + j, user=f"anon{j % 7}",
+                          text=WRONG[j % 10]) for j in range(20, 30)]  # ... and wrong ones for 10 others
+
+    second = run_retrain(config, engine, features=source, force=True)
+    with Session(engine) as s:
+        reasons = dict(s.execute(select(RejectedItem.correction_id, RejectedItem.reason)
+                                 .where(RejectedItem.run_id == second.run_id)).all())
+    with Session(engine) as s:
+        monday = {c.prediction.image_sha256: c.status for c in s.scalars(select(Correction)) if c.user == "user0"}
+        image_of = {c.id: c.prediction.image_sha256 for c in s.scalars(select(Correction))}
+    taught = [i for i in agreeing if monday[image_of[i]] == "used"]  # (cleaning may have dropped one or two)
+    assert len(taught) >= 15
+    assert second.stats["cleaning"]["earlier_trusted_references"] == sum(
+        monday[image_of[i]] == "used" for i in agreeing + wrong)
+    assert not any(reasons.get(i) == "anonymous_unconfirmed" for i in taught)  # confirmed by Monday's answers
+    assert all(reasons.get(i) == "anonymous_unconfirmed" for i in wrong)  # Monday's answers disagree: held back
+
+    accounts.update("user0", role="rater")  # demoted: their earlier answers confirm nothing any more
+    more = [add_feedback(engine, source, concept=N_CORPUS + j % new, i=5000 + j, user="anon9") for j in range(40, 45)]
+    third = run_retrain(config, engine, features=source, force=True)
+    with Session(engine) as s:
+        reasons = dict(s.execute(select(RejectedItem.correction_id, RejectedItem.reason)
+                                 .where(RejectedItem.run_id == third.run_id)).all())
+    assert all(reasons.get(i) == "anonymous_unconfirmed" for i in more)

@@ -1,7 +1,8 @@
 """Retention jobs every process runs on its scheduler (``scheduler.housekeeping_s``): export zips and
 report copies expire, image files of uploads nobody rated or corrected are deleted after
-``app.unrated_upload_retention_days``, the login log's rows after ``auth.login_attempts_keep_days``. Idempotent; safe from several processes at once. Gradio's own
-upload temp folder is bounded by ``delete_cache`` in ``app.build_app`` (and the upload limits in ``guard``).
+``app.unrated_upload_retention_days``, the login log's rows after ``auth.login_attempts_keep_days``.
+Idempotent; safe from several processes at once. Gradio's own upload temp folder is bounded by
+``delete_cache`` in ``app.build_app`` (and the upload limits in ``guard``).
 """
 from __future__ import annotations
 

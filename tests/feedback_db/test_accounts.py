@@ -204,3 +204,18 @@ def test_purge_removes_ended_sessions(accounts, engine, clock):
     with Session(engine) as s, s.begin():
         assert repo.purge_auth_sessions(s, before=clock.now + timedelta(seconds=1)) == 1
         assert s.get(AuthSession, token_sha256(token)) is None
+
+
+def test_old_login_attempts_are_deleted_oldest_first_in_batches(engine):
+    now = datetime.now(timezone.utc)
+    with Session(engine) as s, s.begin():
+        for days in (200, 150, 100, 10, 0):
+            repo.record_login_attempt(s, name=f"n{days}", outcome="unknown_user", now=now - timedelta(days=days))
+    with Session(engine) as s, s.begin():
+        assert repo.delete_login_attempts(s, before=now - timedelta(days=90), limit=2) == 2  # the two oldest
+    with Session(engine) as s:
+        assert sorted(a.name for a in repo.login_attempts(s)) == ["n0", "n10", "n100"]
+    with Session(engine) as s, s.begin():
+        assert repo.delete_login_attempts(s, before=now - timedelta(days=90)) == 1
+        with pytest.raises(ValueError):
+            repo.delete_login_attempts(s, before=datetime(2026, 1, 1))  # naive datetimes are refused

@@ -49,6 +49,7 @@ M = TypeVar("M", bound=Base)
 RATING_SCORES = ("coherence", "relevance", "detail")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_KEY_CHARS = 128  # request_id column width
+_IN_CHUNK = 5_000  # values per IN (...) list: well under SQLite's and Postgres's bound-parameter limits
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -530,10 +531,13 @@ def corrections_since(
     since: str | datetime | None = None,
     *,
     statuses: Optional[Iterable[str]] = None,
+    users: Optional[Iterable[str]] = None,
+    images: Optional[Iterable[str]] = None,
 ) -> list[dict[str, Any]]:
     """Corrections created after ``since`` (a datetime, or a registered version name meaning "after
     that version was created"; None = all), each joined with its prediction and image. Oldest first.
-    ``statuses`` restricts to e.g. ``("new",)``."""
+    ``statuses`` restricts to e.g. ``("new",)``, ``users`` to those account names, ``images`` to those
+    image sha256s (queried in chunks, so any number may be given)."""
     query = (
         select(Correction, Prediction, Upload)
         .join(Correction.prediction)
@@ -554,7 +558,15 @@ def corrections_since(
         for status in statuses:
             _check_one_of("status", status, CORRECTION_STATUSES)
         query = query.where(Correction.status.in_(statuses))
-    return [
+    if users is not None:
+        query = query.where(Correction.user.in_(list(users)))
+    if images is None:
+        queries = [query]
+    else:
+        images = sorted(set(images))
+        queries = [query.where(Prediction.image_sha256.in_(images[i:i + _IN_CHUNK]))
+                   for i in range(0, len(images), _IN_CHUNK)]
+    rows = [
         {
             "correction_id": c.id,
             "field": c.field,
@@ -576,8 +588,10 @@ def corrections_since(
             "width": u.width,
             "height": u.height,
         }
-        for c, p, u in s.execute(query)
+        for q in queries
+        for c, p, u in s.execute(q)
     ]
+    return rows if len(queries) == 1 else sorted(rows, key=lambda r: r["correction_id"])
 
 
 def mark_corrections(

@@ -125,18 +125,20 @@ def load_feedback(s: Session, *, min_rating: float = 4.0) -> Selection:
 
     train = [i for i in items if not i.heldout]
     heldout = [i for i in items if i.heldout]
-    return Selection(train, heldout, ignored, _trusted_references(s, items, trusted))
+    return Selection(train, heldout, ignored, _trusted_references(s, items, roles))
 
 
-def _trusted_references(s: Session, items: list[FeedbackItem], trusted) -> list[FeedbackItem]:
-    """Caption and label corrections that earlier runs used, by raters trusted *now*, of the images that
-    the new untrusted items show: a trusted answer from last week confirms an anonymous one today."""
+def _trusted_references(s: Session, items: list[FeedbackItem], roles: dict[str, str]) -> list[FeedbackItem]:
+    """Caption and label corrections that earlier runs used, by raters trusted *now* (``roles``: enabled
+    accounts' roles), of the images that the new untrusted items show: a trusted answer from last week
+    confirms an anonymous one today."""
     images = {i.image_sha256 for i in items if not i.trusted}
-    if not images:
+    names = [name for name, role in roles.items() if role in TRUSTED_ROLES]
+    if not images or not names:
         return []
     refs = []
-    for r in repo.corrections_since(s, None, statuses=("used",)):
-        if r["field"] not in ("caption", "label") or r["image_sha256"] not in images or not trusted(r["user"]):
+    for r in repo.corrections_since(s, None, statuses=("used",), users=names, images=images):
+        if r["field"] not in ("caption", "label"):
             continue
         kind, label = ("label", r["value"]) if r["field"] == "label" else ("pair", None)
         text = (r["input_text"] or "").strip() if kind == "label" else r["value"]

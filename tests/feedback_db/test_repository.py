@@ -496,3 +496,20 @@ def test_rejected_items_by_run_and_by_correction(engine, meme_id):
         assert [i.id for i in repo.rejected_items(s, run_id=r2, correction_ids=[c1])] == [items[3]]
         assert repo.rejected_items(s, correction_ids=[]) == []
         assert [i.id for i in repo.rejected_items(s)] == items
+
+
+def test_corrections_since_filters_by_user_and_image_in_chunks(engine, monkeypatch):
+    monkeypatch.setattr(repo, "_IN_CHUNK", 2)  # force several IN (...) queries
+    with Session(engine) as s, s.begin():
+        shas = []
+        for i in range(5):
+            upload = add_upload(s, tag=f"chunk{i}")
+            p = add_prediction(s, upload, kind="caption")
+            repo.record_correction(s, request_id=f"chunk-c{i}", prediction_id=p.id, field="caption", value=f"v{i}",
+                                   session_id="s", user="ann" if i % 2 == 0 else "bob")
+            shas.append(upload.sha256)
+    with Session(engine) as s:
+        rows = repo.corrections_since(s, None, images=[shas[4], shas[0], shas[3], shas[1], "0" * 64])
+        assert [r["value"] for r in rows] == ["v0", "v1", "v3", "v4"]  # oldest first across chunks
+        assert [r["value"] for r in repo.corrections_since(s, None, users=["ann"], images=shas[:4])] == ["v0", "v2"]
+        assert repo.corrections_since(s, None, images=[]) == []

@@ -86,6 +86,13 @@ def with_article(phrase: str) -> str:
     return f"{article(phrase)} {phrase}"
 
 
+def same_saying(caption: str) -> str:
+    """What a caption says, for telling offers apart: case, the "a photo of" frame and end punctuation
+    folded ("a photo of a bee." and "A bee" say the same)."""
+    text = " ".join(caption.casefold().split()).rstrip(".!? ")
+    return text[len("a photo of "):] if text.startswith("a photo of ") else text
+
+
 def template_caption(name: str) -> str:
     """The ImageNet template with the right article: 'a photo of an espresso.'"""
     return f"a photo of {with_article(name)}."

@@ -16,7 +16,7 @@ import torch
 from mmapp.batching import MicroBatcher
 from mmapp.cache import text_key
 from mmapp.captioning import (CaptionPolicy, PhraseSpace, QuotedWords, compose_caption, picture_halves,
-                              template_caption)
+                              same_saying, template_caption)
 from mmapp.config import Config
 from mmapp.device import cuda_auto_setting, resolve_placement
 from mmapp.embedder import Embedder
@@ -272,9 +272,10 @@ class Predictor:
             ranked = (words.alternatives[:1] + [(texts[i], float(probs[i])) for i in idx if sources[i] != "imagenet"]
                       + words.alternatives[1:])
             backfill = [(texts[i], float(probs[i])) for i in probs.topk(min(len(texts), 4 * k)).indices.tolist()]
-            alternatives = []
+            alternatives, said = [], {same_saying(caption)}
             for text, conf in ranked + backfill:  # the served ranking fills what the wording did not offer
-                if text != caption and text not in dict(alternatives):
+                if same_saying(text) not in said:  # "a photo of a bee." and the bank's "a bee" are one offer
+                    said.add(same_saying(text))
                     alternatives.append((text, conf))
             alternatives = alternatives[:k - 1]
             confidence = words.confidence if words.source in ("imagenet", "composed", "ocr") else confidence

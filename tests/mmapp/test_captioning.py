@@ -13,7 +13,7 @@ from PIL import Image
 from mmapp.captioning import (CATALOGUE_MARKERS, GUARD_EXTRA_PHOTOS_TSV, GUARD_PHOTOS_TSV, REPORT_PHOTOS_TSV,
                               BASIC_LEVEL, CaptionPolicy, PhraseSpace, article, bank_caption, bank_captions,
                               compose_caption, concepts, dominant_colour, imagenet_caption, mbr_concept,
-                              picture_halves, posterior, QuotedWords, taxonomy, template_caption, text_caption,
+                              picture_halves, posterior, QuotedWords, same_saying, taxonomy, template_caption, text_caption,
                               with_article)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,9 +242,11 @@ def test_served_captions_for_real_photos_carry_no_catalogue_fields(predictor, ph
     from mmapp.imageio import load_image
 
     result = predictor.caption(load_image(GUARD_PHOTOS_TSV.parent / photo))
-    for text in [result.caption] + [a for a, _ in result.alternatives]:
+    offered = [result.caption] + [a for a, _ in result.alternatives]
+    for text in offered:
         assert text and not CATALOGUE_MARKERS.search(text) and "tags" not in text, text
         assert " a a" not in f" {text}" and not any(f" a {v}" in f" {text}" for v in "aeio"), text
+    assert len({same_saying(t) for t in offered}) == len(offered), offered  # no offer said twice
     assert 0.0 < result.confidence <= 1.0
     assert result.low_confidence == (result.low_confidence or result.caption.startswith("possibly"))
     assert result.timings_ms.get("compose", 0.0) >= 0.0
@@ -280,3 +282,8 @@ def test_mbr_with_the_served_text_tower_keeps_a_confident_class_and_the_group_ru
     assert CaptionPolicy().mbr_temperature == 0
     assert compose_caption(spread, None, bank_best=None, imagenet_best_score=None,
                            phrase_space=space).caption == "a photo of a dog."
+
+
+def test_same_saying_folds_the_frame_case_and_end_punctuation():
+    assert same_saying("a photo of a bee.") == same_saying("A bee") == same_saying("a  bee!") == "a bee"
+    assert same_saying("possibly a daisy or a bee.") != same_saying("a daisy")

@@ -274,8 +274,9 @@ class Predictor:
             backfill = [(texts[i], float(probs[i])) for i in probs.topk(min(len(texts), 4 * k)).indices.tolist()]
             alternatives, said = [], {same_saying(caption)}
             for text, conf in ranked + backfill:  # the served ranking fills what the wording did not offer
-                if same_saying(text) not in said:  # "a photo of a bee." and the bank's "a bee" are one offer
-                    said.add(same_saying(text))
+                key = same_saying(text)  # "a photo of a bee." and the bank's "a bee" are one offer
+                if key not in said:
+                    said.add(key)
                     alternatives.append((text, conf))
             alternatives = alternatives[:k - 1]
             confidence = words.confidence if words.source in ("imagenet", "composed", "ocr") else confidence

@@ -154,7 +154,8 @@ class CleaningResult:
     # Agreeing copies collapsed into one accepted example: copy item_id -> the item_id kept for it. A copy
     # is neither trained on separately nor rejected; it shares the kept item's fate (used / rejected).
     merged: dict[str, str] = field(default_factory=dict)
-    # Pairs under min_agreement kept because their rater, judged on all their pairs, is reliable: item_id -> detail.
+    # Pairs under min_agreement kept because their rater, judged on all their pairs, is reliable:
+    # item_id -> its agreement and rater (the rater's counts are in ``raters``).
     rescued: dict[str, dict[str, Any]] = field(default_factory=dict)
     raters: dict[str, dict[str, Any]] = field(default_factory=dict)  # the per-rater chance test, by user
 
@@ -406,28 +407,24 @@ def flag_chance_agreement(candidates: Sequence[Candidate], min_agreement: float,
     verdict: dict[str, tuple[str, dict[str, Any]] | None] = {}
     for user, items in by_user.items():
         fails = [c for c in items if c.agreement < min_agreement]
-        judged = rater_min_items > 0 and len(items) >= rater_min_items
-        summary = {"pairs": len(items), "under_bar": len(fails), "fail_share": round(len(fails) / len(items), 4),
-                   "chance_fail_share": round(p0, 4)}
-        if judged:
-            summary["p_value"] = round(_binom_cdf(len(fails), len(items), p0), 6)
-            if summary["p_value"] >= rater_alpha:
-                summary["verdict"] = "chance"
+        judged_as = None  # the rater's verdict when there are enough pairs to judge them as a whole
+        if rater_min_items > 0 and len(items) >= rater_min_items:
+            share, p_value = len(fails) / len(items), _binom_cdf(len(fails), len(items), p0)
+            judged_as = "chance" if p_value >= rater_alpha else \
+                "reliable" if share <= rescue_max_fail_share else "pair by pair"
+            summary = {"pairs": len(items), "under_bar": len(fails), "fail_share": round(share, 4),
+                       "chance_fail_share": round(p0, 4), "p_value": round(p_value, 6), "verdict": judged_as}
+            if raters is not None:
+                raters[user] = summary
+            if judged_as == "chance":
                 for c in items:
                     verdict[c.item_id] = (CHANCE_RATER, {"agreement": round(c.agreement, 4), **summary,
                                                          "alpha": rater_alpha})
-            elif summary["fail_share"] <= rescue_max_fail_share:
-                summary["verdict"] = "reliable"
-            else:
-                summary["verdict"] = "pair by pair"
-            if raters is not None:
-                raters[user] = summary
-        if summary.get("verdict") == "chance":
-            continue
+                continue
         for c in fails:
-            if summary.get("verdict") == "reliable" and c.agreement >= rescue_floor:
+            if judged_as == "reliable" and c.agreement >= rescue_floor:
                 if rescued is not None:
-                    rescued[c.item_id] = {"agreement": round(c.agreement, 4), "rater": user, **summary}
+                    rescued[c.item_id] = {"agreement": round(c.agreement, 4), "rater": user}
                 continue
             verdict[c.item_id] = (CHANCE_AGREEMENT, {"agreement": round(c.agreement, 4), "min_agreement": min_agreement})
     return _apply(candidates, verdict)

@@ -158,7 +158,7 @@ def test_a_reliable_raters_near_misses_are_kept_and_a_random_raters_lucky_hits_a
     assert reasons["c200"] == reasons["c201"] == CHANCE_AGREEMENT and "c202" in ids(kept)
     assert raters["honest"]["verdict"] == "reliable" and raters["noise"]["verdict"] == "chance"
     assert raters["noise"]["p_value"] > 0.05 > raters["honest"]["p_value"] and "few" not in raters
-    assert rescued["c16"]["rater"] == "honest" and rescued["c16"]["fail_share"] == 0.2
+    assert rescued["c16"]["rater"] == "honest" and raters[rescued["c16"]["rater"]]["fail_share"] == 0.2
 
 
 def test_a_rater_between_reliable_and_random_is_judged_pair_by_pair():
